@@ -1,0 +1,56 @@
+//! The `hotpatch` command: a thin layer over the `hotpatch` library.
+
+mod check;
+mod demo;
+mod prepare;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the request failed: bad input (file, pid, patch) or the target refused;
+     the message names what and where, and nothing in a target was changed
+  2  bad command line";
+
+/// Hot-patch running Linux x86-64 processes.
+#[derive(Parser)]
+#[command(name = "hotpatch", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report what in an ELF file or a running process can be hot-patched.
+    #[command(after_help = EXIT_CODES)]
+    Check(check::Args),
+    /// Rewrite gcc's `90 90` entry nops into one 2-byte nop in a copy of a file.
+    #[command(after_help = EXIT_CODES)]
+    Prepare(prepare::Args),
+    /// Build the bundled example server, start it, and show what hotpatch sees.
+    #[command(after_help = EXIT_CODES)]
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HOTPATCH_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => check::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hotpatch: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

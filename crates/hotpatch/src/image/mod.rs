@@ -1,0 +1,280 @@
+//! ELF images: the facts about one x86-64 executable or shared library that
+//! patching needs — its functions (from `.symtab` and `.dynsym`), its GNU
+//! build-id, its prepared (padded) sites, and its code bytes by address.
+//!
+//! This layer reads files and nothing else. Everything it reports comes from
+//! the file; the load address of a mapped copy is the caller's business.
+
+mod error;
+mod padding;
+mod symbol;
+
+pub use error::ImageError;
+pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
+
+use object::Endianness;
+use object::elf;
+use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader};
+use std::path::{Path, PathBuf};
+
+type Header = elf::FileHeader64<Endianness>;
+
+/// What kind of ELF file an image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageKind {
+    /// `ET_EXEC`: a position-dependent executable, loaded at its link address.
+    Executable,
+    /// `ET_DYN` with a `PT_INTERP`: a position-independent executable.
+    PieExecutable,
+    /// `ET_DYN` without an interpreter: a shared library.
+    SharedLibrary,
+}
+
+/// One loadable segment: where its bytes are in the file and in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    pub executable: bool,
+}
+
+/// A parsed x86-64 ELF image. Owns the file's bytes.
+#[derive(Debug, Clone)]
+pub struct Image {
+    path: PathBuf,
+    data: Vec<u8>,
+    kind: ImageKind,
+    build_id: Option<Vec<u8>>,
+    soname: Option<String>,
+    segments: Vec<Segment>,
+    functions: Vec<Function>,
+    padded_sites: Vec<u64>,
+}
+
+impl Image {
+    /// Read and parse the file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
+        let path = path.as_ref();
+        let data = std::fs::read(path).map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Image::parse(path, data)
+    }
+
+    /// Parse `data`, the contents of the file at `path` (used in messages).
+    pub fn parse(path: impl AsRef<Path>, data: Vec<u8>) -> Result<Image, ImageError> {
+        let path = path.as_ref().to_path_buf();
+        error::check_ident(&path, &data)?;
+        let corrupt = |what: &str| ImageError::Corrupt {
+            path: path.clone(),
+            what: what.to_string(),
+        };
+        let header = Header::parse(&*data).map_err(|e| corrupt(&e.to_string()))?;
+        let endian = header.endian().map_err(|e| corrupt(&e.to_string()))?;
+        if header.e_machine(endian) != elf::EM_X86_64 {
+            return Err(ImageError::WrongMachine {
+                path,
+                machine: error::machine_name(header.e_machine(endian)),
+            });
+        }
+        let program_headers = header
+            .program_headers(endian, &*data)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        let has_interp = program_headers
+            .iter()
+            .any(|ph| ph.p_type(endian) == elf::PT_INTERP);
+        let kind = match header.e_type(endian) {
+            elf::ET_EXEC => ImageKind::Executable,
+            elf::ET_DYN if has_interp => ImageKind::PieExecutable,
+            elf::ET_DYN => ImageKind::SharedLibrary,
+            other => return Err(ImageError::UnsupportedType { path, e_type: other }),
+        };
+        let segments: Vec<Segment> = program_headers
+            .iter()
+            .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
+            .map(|ph| Segment {
+                vaddr: ph.p_vaddr(endian),
+                memsz: ph.p_memsz(endian),
+                offset: ph.p_offset(endian),
+                filesz: ph.p_filesz(endian),
+                executable: ph.p_flags(endian) & elf::PF_X != 0,
+            })
+            .collect();
+        for s in &segments {
+            let in_file = s
+                .offset
+                .checked_add(s.filesz)
+                .is_some_and(|end| end <= data.len() as u64);
+            if !in_file || s.vaddr.checked_add(s.memsz).is_none() {
+                return Err(corrupt(&format!(
+                    "segment at {:#x} (file offset {:#x}, {:#x} bytes) lies outside the file",
+                    s.vaddr, s.offset, s.filesz
+                )));
+            }
+        }
+        let sections = header
+            .sections(endian, &*data)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        let build_id = read_build_id(endian, &data, header, &sections);
+        let soname = read_soname(endian, &data, &sections);
+        let mut functions = symbol::read_functions(endian, &data, &sections).map_err(|e| corrupt(&e))?;
+        let padded_sites = padding::read_sites(endian, &data, &sections).map_err(|e| corrupt(&e))?;
+        // A function is only worth reporting if its entry is code we can see.
+        functions.retain(|f| {
+            segments
+                .iter()
+                .any(|s| s.executable && f.address >= s.vaddr && f.address < s.vaddr + s.memsz)
+        });
+        Ok(Image {
+            path,
+            data,
+            kind,
+            build_id,
+            soname,
+            segments,
+            functions,
+            padded_sites,
+        })
+    }
+
+    /// The path this image was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+
+    /// The GNU build-id note (`NT_GNU_BUILD_ID`), if the image has one.
+    pub fn build_id(&self) -> Option<&[u8]> {
+        self.build_id.as_deref()
+    }
+
+    /// The build-id as lowercase hex, as `file(1)` and `readelf -n` print it.
+    pub fn build_id_hex(&self) -> Option<String> {
+        self.build_id.as_deref().map(hex)
+    }
+
+    /// `DT_SONAME`, for shared libraries that declare one.
+    pub fn soname(&self) -> Option<&str> {
+        self.soname.as_deref()
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Functions (merged aliases), sorted by address.
+    pub fn functions(&self) -> &[Function] {
+        &self.functions
+    }
+
+    /// The function whose entry is exactly `address`.
+    pub fn function_at(&self, address: u64) -> Option<&Function> {
+        self.functions
+            .binary_search_by_key(&address, |f| f.address)
+            .ok()
+            .map(|i| &self.functions[i])
+    }
+
+    /// Addresses from `__patchable_function_entries`: each is the first
+    /// padding byte of a prepared function. Sorted, without duplicates.
+    pub fn padded_sites(&self) -> &[u64] {
+        &self.padded_sites
+    }
+
+    /// The file bytes backing `[address, address + len)`, if that whole
+    /// range lies in one loadable segment's file image.
+    pub fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        let range = self.file_range(address, len)?;
+        self.data.get(range)
+    }
+
+    /// The file offsets backing `[address, address + len)`.
+    pub fn file_range(&self, address: u64, len: u64) -> Option<std::ops::Range<usize>> {
+        let end = address.checked_add(len)?;
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| address >= s.vaddr && end <= s.vaddr + s.filesz)?;
+        let start = usize::try_from(seg.offset + (address - seg.vaddr)).ok()?;
+        Some(start..start.checked_add(usize::try_from(len).ok()?)?)
+    }
+
+    /// The end of the executable segment containing `address`: code bytes
+    /// can be decoded from `address` up to here.
+    pub fn code_end(&self, address: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| s.executable && address >= s.vaddr && address < s.vaddr + s.filesz)
+            .map(|s| s.vaddr + s.filesz)
+    }
+
+    /// The lowest `PT_LOAD` address, page-aligned down: the image's base
+    /// before relocation. The load bias of a mapped copy is its mapped
+    /// base minus this.
+    pub fn link_base(&self) -> u64 {
+        self.segments.iter().map(|s| s.vaddr & !0xfff).min().unwrap_or(0)
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_build_id(
+    endian: Endianness,
+    data: &[u8],
+    header: &Header,
+    sections: &object::read::elf::SectionTable<'_, Header>,
+) -> Option<Vec<u8>> {
+    let from_notes = |mut notes: object::read::elf::NoteIterator<'_, Header>| {
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
+                return Some(note.desc().to_vec());
+            }
+        }
+        None
+    };
+    for section in sections.iter() {
+        if let Ok(Some(notes)) = section.notes(endian, data)
+            && let Some(id) = from_notes(notes)
+        {
+            return Some(id);
+        }
+    }
+    // Section headers can be stripped; the note segment stays.
+    for ph in header.program_headers(endian, data).ok()? {
+        if let Ok(Some(notes)) = ph.notes(endian, data)
+            && let Some(id) = from_notes(notes)
+        {
+            return Some(id);
+        }
+    }
+    None
+}
+
+fn read_soname(
+    endian: Endianness,
+    data: &[u8],
+    sections: &object::read::elf::SectionTable<'_, Header>,
+) -> Option<String> {
+    let (dynamic, link) = sections.dynamic(endian, data).ok()??;
+    let strings = sections.strings(endian, data, link).ok()?;
+    let entry = dynamic
+        .iter()
+        .find(|d| d.d_tag(endian) == u64::from(elf::DT_SONAME))?;
+    let name = strings.get(u32::try_from(entry.d_val(endian)).ok()?).ok()?;
+    Some(String::from_utf8_lossy(name).into_owned())
+}

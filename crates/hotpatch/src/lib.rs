@@ -1,0 +1,15 @@
+//! `hotpatch`: redirect the functions of a running Linux x86-64 process.
+//!
+//! The crate is layered as `DESIGN.md` §6 describes: pure layers hold the
+//! logic ([`image`], [`arch`], [`patchability`], [`prepare`]) and thin impure
+//! edges do I/O ([`process`]). The `hotpatch` command is a separate crate.
+
+pub mod arch;
+pub mod image;
+pub mod patchability;
+pub mod prepare;
+pub mod process;
+
+pub use patchability::{ImageReport, survey};
+
+pub use image::{Image, ImageError};

@@ -1,0 +1,345 @@
+//! What in an image can be hot-patched, and how: every function classified
+//! as prepared (with its flip plan), detourable, or not patchable (with the
+//! reason). Pure: works on a parsed [`Image`].
+
+use crate::arch::x86_64::entry::{self, MAX_PADDING};
+use crate::arch::x86_64::{
+    DetourRefusal, FlipPlan, analyze_detour, direct_branch_targets, plan_flip, recognize_prepared,
+};
+use crate::image::{Function, FunctionKind, Image, ImageKind};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Why a function is not patchable, as a short stable key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    TooSmall,
+    UnknownSize,
+    Undecodable,
+    Unrelocatable,
+    BranchIntoEntry,
+    SymbolInsideEntry,
+    Breakpoint,
+    IfuncResolver,
+    ColdPart,
+    NotInFile,
+}
+
+impl Reason {
+    /// The words a person reads in the summary table.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::TooSmall => "too small",
+            Reason::UnknownSize => "no symbol size",
+            Reason::Undecodable => "undecodable",
+            Reason::Unrelocatable => "unrelocatable instruction",
+            Reason::BranchIntoEntry => "branch into first bytes",
+            Reason::SymbolInsideEntry => "symbol inside first bytes",
+            Reason::Breakpoint => "breakpoint at entry",
+            Reason::IfuncResolver => "ifunc resolver",
+            Reason::ColdPart => "cold part",
+            Reason::NotInFile => "code not in file",
+        }
+    }
+}
+
+/// How one function can be patched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "class", rename_all = "kebab-case")]
+pub enum Class {
+    /// Built with padding: flipped by a slot, a long jump and a short jump.
+    Prepared {
+        layout: String,
+        live_safe: bool,
+        flip: FlipPlan,
+    },
+    /// No padding, but a 5-byte jump with relocated instructions works.
+    Detourable {
+        #[serde(flatten)]
+        detour: crate::arch::x86_64::Detour,
+        /// Why the function is listed as prepared but its padding cannot be
+        /// used, when that is the case.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    NotPatchable {
+        reason: Reason,
+        detail: String,
+    },
+}
+
+impl Class {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Class::Prepared { live_safe: true, .. } => "prepared",
+            Class::Prepared { live_safe: false, .. } => "prepared (stop)",
+            Class::Detourable { .. } => "detourable",
+            Class::NotPatchable { .. } => "not patchable",
+        }
+    }
+}
+
+/// One function and its class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionReport {
+    pub address: u64,
+    pub size: u64,
+    /// The preferred name, demangled; `fn@0x…` for a prepared site no
+    /// symbol names (stripped binaries).
+    pub name: String,
+    /// Every raw symbol name at this address.
+    pub symbols: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
+    #[serde(flatten)]
+    pub class: Class,
+}
+
+/// The counts of an image's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub functions: usize,
+    pub prepared: usize,
+    /// Prepared functions whose flip is proven safe with threads running.
+    pub prepared_live_safe: usize,
+    pub detourable: usize,
+    pub not_patchable: usize,
+    /// Reasons with their counts, most frequent first.
+    pub reasons: Vec<ReasonCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReasonCount {
+    pub reason: Reason,
+    pub label: &'static str,
+    pub count: usize,
+}
+
+/// The patchability of one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageReport {
+    pub path: String,
+    pub kind: ImageKind,
+    pub build_id: Option<String>,
+    pub soname: Option<String>,
+    /// Where a running process mapped it (set by `check --pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_bias: Option<u64>,
+    /// Sites in `__patchable_function_entries`.
+    pub padded_sites: usize,
+    pub summary: Summary,
+    pub functions: Vec<FunctionReport>,
+}
+
+/// Classify every function of `image`.
+pub fn survey(image: &Image) -> ImageReport {
+    let functions = image.functions();
+    let targets = branch_targets(image);
+    let entries: Vec<u64> = functions.iter().map(|f| f.address).collect();
+
+    // Prepared sites, each mapped to the function whose entry follows it.
+    let mut site_of: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut unnamed = Vec::new();
+    for &site in image.padded_sites() {
+        let next = entries.partition_point(|&a| a < site);
+        match entries.get(next) {
+            Some(&entry) if entry - site <= MAX_PADDING && padding_only(image, site, entry) => {
+                site_of.insert(entry, site);
+            }
+            _ => unnamed.push(site),
+        }
+    }
+
+    let mut reports: Vec<FunctionReport> = functions
+        .iter()
+        .map(|f| {
+            let class = classify(image, f, site_of.get(&f.address).copied(), &targets, &entries);
+            let name = f.name();
+            FunctionReport {
+                address: f.address,
+                size: f.size,
+                name: name.display().to_string(),
+                symbols: f.names.iter().map(|n| n.name.clone()).collect(),
+                clone_of: name.clone_of.as_ref().map(|(base, _)| base.clone()),
+                class,
+            }
+        })
+        .collect();
+    for site in unnamed {
+        let bytes = image.bytes_at(site, MAX_PADDING + 8).unwrap_or(&[]);
+        let Some(entry) = entry::guess_entry(site, bytes) else {
+            continue;
+        };
+        let class = match prepared_class(image, site, entry) {
+            Ok(class) => class,
+            Err(detail) => Class::NotPatchable {
+                reason: Reason::NotInFile,
+                detail,
+            },
+        };
+        reports.push(FunctionReport {
+            address: entry,
+            size: 0,
+            name: format!("fn@{entry:#x}"),
+            symbols: Vec::new(),
+            clone_of: None,
+            class,
+        });
+    }
+    reports.sort_by_key(|r| r.address);
+
+    ImageReport {
+        path: image.path().display().to_string(),
+        kind: image.kind(),
+        build_id: image.build_id_hex(),
+        soname: image.soname().map(str::to_string),
+        load_bias: None,
+        padded_sites: image.padded_sites().len(),
+        summary: summarize(&reports),
+        functions: reports,
+    }
+}
+
+/// Whether everything from `site` to `entry` is padding (nop or int3).
+fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
+    image
+        .bytes_at(site, entry - site)
+        .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
+}
+
+/// Sorted targets of every direct branch and call in every function.
+fn branch_targets(image: &Image) -> Vec<u64> {
+    let mut targets = Vec::new();
+    for f in image.functions() {
+        if let Some(code) = image.bytes_at(f.address, f.size) {
+            direct_branch_targets(f.address, code, &mut targets);
+        }
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    targets
+}
+
+fn prepared_class(image: &Image, site: u64, entry: u64) -> Result<Class, String> {
+    // Enough bytes for padding, endbr64, entry nops, and a decode window.
+    let len = entry - site + 4 + 2 + 15;
+    let bytes = image
+        .bytes_at(site, len)
+        .or_else(|| image.bytes_at(site, entry - site + 6))
+        .ok_or_else(|| format!("the bytes at {site:#x} are not in the file"))?;
+    let prepared = recognize_prepared(site, entry, bytes).map_err(|e| e.to_string())?;
+    let following = bytes.get((prepared.nops_at + 2 - site) as usize..).unwrap_or(&[]);
+    let flip = plan_flip(&prepared, following).map_err(|e| e.to_string())?;
+    Ok(Class::Prepared {
+        layout: prepared.layout(),
+        live_safe: flip.live_safe(),
+        flip,
+    })
+}
+
+fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], entries: &[u64]) -> Class {
+    if f.kind == FunctionKind::IfuncResolver {
+        return Class::NotPatchable {
+            reason: Reason::IfuncResolver,
+            detail: "an IFUNC resolver runs once at load; patch the implementation it selects".into(),
+        };
+    }
+    if f.is_cold_part() {
+        return Class::NotPatchable {
+            reason: Reason::ColdPart,
+            detail: "split-off cold code, entered by jumps from its parent; patch the parent".into(),
+        };
+    }
+    let mut note = None;
+    if let Some(site) = site {
+        match prepared_class(image, site, f.address) {
+            Ok(class) => return class,
+            Err(why) => note = Some(format!("listed as prepared, but {why}")),
+        }
+    }
+    let Some(code) = image.bytes_at(f.address, f.size) else {
+        return Class::NotPatchable {
+            reason: Reason::NotInFile,
+            detail: format!("{} bytes at {:#x} are not in the file", f.size, f.address),
+        };
+    };
+    let detour = match analyze_detour(f.address, code) {
+        Ok(d) => d,
+        Err(refusal) => {
+            let reason = match refusal {
+                DetourRefusal::UnknownSize => Reason::UnknownSize,
+                DetourRefusal::TooSmall { .. } => Reason::TooSmall,
+                DetourRefusal::Undecodable { .. } => Reason::Undecodable,
+                DetourRefusal::Unrelocatable { .. } => Reason::Unrelocatable,
+                DetourRefusal::Breakpoint { .. } => Reason::Breakpoint,
+            };
+            return Class::NotPatchable {
+                reason,
+                detail: refusal.to_string(),
+            };
+        }
+    };
+    let range = detour.patch_at + 1..detour.patch_at + detour.displaced;
+    let first_in = |sorted: &[u64]| {
+        sorted
+            .get(sorted.partition_point(|&t| t < range.start))
+            .copied()
+            .filter(|t| range.contains(t))
+    };
+    if let Some(target) = first_in(targets) {
+        return Class::NotPatchable {
+            reason: Reason::BranchIntoEntry,
+            detail: format!(
+                "a branch targets {target:#x}, inside the {} bytes a jump would overwrite",
+                detour.displaced
+            ),
+        };
+    }
+    if let Some(other) = first_in(entries) {
+        let name = image
+            .function_at(other)
+            .map(|g| g.name().display().to_string())
+            .unwrap_or_default();
+        return Class::NotPatchable {
+            reason: Reason::SymbolInsideEntry,
+            detail: format!(
+                "function {name} starts at {other:#x}, inside the {} bytes a jump would overwrite",
+                detour.displaced
+            ),
+        };
+    }
+    Class::Detourable { detour, note }
+}
+
+fn summarize(reports: &[FunctionReport]) -> Summary {
+    let mut s = Summary {
+        functions: reports.len(),
+        ..Summary::default()
+    };
+    let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
+    for r in reports {
+        match &r.class {
+            Class::Prepared { live_safe, .. } => {
+                s.prepared += 1;
+                s.prepared_live_safe += usize::from(*live_safe);
+            }
+            Class::Detourable { .. } => s.detourable += 1,
+            Class::NotPatchable { reason, .. } => {
+                s.not_patchable += 1;
+                *reasons.entry(*reason).or_default() += 1;
+            }
+        }
+    }
+    let mut reasons: Vec<ReasonCount> = reasons
+        .into_iter()
+        .map(|(reason, count)| ReasonCount {
+            reason,
+            label: reason.label(),
+            count,
+        })
+        .collect();
+    reasons.sort_by(|a, b| b.count.cmp(&a.count).then(a.reason.cmp(&b.reason)));
+    s.reasons = reasons;
+    s
+}

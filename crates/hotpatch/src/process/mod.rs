@@ -1,0 +1,63 @@
+//! Reading other processes. This is the impure edge: `/proc` today,
+//! ptrace once live patching lands.
+
+mod error;
+pub mod maps;
+
+pub use error::ProcessError;
+pub use maps::{MapEntry, MappedImage};
+
+use std::path::PathBuf;
+
+/// A process, named by its pid. Holds nothing open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pid: i32,
+}
+
+impl Process {
+    /// Check the process exists and its memory map can be read.
+    pub fn open(pid: i32) -> Result<Process, ProcessError> {
+        if pid <= 0 {
+            return Err(ProcessError::NoSuchProcess { pid });
+        }
+        let p = Process { pid };
+        p.maps()?;
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A path under `/proc/PID/`.
+    pub fn proc_path(&self, rest: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/{rest}", self.pid))
+    }
+
+    fn read_proc(&self, rest: &str) -> Result<String, ProcessError> {
+        let path = self.proc_path(rest);
+        std::fs::read_to_string(&path).map_err(|e| ProcessError::from_io(self.pid, path, e))
+    }
+
+    /// The process's name (`comm`).
+    pub fn name(&self) -> Result<String, ProcessError> {
+        Ok(self.read_proc("comm")?.trim_end().to_string())
+    }
+
+    /// `/proc/PID/maps`, parsed.
+    pub fn maps(&self) -> Result<Vec<MapEntry>, ProcessError> {
+        let text = self.read_proc("maps")?;
+        maps::parse(&text).map_err(|(line, what)| ProcessError::BadMaps {
+            pid: self.pid,
+            line,
+            what,
+        })
+    }
+
+    /// Every file the process maps with an offset-0 mapping (each ELF image
+    /// once), in address order, with a path to open it by.
+    pub fn mapped_images(&self) -> Result<Vec<MappedImage>, ProcessError> {
+        Ok(maps::images(&self.maps()?, self.pid))
+    }
+}
