@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod image;
 pub mod patchability;
+pub mod patchfile;
 pub mod prepare;
 pub mod process;
 

@@ -6,10 +6,12 @@
 //! the file; the load address of a mapped copy is the caller's business.
 
 mod error;
+pub mod lookup;
 mod padding;
 mod symbol;
 
 pub use error::ImageError;
+pub use lookup::{LookupError, SymbolKind, SymbolMatch, find_symbol};
 pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
 
 use object::Endianness;
@@ -191,6 +193,16 @@ impl Image {
     /// padding byte of a prepared function. Sorted, without duplicates.
     pub fn padded_sites(&self) -> &[u64] {
         &self.padded_sites
+    }
+
+    /// The contents of the first section named `name`, if it has file bytes.
+    pub fn section_data(&self, name: &str) -> Option<&[u8]> {
+        let data = &*self.data;
+        let header = Header::parse(data).ok()?;
+        let endian = header.endian().ok()?;
+        let sections = header.sections(endian, data).ok()?;
+        let (_, section) = sections.section_by_name(endian, name.as_bytes())?;
+        section.data(endian, data).ok()
     }
 
     /// The file bytes backing `[address, address + len)`, if that whole

@@ -1,0 +1,146 @@
+//! Finding a symbol by name — functions and variables, exported or static —
+//! the way a patch author names them: `name`, `file.c:name` for a static
+//! whose name several files use, or `0xADDRESS` (as in the file).
+
+use super::Image;
+use super::symbol::demangle;
+use object::Endianness;
+use object::elf;
+use object::read::elf::{FileHeader, Sym};
+
+/// What a symbol names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SymbolKind {
+    Function,
+    Variable,
+}
+
+/// One defined symbol of an image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SymbolMatch {
+    pub name: String,
+    pub address: u64,
+    pub size: u64,
+    pub kind: SymbolKind,
+    /// The source file a local symbol belongs to (from `STT_FILE`).
+    pub file: Option<String>,
+    pub global: bool,
+}
+
+impl SymbolMatch {
+    /// How to name this symbol unambiguously.
+    pub fn qualified(&self) -> String {
+        match &self.file {
+            Some(f) if !self.global => format!("{f}:{} ({:#x})", self.name, self.address),
+            _ => format!("{} ({:#x})", self.name, self.address),
+        }
+    }
+}
+
+/// A name that names nothing, or more than one thing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("{image}: no function or variable named `{query}`")]
+    NotFound { image: String, query: String },
+    #[error("{image}: `{query}` is ambiguous; say which: {}", candidates.join(", "))]
+    Ambiguous {
+        image: String,
+        query: String,
+        candidates: Vec<String>,
+    },
+}
+
+/// Every defined function and variable symbol of `.symtab` and `.dynsym`.
+pub fn symbols(image: &Image) -> Vec<SymbolMatch> {
+    let data = image.data();
+    let Ok(header) = elf::FileHeader64::<Endianness>::parse(data) else {
+        return Vec::new();
+    };
+    let Ok(endian) = header.endian() else {
+        return Vec::new();
+    };
+    let Ok(sections) = header.sections(endian, data) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for sh_type in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
+        let Ok(table) = sections.symbols(endian, data, sh_type) else {
+            continue;
+        };
+        let mut file: Option<String> = None;
+        for sym in table.iter() {
+            let name = table
+                .symbol_name(endian, sym)
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default();
+            let kind = match sym.st_type() {
+                elf::STT_FILE => {
+                    file = (!name.is_empty()).then_some(name);
+                    continue;
+                }
+                elf::STT_FUNC | elf::STT_GNU_IFUNC => SymbolKind::Function,
+                elf::STT_OBJECT | elf::STT_TLS => SymbolKind::Variable,
+                _ => continue,
+            };
+            if name.is_empty() || sym.st_shndx(endian) == elf::SHN_UNDEF {
+                continue;
+            }
+            let global = sym.st_bind() != elf::STB_LOCAL;
+            out.push(SymbolMatch {
+                name,
+                address: sym.st_value(endian),
+                size: sym.st_size(endian),
+                kind,
+                file: if global { None } else { file.clone() },
+                global,
+            });
+        }
+    }
+    out
+}
+
+/// Find the one symbol `query` names (see the module docs). Several names
+/// for one address (aliases, the same symbol in both tables) are one match.
+pub fn find_symbol(image: &Image, query: &str) -> Result<SymbolMatch, LookupError> {
+    let all = symbols(image);
+    let hits: Vec<&SymbolMatch> = if let Some(hex) = query.strip_prefix("0x") {
+        let address = u64::from_str_radix(hex, 16).ok();
+        all.iter().filter(|s| Some(s.address) == address).collect()
+    } else {
+        let (file, name) = match query.rsplit_once(':') {
+            // `crate::path::name` is a Rust path, not `file:name`.
+            Some((f, n)) if !f.ends_with(':') && !n.is_empty() && !query.contains("::") => (Some(f), n),
+            _ => (None, query),
+        };
+        all.iter()
+            .filter(|s| s.name == name || demangle(&s.name).as_deref() == Some(name))
+            .filter(|s| match file {
+                Some(f) => s
+                    .file
+                    .as_deref()
+                    .is_some_and(|sf| sf == f || sf.ends_with(&format!("/{f}"))),
+                None => true,
+            })
+            .collect()
+    };
+    let mut distinct: Vec<&SymbolMatch> = Vec::new();
+    for h in hits {
+        if !distinct.iter().any(|d| d.address == h.address) {
+            distinct.push(h);
+        }
+    }
+    let image_name = image.path().display().to_string();
+    match distinct.as_slice() {
+        [] => Err(LookupError::NotFound {
+            image: image_name,
+            query: query.to_string(),
+        }),
+        [one] => Ok((*one).clone()),
+        many => Err(LookupError::Ambiguous {
+            image: image_name,
+            query: query.to_string(),
+            candidates: many.iter().map(|s| s.qualified()).collect(),
+        }),
+    }
+}

@@ -1,0 +1,188 @@
+//! Patch descriptions read from real shared libraries built with
+//! `include/hotpatch.h`, and target symbols found by name.
+
+use hotpatch::Image;
+use hotpatch::image::{LookupError, SymbolKind, find_symbol};
+use hotpatch::patchfile::{CommandLineRecords, PatchError, PatchSpec, RefKind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn include_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include")
+}
+
+fn cc(dir: &Path, out: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
+    let mut cmd = Command::new("gcc");
+    cmd.args(["-O2", "-g", "-I"]).arg(include_dir()).args(flags);
+    for (name, text) in sources {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        cmd.arg(p);
+    }
+    let out = dir.join(out);
+    let status = cmd.arg("-o").arg(&out).status().unwrap();
+    assert!(status.success(), "gcc failed for {out:?}");
+    out
+}
+
+const PATCH: &str = r#"
+#include "hotpatch.h"
+HOTPATCH_TARGET("fee-server", "0123abcd");
+HOTPATCH_POINTER(long, requests_served);
+HOTPATCH_ORIGINAL(long, compute_fee, (long));
+long compute_fee_fixed(long amount) { return amount >= 1000000 ? amount / 100 : orig_compute_fee(amount); }
+HOTPATCH_REPLACE(compute_fee, compute_fee_fixed);
+void *p_fees;
+HOTPATCH_REF_NAMED("server.c:fees_charged", p_fees);
+"#;
+
+#[test]
+fn reads_a_patch_built_with_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = cc(dir.path(), "fix.so", &[("fix.c", PATCH)], &["-shared", "-fPIC"]);
+    let spec = PatchSpec::read(&so, &CommandLineRecords::default()).unwrap();
+    let target = spec.target.as_ref().unwrap();
+    assert_eq!(
+        (target.image.as_str(), target.build_id.as_deref()),
+        ("fee-server", Some("0123abcd"))
+    );
+    assert_eq!(spec.replacements.len(), 1);
+    assert_eq!(spec.replacements[0].target, "compute_fee");
+    assert_eq!(spec.replacements[0].replacement, "compute_fee_fixed");
+    // The address agrees with nm's view of the patch.
+    let nm = Command::new("nm").arg("-D").arg(&so).output().unwrap();
+    let nm = String::from_utf8(nm.stdout).unwrap();
+    let addr_of = |name: &str| {
+        nm.lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .and_then(|l| u64::from_str_radix(l.split(' ').next().unwrap(), 16).ok())
+            .unwrap()
+    };
+    assert_eq!(
+        spec.replacements[0].replacement_address,
+        addr_of("compute_fee_fixed")
+    );
+    let mut refs: Vec<_> = spec
+        .references
+        .iter()
+        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
+        .collect();
+    refs.sort();
+    assert_eq!(
+        refs,
+        vec![
+            (RefKind::Symbol, "requests_served", "hotpatch_ref_requests_served"),
+            (RefKind::Symbol, "server.c:fees_charged", "p_fees"),
+            (RefKind::Original, "compute_fee", "orig_compute_fee"),
+        ]
+    );
+    for r in &spec.references {
+        assert_eq!(r.pointer_address, addr_of(&r.pointer));
+    }
+}
+
+#[test]
+fn plain_library_with_command_line_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = cc(
+        dir.path(),
+        "plain.so",
+        &[("plain.c", "long fixed(long x) { return x + 1; }\nvoid *ptr;\n")],
+        &["-shared", "-fPIC"],
+    );
+    let none = PatchSpec::read(&so, &CommandLineRecords::default()).unwrap_err();
+    assert!(matches!(none, PatchError::NotAPatch { .. }), "{none}");
+    assert!(none.to_string().contains("plain.so"));
+    let extra = CommandLineRecords {
+        replace: vec!["compute=fixed".into()],
+        refs: vec!["counter=ptr".into()],
+        origs: vec![],
+    };
+    let spec = PatchSpec::read(&so, &extra).unwrap();
+    assert_eq!(spec.replacements[0].replacement, "fixed");
+    assert_eq!(spec.references[0].pointer, "ptr");
+    assert!(spec.target.is_none());
+
+    for (bad, needle) in [
+        (vec!["compute=missing".to_string()], "`missing`"),
+        (vec!["compute".to_string()], "TARGET=REPLACEMENT"),
+        (vec!["compute=ptr".to_string()], "not an exported function"),
+    ] {
+        let extra = CommandLineRecords {
+            replace: bad,
+            ..Default::default()
+        };
+        let e = PatchSpec::read(&so, &extra).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains("plain.so"), "{e}");
+    }
+    let extra = CommandLineRecords {
+        replace: vec!["compute=fixed".into()],
+        refs: vec!["x=fixed".into()],
+        ..Default::default()
+    };
+    let e = PatchSpec::read(&so, &extra).unwrap_err().to_string();
+    assert!(e.contains("not an exported variable"), "{e}");
+}
+
+#[test]
+fn target_symbols_are_found_and_ambiguity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = cc(
+        dir.path(),
+        "prog",
+        &[
+            (
+                "a.c",
+                "static int counter = 1; int get_a(void) { return counter++; }\nstatic int helper(int x) { return x * 3; } int use_a(int x) { return helper(x); }\n",
+            ),
+            (
+                "b.c",
+                "static int counter = 2; int get_b(void) { return counter++; }\nint shared_name = 5;\nint main(void) { return 0; }\n",
+            ),
+        ],
+        &["-fno-inline"],
+    );
+    let image = Image::open(&bin).unwrap();
+    let syms = String::from_utf8(Command::new("nm").arg(&bin).output().unwrap().stdout).unwrap();
+    let counters: Vec<u64> = syms
+        .lines()
+        .filter(|l| l.ends_with(" counter"))
+        .map(|l| u64::from_str_radix(l.split(' ').next().unwrap(), 16).unwrap())
+        .collect();
+    assert_eq!(counters.len(), 2);
+
+    match find_symbol(&image, "counter") {
+        Err(LookupError::Ambiguous { candidates, .. }) => {
+            assert_eq!(candidates.len(), 2);
+            assert!(
+                candidates.iter().any(|c| c.starts_with("a.c:counter")),
+                "{candidates:?}"
+            );
+            assert!(
+                candidates.iter().any(|c| c.starts_with("b.c:counter")),
+                "{candidates:?}"
+            );
+        }
+        other => panic!("expected ambiguity, got {other:?}"),
+    }
+    let a = find_symbol(&image, "a.c:counter").unwrap();
+    let b = find_symbol(&image, "b.c:counter").unwrap();
+    assert_ne!(a.address, b.address);
+    assert!(counters.contains(&a.address) && counters.contains(&b.address));
+    assert_eq!(a.kind, SymbolKind::Variable);
+    assert_eq!(
+        find_symbol(&image, &format!("{:#x}", b.address)).unwrap().address,
+        b.address
+    );
+    let helper = find_symbol(&image, "helper").unwrap();
+    assert_eq!(helper.kind, SymbolKind::Function);
+    assert!(!helper.global);
+    assert!(matches!(
+        find_symbol(&image, "nope"),
+        Err(LookupError::NotFound { .. })
+    ));
+    assert!(matches!(
+        find_symbol(&image, "c.c:counter"),
+        Err(LookupError::NotFound { .. })
+    ));
+}
