@@ -8,6 +8,7 @@ pub mod arch;
 pub mod image;
 pub mod patchability;
 pub mod patchfile;
+pub mod plan;
 pub mod prepare;
 pub mod process;
 

@@ -201,6 +201,25 @@ pub fn survey(image: &Image) -> ImageReport {
     }
 }
 
+/// Classify the one function whose entry is `address`, as [`survey`] would
+/// (the branch-into-entry check covers the function's own body only).
+pub fn survey_function(image: &Image, address: u64) -> Option<Class> {
+    let f = image.function_at(address)?;
+    let entries: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
+    let site = image
+        .padded_sites()
+        .iter()
+        .rev()
+        .find(|&&s| s <= address && address - s <= MAX_PADDING && padding_only(image, s, address))
+        .copied();
+    let mut targets = Vec::new();
+    if let Some(code) = image.bytes_at(f.address, f.size) {
+        direct_branch_targets(f.address, code, &mut targets);
+    }
+    targets.sort_unstable();
+    Some(classify(image, f, site, &targets, &entries))
+}
+
 /// Whether everything from `site` to `entry` is padding (nop or int3).
 fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
     image
