@@ -11,6 +11,7 @@ pub mod patchfile;
 pub mod plan;
 pub mod prepare;
 pub mod process;
+pub mod state;
 
 pub use patchability::{ImageReport, survey};
 
