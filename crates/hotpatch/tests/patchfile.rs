@@ -186,3 +186,72 @@ fn target_symbols_are_found_and_ambiguity_is_refused() {
         Err(LookupError::NotFound { .. })
     ));
 }
+
+/// A patch written in Rust with the `hotpatch-patch` macros carries the
+/// same records as one written in C with the header.
+#[test]
+fn reads_a_rust_patch_built_with_the_macros() {
+    let dir = tempfile::tempdir().unwrap();
+    let macros = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hotpatch-patch/src/lib.rs");
+    let rustc = |args: &[&str]| {
+        let out = Command::new("rustc")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rustc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    rustc(&[
+        "--edition=2024",
+        "--crate-type=rlib",
+        "--crate-name=hotpatch_patch",
+        "-O",
+        macros.to_str().unwrap(),
+    ]);
+    std::fs::write(
+        dir.path().join("fix.rs"),
+        r#"
+use hotpatch_patch::{original, reference, replace, target};
+target!("fee-server", "00ff");
+#[unsafe(no_mangle)]
+pub static mut ORIG: Option<extern "C" fn(i64) -> i64> = None;
+#[unsafe(no_mangle)]
+pub static mut SERVED: *mut i64 = core::ptr::null_mut();
+original!(compute_fee, ORIG);
+reference!("server.c:requests_served", SERVED);
+#[unsafe(no_mangle)]
+pub extern "C" fn compute_fee_fixed(amount: i64) -> i64 { amount / 100 }
+replace!(compute_fee, compute_fee_fixed);
+"#,
+    )
+    .unwrap();
+    rustc(&[
+        "--edition=2024",
+        "--crate-type=cdylib",
+        "-O",
+        "--extern",
+        "hotpatch_patch=libhotpatch_patch.rlib",
+        "fix.rs",
+    ]);
+    let spec = PatchSpec::read(&dir.path().join("libfix.so"), &CommandLineRecords::default()).unwrap();
+    assert_eq!(spec.target.as_ref().unwrap().build_id.as_deref(), Some("00ff"));
+    assert_eq!(spec.replacements[0].target, "compute_fee");
+    assert_eq!(spec.replacements[0].replacement, "compute_fee_fixed");
+    let mut refs: Vec<_> = spec
+        .references
+        .iter()
+        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
+        .collect();
+    refs.sort();
+    assert_eq!(
+        refs,
+        vec![
+            (RefKind::Symbol, "server.c:requests_served", "SERVED"),
+            (RefKind::Original, "compute_fee", "ORIG"),
+        ]
+    );
+}
