@@ -3,7 +3,7 @@
 //! A patch is a `cdylib` whose `.hotpatch` section says what it replaces;
 //! these macros emit the same records as `include/hotpatch.h` does for C.
 //!
-//! ```ignore
+//! ```text
 //! use hotpatch_patch::{original, replace, target};
 //! target!("fee-server", "");
 //! original!(compute_fee, ORIG_COMPUTE_FEE);

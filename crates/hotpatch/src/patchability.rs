@@ -167,7 +167,12 @@ pub fn survey(image: &Image) -> ImageReport {
         })
         .collect();
     for site in unnamed {
-        let bytes = image.bytes_at(site, MAX_PADDING + 8).unwrap_or(&[]);
+        // The window is cut at the end of the code: the last function of a
+        // segment has fewer than `MAX_PADDING + 8` bytes after its site.
+        let len = image
+            .code_end(site)
+            .map_or(0, |end| (end - site).min(MAX_PADDING + 8));
+        let bytes = image.bytes_at(site, len).unwrap_or(&[]);
         let Some(entry) = entry::guess_entry(site, bytes) else {
             continue;
         };

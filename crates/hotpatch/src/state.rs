@@ -84,6 +84,9 @@ pub struct State {
     pub scratch: Vec<ScratchRecord>,
 }
 
+/// Byte writes into the state region: (offset, bytes), in order.
+pub type RegionWrites = Vec<(usize, Vec<u8>)>;
+
 /// A record that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -161,7 +164,7 @@ pub fn decode(region: &[u8]) -> Result<(State, u64), StateError> {
 /// The writes (offset, bytes) that replace the region's state with `state`:
 /// first the whole inactive half, then — last, one byte — the active flag.
 /// Also returns the new generation.
-pub fn encode(region: &[u8], state: &State) -> Result<(Vec<(usize, Vec<u8>)>, u64), StateError> {
+pub fn encode(region: &[u8], state: &State) -> Result<(RegionWrites, u64), StateError> {
     let half = half_size(region.len());
     let json = serde_json::to_vec(state).map_err(|e| StateError::Corrupt(e.to_string()))?;
     if json.len() + 12 > half {

@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 /// Why a file could not be used as an image. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The file could not be read. The I/O error is part of the message,
+    /// not a `source()`: printing the chain (`{:#}`) would repeat it.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{}: not an ELF file ({found})", path.display())]
     NotElf { path: PathBuf, found: String },
     #[error("{}: 32-bit ELF (ELFCLASS32); hotpatch handles 64-bit x86-64 ELF only", path.display())]

@@ -27,9 +27,11 @@ type Header = elf::FileHeader64<Endianness>;
 pub enum ImageKind {
     /// `ET_EXEC`: a position-dependent executable, loaded at its link address.
     Executable,
-    /// `ET_DYN` with a `PT_INTERP`: a position-independent executable.
+    /// `ET_DYN` marked `DF_1_PIE` (or, from older linkers, with a
+    /// `PT_INTERP` and no `DT_SONAME`): a position-independent executable.
     PieExecutable,
-    /// `ET_DYN` without an interpreter: a shared library.
+    /// Any other `ET_DYN`: a shared library (some, like libc.so.6, can
+    /// also be run).
     SharedLibrary,
 }
 
@@ -60,9 +62,9 @@ impl Image {
     /// Read and parse the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref();
-        let data = std::fs::read(path).map_err(|source| ImageError::Io {
+        let data = std::fs::read(path).map_err(|error| ImageError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Image::parse(path, data)
     }
@@ -89,12 +91,10 @@ impl Image {
         let has_interp = program_headers
             .iter()
             .any(|ph| ph.p_type(endian) == elf::PT_INTERP);
-        let kind = match header.e_type(endian) {
-            elf::ET_EXEC => ImageKind::Executable,
-            elf::ET_DYN if has_interp => ImageKind::PieExecutable,
-            elf::ET_DYN => ImageKind::SharedLibrary,
-            other => return Err(ImageError::UnsupportedType { path, e_type: other }),
-        };
+        let e_type = header.e_type(endian);
+        if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
+            return Err(ImageError::UnsupportedType { path, e_type });
+        }
         let segments: Vec<Segment> = program_headers
             .iter()
             .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
@@ -117,12 +117,32 @@ impl Image {
                     s.vaddr, s.offset, s.filesz
                 )));
             }
+            // The kernel refuses such a segment too (load_elf_binary).
+            if s.filesz > s.memsz {
+                return Err(corrupt(&format!(
+                    "segment at {:#x} has more bytes in the file ({:#x}) than in memory ({:#x})",
+                    s.vaddr, s.filesz, s.memsz
+                )));
+            }
         }
         let sections = header
             .sections(endian, &*data)
             .map_err(|e| corrupt(&e.to_string()))?;
         let build_id = read_build_id(endian, &data, header, &sections);
         let soname = read_soname(endian, &data, &sections);
+        // A runnable library (libc.so.6 has a PT_INTERP) is still a library:
+        // the linker marks a PIE with DF_1_PIE; without that flag, an
+        // interpreter and no soname mean a PIE from an older linker.
+        let kind = if e_type == elf::ET_EXEC {
+            ImageKind::Executable
+        } else if dynamic_value(endian, &data, &sections, elf::DT_FLAGS_1)
+            .is_some_and(|flags| flags & u64::from(elf::DF_1_PIE) != 0)
+            || (has_interp && soname.is_none())
+        {
+            ImageKind::PieExecutable
+        } else {
+            ImageKind::SharedLibrary
+        };
         let mut functions = symbol::read_functions(endian, &data, &sections).map_err(|e| corrupt(&e))?;
         let padded_sites = padding::read_sites(endian, &data, &sections).map_err(|e| corrupt(&e))?;
         // A function is only worth reporting if its entry is code we can see.
@@ -218,7 +238,7 @@ impl Image {
         let seg = self
             .segments
             .iter()
-            .find(|s| address >= s.vaddr && end <= s.vaddr + s.filesz)?;
+            .find(|s| address >= s.vaddr && end <= s.vaddr.saturating_add(s.filesz))?;
         let start = usize::try_from(seg.offset + (address - seg.vaddr)).ok()?;
         Some(start..start.checked_add(usize::try_from(len).ok()?)?)
     }
@@ -228,8 +248,8 @@ impl Image {
     pub fn code_end(&self, address: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|s| s.executable && address >= s.vaddr && address < s.vaddr + s.filesz)
-            .map(|s| s.vaddr + s.filesz)
+            .find(|s| s.executable && address >= s.vaddr && address < s.vaddr.saturating_add(s.filesz))
+            .map(|s| s.vaddr.saturating_add(s.filesz))
     }
 
     /// The lowest `PT_LOAD` address, page-aligned down: the image's base
@@ -275,6 +295,20 @@ fn read_build_id(
         }
     }
     None
+}
+
+/// The value of the first `tag` entry of the dynamic section.
+fn dynamic_value(
+    endian: Endianness,
+    data: &[u8],
+    sections: &object::read::elf::SectionTable<'_, Header>,
+    tag: u32,
+) -> Option<u64> {
+    let (dynamic, _) = sections.dynamic(endian, data).ok()??;
+    dynamic
+        .iter()
+        .find(|d| d.d_tag(endian) == u64::from(tag))
+        .map(|d| d.d_val(endian))
 }
 
 fn read_soname(

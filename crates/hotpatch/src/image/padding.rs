@@ -39,7 +39,8 @@ pub(super) fn read_sites(
             let mut value = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
             if value == 0 {
                 let relocs = relative.get_or_insert_with(|| relative_relocations(endian, data, sections));
-                value = relocs.get(&(base + 8 * i as u64)).copied().unwrap_or(0);
+                let slot = base.checked_add(8 * i as u64);
+                value = slot.and_then(|slot| relocs.get(&slot)).copied().unwrap_or(0);
             }
             if value != 0 {
                 sites.push(value);
