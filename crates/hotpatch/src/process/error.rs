@@ -15,6 +15,64 @@ pub enum ProcessError {
     },
     #[error("process {pid}: unexpected line {line} in /proc/{pid}/maps: {what}")]
     BadMaps { pid: i32, line: usize, what: String },
+    #[error("process {pid}: thread {tid} does not exist (it exited?)")]
+    NoSuchThread { pid: i32, tid: i32 },
+    #[error("process {pid}: no thread can run a remote call: {why}")]
+    NoUsableThread { pid: i32, why: String },
+    #[error("process {pid}, thread {tid}: ptrace not permitted: {hint}")]
+    PtraceDenied { pid: i32, tid: i32, hint: String },
+    #[error("process {pid}, thread {tid}: ptrace {op} failed: {source}")]
+    Ptrace {
+        pid: i32,
+        tid: i32,
+        op: &'static str,
+        source: nix::Error,
+    },
+    #[error("process {pid}, thread {tid}: timed out after {after:?} {what}")]
+    Timeout {
+        pid: i32,
+        tid: i32,
+        what: String,
+        after: std::time::Duration,
+    },
+    #[error("process {pid}, thread {tid}: exited {during}")]
+    Exited { pid: i32, tid: i32, during: String },
+    #[error("process {pid}: cannot {op} {len} bytes at {addr:#x} through /proc/{pid}/mem: {source}")]
+    Mem {
+        pid: i32,
+        op: &'static str,
+        addr: u64,
+        len: usize,
+        source: std::io::Error,
+    },
+    #[error("process {pid}: at {addr:#x} expected bytes {expected} but found {found}; nothing written")]
+    Mismatch {
+        pid: i32,
+        addr: u64,
+        expected: String,
+        found: String,
+    },
+    #[error("process {pid}: wrote {len} bytes at {addr:#x} but read back {found}")]
+    WriteNotVisible {
+        pid: i32,
+        addr: u64,
+        len: usize,
+        found: String,
+    },
+    #[error("process {pid}: {what} failed in the target: {detail}")]
+    CallFailed { pid: i32, what: String, detail: String },
+    #[error("process {pid}: no {name:?} in {image}")]
+    SymbolNotFound { pid: i32, name: String, image: String },
+    #[error("process {pid}: cannot read image {}: {source}", path.display())]
+    Image {
+        pid: i32,
+        path: PathBuf,
+        source: Box<crate::image::ImageError>,
+    },
+    #[error("process {pid}: {what}")]
+    Unsupported { pid: i32, what: String },
+    #[error("process {pid}: the remote session is unusable: {why}")]
+    Poisoned { pid: i32, why: String },
 }
 
 impl ProcessError {
@@ -31,6 +89,30 @@ impl ProcessError {
     }
 }
 
+/// Why `PTRACE_SEIZE` of `tid` was refused: the capability, the Yama
+/// setting, and any other tracer already attached.
+pub fn ptrace_hint(pid: i32, tid: i32) -> String {
+    let tracer = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        });
+    let tracer = match tracer {
+        Some(0) => "no other tracer is attached".to_string(),
+        Some(t) => {
+            let comm = std::fs::read_to_string(format!("/proc/{t}/comm")).unwrap_or_default();
+            format!(
+                "already traced by pid {t} ({}): only one tracer at a time",
+                comm.trim()
+            )
+        }
+        None => "TracerPid unknown".to_string(),
+    };
+    format!("{}; {tracer}", permission_hint())
+}
+
 /// What decides whether we may read another process, on this machine.
 pub fn permission_hint() -> String {
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
@@ -43,5 +125,5 @@ pub fn permission_hint() -> String {
         Some(3) => "Yama ptrace_scope is 3 (ptrace disabled until reboot)".to_string(),
         _ => "no Yama LSM".to_string(),
     };
-    format!("reading another process needs the same uid or CAP_SYS_PTRACE (run as root?); {yama}")
+    format!("reading or tracing another process needs the same uid or CAP_SYS_PTRACE (run as root?); {yama}")
 }

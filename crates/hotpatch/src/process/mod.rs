@@ -1,11 +1,21 @@
-//! Reading other processes. This is the impure edge: `/proc` today,
-//! ptrace once live patching lands.
+//! Reading and changing other processes. This is the impure edge: `/proc`
+//! (maps, threads, memory), ptrace, and remote calls run inside a target on
+//! one of its threads while the others keep running ([`remote`]).
 
 mod error;
 pub mod maps;
+pub mod mem;
+pub mod ptrace;
+pub mod remote;
+pub mod stub;
+pub mod threads;
 
-pub use error::ProcessError;
+pub use error::{ProcessError, permission_hint, ptrace_hint};
 pub use maps::{MapEntry, MappedImage};
+pub use mem::Mem;
+pub use ptrace::Traced;
+pub use remote::{CallOutcome, Placement, Remote, Timeouts};
+pub use threads::{ThreadInfo, choose_thread, threads};
 
 use std::path::PathBuf;
 

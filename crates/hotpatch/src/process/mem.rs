@@ -1,0 +1,215 @@
+//! Target memory through `/proc/PID/mem`: `pread`/`pwrite` on one open fd.
+//!
+//! Writes go through the kernel's `FOLL_FORCE` path, so they work on
+//! read-only code pages too (private file pages are copied on write; the
+//! file on disk never changes). A write is one kernel `memcpy`: it is not
+//! atomic for a thread running concurrently over those bytes (DESIGN.md §2).
+
+use super::ProcessError;
+use crate::image::hex;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// An open `/proc/PID/mem`.
+#[derive(Debug)]
+pub struct Mem {
+    pid: i32,
+    file: File,
+}
+
+impl Mem {
+    /// Open the memory of `pid` for reading and writing.
+    pub fn open(pid: i32) -> Result<Mem, ProcessError> {
+        let path = std::path::PathBuf::from(format!("/proc/{pid}/mem"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| ProcessError::from_io(pid, path, e))?;
+        Ok(Mem { pid, file })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn mem_error(&self, op: &'static str, addr: u64, len: usize, source: std::io::Error) -> ProcessError {
+        ProcessError::Mem {
+            pid: self.pid,
+            op,
+            addr,
+            len,
+            source,
+        }
+    }
+
+    /// Fill `buf` from `addr`. A short read (the range runs into unmapped
+    /// memory, or the process has exited) is an error.
+    pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = addr + done as u64;
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "short read (unmapped, or the process exited)",
+                    );
+                    return Err(self.mem_error("read", addr, buf.len(), e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.mem_error("read", addr, buf.len(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `len` bytes from `addr`.
+    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, ProcessError> {
+        let mut buf = vec![0; len];
+        self.read_into(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// A little-endian `u64` at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, ProcessError> {
+        let mut b = [0u8; 8];
+        self.read_into(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A little-endian `u32` at `addr`.
+    pub fn read_u32(&self, addr: u64) -> Result<u32, ProcessError> {
+        let mut b = [0u8; 4];
+        self.read_into(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// A NUL-terminated string at `addr`, at most `max` bytes long.
+    pub fn read_c_string(&self, addr: u64, max: usize) -> Result<String, ProcessError> {
+        let mut out = Vec::new();
+        let mut at = addr;
+        while out.len() < max {
+            // Never read across a page boundary: the next page may be unmapped.
+            let chunk = (0x1000 - (at & 0xfff)) as usize;
+            let chunk = chunk.min(max - out.len());
+            let bytes = self.read(at, chunk)?;
+            if let Some(nul) = bytes.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&bytes[..nul]);
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            out.extend_from_slice(&bytes);
+            at += chunk as u64;
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Write `bytes` at `addr`, unconditionally.
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), ProcessError> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = addr + done as u64;
+            match self.file.write_at(&bytes[done..], at) {
+                Ok(0) => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "short write (unmapped, or the process exited)",
+                    );
+                    return Err(self.mem_error("write", addr, bytes.len(), e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.mem_error("write", addr, bytes.len(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), ProcessError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    pub fn write_u32(&self, addr: u64, value: u32) -> Result<(), ProcessError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// Compare-and-swap: read `expected.len()` bytes at `addr`; if they are
+    /// not `expected`, fail naming what was found and write nothing.
+    /// Otherwise write `new` and read it back.
+    ///
+    /// Not atomic against the target's own threads (nothing through
+    /// `/proc/PID/mem` is): it protects against a wrong plan, another tool,
+    /// or a stale view, not against a racing writer inside the target.
+    pub fn write_expecting(&self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), ProcessError> {
+        assert_eq!(
+            expected.len(),
+            new.len(),
+            "compare-and-swap with different lengths is a bug in the caller"
+        );
+        let found = self.read(addr, expected.len())?;
+        if found != expected {
+            return Err(ProcessError::Mismatch {
+                pid: self.pid,
+                addr,
+                expected: hex(expected),
+                found: hex(&found),
+            });
+        }
+        self.write(addr, new)?;
+        let back = self.read(addr, new.len())?;
+        if back != new {
+            return Err(ProcessError::WriteNotVisible {
+                pid: self.pid,
+                addr,
+                len: new.len(),
+                found: hex(&back),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_and_swap_on_own_memory() {
+        let buf = Box::new([1u8, 2, 3, 4]);
+        let addr = buf.as_ptr() as u64;
+        let mem = Mem::open(std::process::id() as i32).unwrap();
+        let err = mem
+            .write_expecting(addr, &[9, 9, 9, 9], &[5, 6, 7, 8])
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("{addr:#x}")), "{msg}");
+        assert!(
+            msg.contains("expected bytes 09090909 but found 01020304"),
+            "{msg}"
+        );
+        assert_eq!(mem.read(addr, 4).unwrap(), [1, 2, 3, 4], "nothing written");
+        mem.write_expecting(addr, &[1, 2, 3, 4], &[5, 6, 7, 8]).unwrap();
+        assert_eq!(mem.read(addr, 4).unwrap(), [5, 6, 7, 8]);
+        assert_eq!(mem.read_u32(addr).unwrap(), u32::from_le_bytes([5, 6, 7, 8]));
+        drop(buf);
+    }
+
+    #[test]
+    fn unmapped_memory_is_an_error() {
+        let mem = Mem::open(std::process::id() as i32).unwrap();
+        let err = mem.read(8, 8).unwrap_err();
+        assert!(matches!(err, ProcessError::Mem { addr: 8, len: 8, .. }), "{err}");
+    }
+
+    #[test]
+    fn reads_c_strings_across_pages() {
+        let s = b"hello, target\0";
+        let mem = Mem::open(std::process::id() as i32).unwrap();
+        assert_eq!(
+            mem.read_c_string(s.as_ptr() as u64, 100).unwrap(),
+            "hello, target"
+        );
+        assert_eq!(mem.read_c_string(s.as_ptr() as u64, 5).unwrap(), "hello");
+    }
+}

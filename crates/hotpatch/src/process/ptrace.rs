@@ -1,0 +1,228 @@
+//! One traced thread: `PTRACE_SEIZE` (never with `PTRACE_O_EXITKILL`),
+//! `PTRACE_INTERRUPT`, a bounded wait for the stop, registers, detach.
+//!
+//! [`Traced`] detaches when dropped, so no error path leaves a thread
+//! stopped or traced. If this process dies instead, the kernel detaches
+//! every tracee and resumes it (`exit_ptrace`), with whatever registers it
+//! was last given: callers must keep the target consistent at every
+//! `PTRACE_SETREGS`.
+//!
+//! ptrace requests must come from the thread that seized: a [`Traced`] is
+//! not `Send`.
+
+use super::ProcessError;
+use super::error::ptrace_hint;
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+pub use nix::libc::user_regs_struct as Regs;
+
+/// How long [`Traced`]'s drop waits for a stop it asked for before it can
+/// detach.
+const DROP_WAIT: Duration = Duration::from_secs(5);
+
+/// `PTRACE_EVENT_STOP`: the stop `PTRACE_INTERRUPT` and group stops report.
+const PTRACE_EVENT_STOP: i32 = 128;
+
+/// A thread we trace. Dropping it detaches (after waiting for a pending
+/// stop, since only a stopped tracee can be detached).
+#[derive(Debug)]
+pub struct Traced {
+    pid: i32,
+    tid: i32,
+    /// We asked for a stop that has not been reported yet.
+    stop_pending: bool,
+    /// The thread is in a ptrace stop now.
+    stopped: bool,
+    /// Still our tracee (false once detached or gone).
+    attached: bool,
+    /// ptrace requests are per tracer *thread*.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Traced {
+    /// `PTRACE_SEIZE` thread `tid` of `pid`: it keeps running.
+    pub fn seize(pid: i32, tid: i32) -> Result<Traced, ProcessError> {
+        match ptrace::seize(Pid::from_raw(tid), ptrace::Options::empty()) {
+            Ok(()) => Ok(Traced {
+                pid,
+                tid,
+                stop_pending: false,
+                stopped: false,
+                attached: true,
+                _not_send: PhantomData,
+            }),
+            Err(Errno::ESRCH) => Err(ProcessError::NoSuchThread { pid, tid }),
+            Err(Errno::EPERM) => Err(ProcessError::PtraceDenied {
+                pid,
+                tid,
+                hint: ptrace_hint(pid, tid),
+            }),
+            Err(source) => Err(self::error(pid, tid, "SEIZE", source)),
+        }
+    }
+
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn err(&self, op: &'static str, source: Errno) -> ProcessError {
+        if source == Errno::ESRCH && !super::threads::thread_exists(self.pid, self.tid) {
+            return ProcessError::Exited {
+                pid: self.pid,
+                tid: self.tid,
+                during: format!("during ptrace {op}"),
+            };
+        }
+        error(self.pid, self.tid, op, source)
+    }
+
+    /// `PTRACE_INTERRUPT` and wait (at most `timeout`) until the thread is in
+    /// the interrupt stop. Signals that arrive meanwhile are delivered, not
+    /// swallowed. A process in group stop (SIGSTOP) is reported as an error
+    /// and left stopped.
+    pub fn interrupt(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        if self.stopped {
+            return Ok(());
+        }
+        if !self.stop_pending {
+            ptrace::interrupt(Pid::from_raw(self.tid)).map_err(|e| self.err("INTERRUPT", e))?;
+            self.stop_pending = true;
+        }
+        self.wait_stop(timeout)
+    }
+
+    fn wait_stop(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(20);
+        let pid = Pid::from_raw(self.tid);
+        loop {
+            let status = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+            match status {
+                Ok(WaitStatus::PtraceEvent(_, Signal::SIGTRAP, PTRACE_EVENT_STOP)) => {
+                    self.stopped = true;
+                    self.stop_pending = false;
+                    return Ok(());
+                }
+                Ok(WaitStatus::PtraceEvent(_, sig, PTRACE_EVENT_STOP)) => {
+                    // Group stop: the process is being stopped by `sig`.
+                    // Detaching leaves it in that stop, as it should be.
+                    self.stopped = true;
+                    self.stop_pending = false;
+                    return Err(ProcessError::NoUsableThread {
+                        pid: self.pid,
+                        why: format!("the process is stopped by {sig} (job control)"),
+                    });
+                }
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    // Signal-delivery stop: deliver the signal, keep waiting
+                    // for the interrupt, which is still pending.
+                    ptrace::cont(pid, sig).map_err(|e| self.err("CONT", e))?;
+                }
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                    self.attached = false;
+                    self.stop_pending = false;
+                    return Err(ProcessError::Exited {
+                        pid: self.pid,
+                        tid: self.tid,
+                        during: "while being interrupted".into(),
+                    });
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                Ok(other) => {
+                    // PTRACE_EVENT_* we never asked for, syscall stops: resume.
+                    tracing::debug!(tid = self.tid, ?other, "unexpected ptrace stop");
+                    ptrace::cont(pid, None).map_err(|e| self.err("CONT", e))?;
+                }
+                Err(e) => return Err(self.err("wait", e)),
+            }
+            if start.elapsed() >= timeout {
+                return Err(ProcessError::Timeout {
+                    pid: self.pid,
+                    tid: self.tid,
+                    what: "waiting for the thread to stop".into(),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(2));
+        }
+    }
+
+    fn require_stopped(&self, op: &'static str) -> Result<(), ProcessError> {
+        if self.stopped && self.attached {
+            Ok(())
+        } else {
+            Err(error(self.pid, self.tid, op, Errno::ESRCH))
+        }
+    }
+
+    /// `PTRACE_GETREGS`. The thread must be stopped.
+    pub fn regs(&self) -> Result<Regs, ProcessError> {
+        self.require_stopped("GETREGS")?;
+        ptrace::getregs(Pid::from_raw(self.tid)).map_err(|e| self.err("GETREGS", e))
+    }
+
+    /// `PTRACE_SETREGS`. The thread must be stopped. From here on, if this
+    /// process dies the thread resumes with `regs`.
+    pub fn set_regs(&self, regs: &Regs) -> Result<(), ProcessError> {
+        self.require_stopped("SETREGS")?;
+        ptrace::setregs(Pid::from_raw(self.tid), *regs).map_err(|e| self.err("SETREGS", e))
+    }
+
+    /// `PTRACE_DETACH`: the thread resumes (or stays in group stop).
+    pub fn detach(mut self) -> Result<(), ProcessError> {
+        self.detach_now()
+    }
+
+    fn detach_now(&mut self) -> Result<(), ProcessError> {
+        if !self.attached {
+            return Ok(());
+        }
+        if !self.stopped {
+            // Only a stopped tracee can be detached: get it stopped first.
+            if let Err(e) = self.interrupt(DROP_WAIT) {
+                if !self.attached {
+                    return Ok(());
+                }
+                if !self.stopped {
+                    return Err(e);
+                }
+            }
+        }
+        let r = ptrace::detach(Pid::from_raw(self.tid), None);
+        self.attached = false;
+        self.stopped = false;
+        match r {
+            Ok(()) => Ok(()),
+            Err(Errno::ESRCH) if !super::threads::thread_exists(self.pid, self.tid) => Ok(()),
+            Err(e) => Err(error(self.pid, self.tid, "DETACH", e)),
+        }
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach_now() {
+            tracing::warn!(
+                pid = self.pid,
+                tid = self.tid,
+                error = %e,
+                "could not detach; the kernel releases the thread when this thread exits"
+            );
+        }
+    }
+}
+
+fn error(pid: i32, tid: i32, op: &'static str, source: Errno) -> ProcessError {
+    ProcessError::Ptrace { pid, tid, op, source }
+}

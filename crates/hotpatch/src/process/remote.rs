@@ -1,0 +1,1099 @@
+//! Remote calls: run a function inside a target process, on one of its
+//! threads, while the other threads keep running; crash-safe.
+//!
+//! # How
+//!
+//! A [`Remote`] session owns a region mapped in the target ([`stub::Layout`]):
+//! a code page (RX) with the session stub, a 1 MiB call stack and a frame
+//! (RW). A call:
+//!
+//! 1. picks a thread (blocked in a restartable system call if possible),
+//!    `PTRACE_SEIZE`s and `PTRACE_INTERRUPT`s it, reads its registers;
+//! 2. writes the frame: function, arguments, every original GPR (`rax` and
+//!    `rip` adjusted so an interrupted system call restarts as the kernel
+//!    would restart it, [`stub::resume_point`]), rflags, and `rsp − 136`;
+//!    writes the resume `rip` at `rsp − 136`, just under the red zone;
+//! 3. `PTRACE_SETREGS` (rip = stub, rsp = frame, `orig_rax = −1`) — the
+//!    last step: the frame is complete before the thread can run the stub —
+//!    then `PTRACE_DETACH`es;
+//! 4. polls the frame's done flag through `/proc/PID/mem` (bounded).
+//!
+//! The stub saves the extended state (XSAVE), calls, stores the result,
+//! restores everything, sets done and returns with `ret 128`. If the tool
+//! dies at any instant, the thread either was never changed (before
+//! SETREGS) or finishes the stub on its own (after it): the kernel detaches
+//! a dead tracer's tracees and resumes them. Nothing ever traps.
+//!
+//! # Bootstrap
+//!
+//! The region itself is created by one `mmap` + `mprotect` run from a
+//! *cave*: zero padding after the last code byte of an executable mapping.
+//! The cave stub is written with a compare-and-swap on zeros, runs two raw
+//! system calls without touching the interrupted code's stack (rflags go
+//! 256 bytes below rsp), writes a marker into the new region, restores the
+//! registers baked into it and jumps back. Once the thread has been seen
+//! outside the cave (via `/proc/PID/task/TID/syscall`, or by interrupting it
+//! again), the cave is put back to zeros. [`Remote::release`] unmaps the
+//! region the same way.
+//!
+//! # Limits
+//!
+//! - A thread interrupted in a system call that is never restarted
+//!   (`epoll_wait`, `sigtimedwait`, `semop`…) sees `EINTR`; threads in
+//!   restartable calls are preferred for that reason.
+//! - Targets with CET shadow stacks are refused (the stub returns with
+//!   `ret`).
+//! - A call that never returns keeps its thread; the session is then
+//!   unusable (its frame may still be in use).
+//! - A tool killed during the bootstrap may leave a (harmless, never
+//!   executed again) stub in a cave; later bootstraps skip it.
+
+use super::ptrace::{Regs, Traced};
+use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
+use super::threads::{self, SyscallState};
+use super::{MapEntry, Mem, ProcessError};
+use crate::image::Image;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+const PROT_READ: u64 = 1;
+const PROT_WRITE: u64 = 2;
+const PROT_EXEC: u64 = 4;
+const MAP_PRIVATE: u64 = 0x02;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_NORESERVE: u64 = 0x4000;
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const NR_MMAP: u64 = 9;
+const NR_MPROTECT: u64 = 10;
+const NR_MUNMAP: u64 = 11;
+const EEXIST: i64 = 17;
+
+/// ±2 GiB: what a `rel32` or `[rip+disp32]` reaches.
+pub const REACH: u64 = (1 << 31) - 1;
+
+const USER_MIN: u64 = 0x10000;
+const USER_MAX: u64 = 0x7fff_ffff_f000;
+const PAGE: u64 = 0x1000;
+
+/// Where to put a mapping in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Anywhere,
+    /// Every byte within ±2 GiB of this address.
+    Near(u64),
+}
+
+/// What a remote call returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallOutcome {
+    /// `rax` after the call.
+    pub value: u64,
+    /// The target's `errno` right after the call (0 when the target has no
+    /// `__errno_location`). The interrupted code's `errno` is restored.
+    pub errno: i32,
+    /// The thread that ran it.
+    pub tid: i32,
+}
+
+/// Timeouts of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For a thread to reach the interrupt stop.
+    pub stop: Duration,
+    /// For a remote call to finish.
+    pub call: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            stop: Duration::from_secs(2),
+            call: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The target's libc, as mapped: its symbols and load bias.
+#[derive(Debug)]
+pub struct TargetLibc {
+    pub path: String,
+    pub bias: u64,
+    image: Image,
+}
+
+impl TargetLibc {
+    /// Find the C library mapped by `pid` (glibc `libc.so.6`, or musl's
+    /// `ld-musl-*.so.1`) and read its symbols from the file.
+    pub fn find(pid: i32, maps: &[MapEntry]) -> Result<TargetLibc, ProcessError> {
+        let images = super::maps::images(maps, pid);
+        let libc = images
+            .iter()
+            .find(|i| {
+                let name = i.path.rsplit('/').next().unwrap_or("");
+                name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("ld-musl-")
+            })
+            .ok_or_else(|| ProcessError::SymbolNotFound {
+                pid,
+                name: "libc".into(),
+                image: "the process's mappings (statically linked?)".into(),
+            })?;
+        let image = Image::open(&libc.open_path).map_err(|e| ProcessError::Image {
+            pid,
+            path: libc.open_path.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(TargetLibc {
+            path: libc.path.clone(),
+            bias: libc.base.wrapping_sub(image.link_base()),
+            image,
+        })
+    }
+
+    /// The run-time address of function `name`, if libc has it.
+    pub fn function(&self, name: &str) -> Option<u64> {
+        self.image
+            .functions()
+            .iter()
+            .find(|f| f.has_name(name) && f.kind == crate::image::FunctionKind::Function)
+            .map(|f| f.address.wrapping_add(self.bias))
+    }
+}
+
+/// A remote-call session with one target process. Calls are serialised;
+/// after a call times out the session refuses further calls (its thread
+/// may still be inside the stub).
+#[derive(Debug)]
+pub struct Remote {
+    pid: i32,
+    mem: Mem,
+    layout: Layout,
+    stub: SessionStub,
+    libc: Option<TargetLibc>,
+    errno_fn: u64,
+    timeouts: Timeouts,
+    poisoned: Option<String>,
+    /// Run calls on this thread only.
+    pinned: Option<i32>,
+    /// Rotates calls over equally good threads.
+    turn: usize,
+}
+
+/// Size of the XSAVE area for the features the OS enabled in XCR0
+/// (CPUID leaf 0xD, sub-leaf 0, EBX). XCR0 is the same for every process.
+pub fn xsave_size() -> u64 {
+    // SAFETY: CPUID is available on every x86-64 CPU; leaf 0xD exists
+    // whenever the OS enables XSAVE. (The intrinsic is safe on newer Rust;
+    // `unsafe` keeps older compilers happy.)
+    #[allow(unused_unsafe)]
+    let r = unsafe { std::arch::x86_64::__cpuid_count(0xd, 0) };
+    u64::from(r.ebx).max(512 + 64)
+}
+
+fn check_supported(pid: i32) -> Result<(), ProcessError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| ProcessError::from_io(pid, format!("/proc/{pid}/status").into(), e))?;
+    let shstk = status
+        .lines()
+        .find_map(|l| l.strip_prefix("x86_Thread_features:"))
+        .is_some_and(|f| f.split_whitespace().any(|w| w == "shstk"));
+    if shstk {
+        return Err(ProcessError::Unsupported {
+            pid,
+            what: "the target uses CET shadow stacks; the remote-call stub returns with `ret` \
+                   and would fault"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+impl Remote {
+    /// Open a session: map a region in the target (through a cave, see the
+    /// module docs) placed as asked, and put the session stub in it.
+    pub fn attach(pid: i32, placement: Placement) -> Result<Remote, ProcessError> {
+        Self::attach_with(pid, placement, Timeouts::default())
+    }
+
+    pub fn attach_with(pid: i32, placement: Placement, timeouts: Timeouts) -> Result<Remote, ProcessError> {
+        let process = super::Process::open(pid)?;
+        check_supported(pid)?;
+        let mem = Mem::open(pid)?;
+        let xsave = xsave_size();
+        let size = Layout::size_for(xsave);
+        let maps = process.maps()?;
+        let libc = TargetLibc::find(pid, &maps).ok();
+        let errno_fn = libc
+            .as_ref()
+            .and_then(|l| l.function("__errno_location"))
+            .unwrap_or(0);
+        let spots = free_spots(&maps, size, placement);
+        if spots.is_empty() {
+            return Err(ProcessError::Unsupported {
+                pid,
+                what: format!("no free {size:#x}-byte gap in the address space for {placement:?}"),
+            });
+        }
+        let mut last_err = None;
+        for base in spots.into_iter().take(4) {
+            let layout = Layout::new(base, xsave);
+            match bootstrap(&mem, &layout, timeouts) {
+                Ok(()) => {
+                    let stub = stub::session_stub(&layout).map_err(|e| ProcessError::Unsupported {
+                        pid,
+                        what: format!("assembling the stub: {e}"),
+                    })?;
+                    let zeros = vec![0u8; stub.bytes.len()];
+                    mem.write_expecting(layout.code(), &zeros, &stub.bytes)?;
+                    return Ok(Remote {
+                        pid,
+                        mem,
+                        layout,
+                        stub,
+                        libc,
+                        errno_fn,
+                        timeouts,
+                        poisoned: None,
+                        pinned: None,
+                        turn: 0,
+                    });
+                }
+                Err(e @ ProcessError::CallFailed { .. }) => {
+                    tracing::debug!(pid, base, error = %e, "bootstrap mmap failed; next spot");
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or(ProcessError::NoSuchProcess { pid }))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The region this session mapped in the target.
+    pub fn region(&self) -> Range<u64> {
+        self.layout.base..self.layout.end()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn mem(&self) -> &Mem {
+        &self.mem
+    }
+
+    pub fn libc(&self) -> Option<&TargetLibc> {
+        self.libc.as_ref()
+    }
+
+    pub fn set_timeouts(&mut self, t: Timeouts) {
+        self.timeouts = t;
+    }
+
+    /// Run the following calls on thread `tid` only (if it is usable), or
+    /// on the best thread again (`None`).
+    pub fn pin_thread(&mut self, tid: Option<i32>) {
+        self.pinned = tid;
+    }
+
+    /// Unmap the session's region from the target (through a cave: code
+    /// cannot unmap the page it runs from). Refused while a call may still
+    /// be running in it (after a timeout): then the region stays.
+    pub fn release(self) -> Result<(), ProcessError> {
+        if let Some(why) = &self.poisoned {
+            return Err(ProcessError::Poisoned {
+                pid: self.pid,
+                why: why.clone(),
+            });
+        }
+        // The last call's thread may still be at the final `ret 128`.
+        let ret = self.stub.ret_ip..self.stub.ret_ip + 3;
+        for t in threads::threads(self.pid)? {
+            if !left(self.pid, t.tid, &ret, self.timeouts.call)? {
+                return Err(ProcessError::Timeout {
+                    pid: self.pid,
+                    tid: t.tid,
+                    what: "waiting for the last call to leave the stub".into(),
+                    after: self.timeouts.call,
+                });
+            }
+        }
+        let op = CaveOp {
+            nr: NR_MUNMAP,
+            args: [self.layout.base, self.layout.size(), 0, 0, 0, 0],
+            then: None,
+            marker: None,
+        };
+        let region = self.region();
+        let pid = self.pid;
+        let gone = || {
+            let maps = super::Process::open(pid).and_then(|p| p.maps()).ok()?;
+            (!maps.iter().any(|m| m.start < region.end && region.start < m.end)).then_some(0)
+        };
+        match run_cave(&self.mem, &op, self.timeouts, &gone)? {
+            Some(_) => Ok(()),
+            None => Err(ProcessError::CallFailed {
+                pid,
+                what: format!("munmap({:#x}, {:#x})", region.start, region.end - region.start),
+                detail: "the region is still mapped".into(),
+            }),
+        }
+    }
+
+    /// The address of function `name` in the target's libc.
+    pub fn libc_function(&self, name: &str) -> Result<u64, ProcessError> {
+        let libc = self.libc.as_ref().ok_or_else(|| ProcessError::SymbolNotFound {
+            pid: self.pid,
+            name: name.into(),
+            image: "libc (none mapped)".into(),
+        })?;
+        libc.function(name).ok_or_else(|| ProcessError::SymbolNotFound {
+            pid: self.pid,
+            name: name.into(),
+            image: libc.path.clone(),
+        })
+    }
+
+    /// Call `function(args…)` (at most 6 integer arguments) in the target
+    /// and return `rax`.
+    pub fn call(&mut self, function: u64, args: &[u64]) -> Result<u64, ProcessError> {
+        Ok(self.call_full(function, args, 0)?.value)
+    }
+
+    /// Raw system call `nr(args…)` in the target (at most 6 arguments);
+    /// returns the kernel's result: `-errno` on failure. errno is untouched.
+    pub fn syscall(&mut self, nr: u64, args: &[u64]) -> Result<i64, ProcessError> {
+        let helper = self.stub.syscall_helper;
+        Ok(self.call_full(helper, args, nr)?.value as i64)
+    }
+
+    /// Like [`Remote::syscall`], failing with the errno's name on `-errno`.
+    pub fn syscall_ok(&mut self, what: &str, nr: u64, args: &[u64]) -> Result<u64, ProcessError> {
+        let r = self.syscall(nr, args)?;
+        if (-4095..0).contains(&r) {
+            return Err(ProcessError::CallFailed {
+                pid: self.pid,
+                what: what.into(),
+                detail: std::io::Error::from_raw_os_error(-r as i32).to_string(),
+            });
+        }
+        Ok(r as u64)
+    }
+
+    /// Copy `bytes` into the session's scratch area; returns its address.
+    /// Valid until the next call to this function.
+    pub fn write_scratch(&mut self, bytes: &[u8]) -> Result<u64, ProcessError> {
+        if bytes.len() as u64 > stub::SCRATCH_SIZE {
+            return Err(ProcessError::Unsupported {
+                pid: self.pid,
+                what: format!(
+                    "{} bytes do not fit the {} scratch bytes",
+                    bytes.len(),
+                    stub::SCRATCH_SIZE
+                ),
+            });
+        }
+        self.mem.write(self.layout.scratch(), bytes)?;
+        Ok(self.layout.scratch())
+    }
+
+    fn c_string(&mut self, s: &str) -> Result<u64, ProcessError> {
+        if s.as_bytes().contains(&0) {
+            return Err(ProcessError::Unsupported {
+                pid: self.pid,
+                what: format!("{s:?} contains a NUL byte"),
+            });
+        }
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.write_scratch(&b)
+    }
+
+    /// `dlerror()` on thread `tid`: the message is per thread.
+    fn dlerror(&mut self, tid: i32) -> String {
+        let pinned = self.pinned.replace(tid);
+        let msg = self
+            .libc_function("dlerror")
+            .and_then(|f| self.call(f, &[]))
+            .and_then(|p| {
+                if p == 0 {
+                    Ok(String::new())
+                } else {
+                    self.mem.read_c_string(p, 4096)
+                }
+            });
+        self.pinned = pinned;
+        match msg {
+            Ok(m) if !m.is_empty() => m,
+            Ok(_) => "dlerror() says nothing".into(),
+            Err(e) => format!("dlerror() failed: {e}"),
+        }
+    }
+
+    /// `dlopen(path, flags)` in the target; the handle, or the `dlerror()`
+    /// message.
+    pub fn dlopen(&mut self, path: &str, flags: i32) -> Result<u64, ProcessError> {
+        let f = self.libc_function("dlopen")?;
+        let p = self.c_string(path)?;
+        let out = self.call_full(f, &[p, flags as u32 as u64], 0)?;
+        let handle = out.value;
+        if handle == 0 {
+            let detail = self.dlerror(out.tid);
+            return Err(ProcessError::CallFailed {
+                pid: self.pid,
+                what: format!("dlopen({path:?})"),
+                detail,
+            });
+        }
+        Ok(handle)
+    }
+
+    /// `dlsym(handle, name)` in the target.
+    pub fn dlsym(&mut self, handle: u64, name: &str) -> Result<u64, ProcessError> {
+        let f = self.libc_function("dlsym")?;
+        let p = self.c_string(name)?;
+        let out = self.call_full(f, &[handle, p], 0)?;
+        let addr = out.value;
+        if addr == 0 {
+            let detail = self.dlerror(out.tid);
+            return Err(ProcessError::CallFailed {
+                pid: self.pid,
+                what: format!("dlsym({name:?})"),
+                detail,
+            });
+        }
+        Ok(addr)
+    }
+
+    /// Map `len` bytes of anonymous memory with `prot` in the target, placed
+    /// as asked (`MAP_FIXED_NOREPLACE` at free spots from its maps).
+    pub fn mmap(&mut self, placement: Placement, len: u64, prot: u64) -> Result<u64, ProcessError> {
+        let len = len.next_multiple_of(PAGE);
+        let maps = super::Process::open(self.pid)?.maps()?;
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE;
+        for addr in free_spots(&maps, len, placement).into_iter().take(8) {
+            let r = self.syscall(NR_MMAP, &[addr, len, prot, flags, u64::MAX, 0])?;
+            if r == addr as i64 {
+                return Ok(addr);
+            }
+            if r == -EEXIST {
+                continue; // someone mapped it since we read the maps
+            }
+            if r >= 0 {
+                // A kernel without MAP_FIXED_NOREPLACE treats it as a hint.
+                let _ = self.syscall(NR_MUNMAP, &[r as u64, len]);
+                continue;
+            }
+            return Err(ProcessError::CallFailed {
+                pid: self.pid,
+                what: format!("mmap({addr:#x}, {len:#x})"),
+                detail: std::io::Error::from_raw_os_error(-r as i32).to_string(),
+            });
+        }
+        Err(ProcessError::Unsupported {
+            pid: self.pid,
+            what: format!("no free {len:#x}-byte spot for {placement:?}"),
+        })
+    }
+
+    /// Call `function` on a thread of the target; `nr` is the system call
+    /// number for the syscall helper (ignored otherwise).
+    pub fn call_full(&mut self, function: u64, args: &[u64], nr: u64) -> Result<CallOutcome, ProcessError> {
+        if let Some(why) = &self.poisoned {
+            return Err(ProcessError::Poisoned {
+                pid: self.pid,
+                why: why.clone(),
+            });
+        }
+        if args.len() > 6 {
+            return Err(ProcessError::Unsupported {
+                pid: self.pid,
+                what: format!("{} arguments (at most 6)", args.len()),
+            });
+        }
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        let tid = self.hijack(|regs, stack| {
+            let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
+            let ret_rsp = regs.rsp.wrapping_sub(stub::RED_ZONE + 8);
+            if !writable(stack, ret_rsp, 8) {
+                return None;
+            }
+            // Everything up to the bootstrap marker, which stays.
+            let mut f = vec![0u8; frame::BOOT as usize];
+            let mut put = |off: u64, v: u64| {
+                f[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+            };
+            put(frame::FN, function);
+            for (i, v) in a.iter().enumerate() {
+                put(frame::ARGS + 8 * i as u64, *v);
+            }
+            put(frame::ERRNO_FN, self.errno_fn);
+            put(frame::RET_RSP, ret_rsp);
+            put(frame::RFLAGS, regs.eflags);
+            let gprs = [
+                rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9, regs.r10,
+                regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+            ];
+            for (i, v) in gprs.into_iter().enumerate() {
+                put(frame::GPRS + 8 * i as u64, v);
+            }
+            put(frame::NR, nr);
+            let mut new = *regs;
+            new.rip = self.stub.entry;
+            new.rsp = self.layout.frame();
+            new.orig_rax = u64::MAX;
+            Some(Hijack {
+                writes: vec![(self.layout.frame(), f), (ret_rsp, rip.to_le_bytes().to_vec())],
+                regs: new,
+            })
+        })?;
+        self.turn = self.turn.wrapping_add(1);
+        // The thread is on its own now. Wait for done.
+        let done_at = self.layout.frame() + frame::DONE;
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(20);
+        loop {
+            match self.mem.read_u32(done_at) {
+                Ok(1) => break,
+                Ok(_) => {}
+                Err(e) => return Err(self.gone_or(tid, e, "during the remote call")),
+            }
+            if start.elapsed() >= self.timeouts.call {
+                if !threads::thread_exists(self.pid, tid) {
+                    return Err(self.gone_or(tid, ProcessError::NoSuchThread { pid: self.pid, tid }, ""));
+                }
+                let what = format!("waiting for the remote call of {function:#x} to return");
+                self.poisoned = Some(format!("thread {tid} may still be running a call ({what})"));
+                return Err(ProcessError::Timeout {
+                    pid: self.pid,
+                    tid,
+                    what,
+                    after: self.timeouts.call,
+                });
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
+        let value = self.mem.read_u64(self.layout.frame() + frame::RESULT)?;
+        let errno = self.mem.read_u64(self.layout.frame() + frame::ERRNO_AFTER)? as i32;
+        Ok(CallOutcome { value, errno, tid })
+    }
+
+    fn gone_or(&self, tid: i32, e: ProcessError, during: &str) -> ProcessError {
+        let during = if during.is_empty() {
+            "during the remote call"
+        } else {
+            during
+        };
+        if !std::path::Path::new(&format!("/proc/{}/stat", self.pid)).exists()
+            || !threads::thread_exists(self.pid, tid)
+        {
+            return ProcessError::Exited {
+                pid: self.pid,
+                tid,
+                during: during.into(),
+            };
+        }
+        e
+    }
+
+    /// Seize a thread, let `plan` turn its registers into the writes and
+    /// registers that start a call (or `None`: pick another thread), write,
+    /// SETREGS last, detach. Returns the tid.
+    fn hijack(
+        &self,
+        mut plan: impl FnMut(&Regs, &[MapEntry]) -> Option<Hijack>,
+    ) -> Result<i32, ProcessError> {
+        let choice = Choice {
+            pinned: self.pinned,
+            turn: self.turn,
+        };
+        hijack(self.pid, &self.mem, self.timeouts, choice, &mut plan)
+    }
+}
+
+/// Which thread to take.
+#[derive(Debug, Clone, Copy, Default)]
+struct Choice {
+    pinned: Option<i32>,
+    turn: usize,
+}
+
+/// What to do to a stopped thread to start a call.
+struct Hijack {
+    /// Memory writes, done before SETREGS.
+    writes: Vec<(u64, Vec<u8>)>,
+    regs: Regs,
+}
+
+fn hijack(
+    pid: i32,
+    mem: &Mem,
+    timeouts: Timeouts,
+    choice: Choice,
+    plan: &mut dyn FnMut(&Regs, &[MapEntry]) -> Option<Hijack>,
+) -> Result<i32, ProcessError> {
+    let mut excluded: Vec<i32> = Vec::new();
+    let mut last_err = None;
+    for _attempt in 0..4 {
+        let all = threads::threads(pid)?;
+        let candidates: Vec<_> = all
+            .iter()
+            .filter(|t| !excluded.contains(&t.tid) && choice.pinned.is_none_or(|p| p == t.tid))
+            .cloned()
+            .collect();
+        let Some(t) = threads::pick_rotating(&candidates, choice.turn).cloned() else {
+            break;
+        };
+        let mut traced = match Traced::seize(pid, t.tid) {
+            Ok(tr) => tr,
+            Err(ProcessError::NoSuchThread { .. }) => {
+                excluded.push(t.tid);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match traced.interrupt(timeouts.stop) {
+            Ok(()) => {}
+            Err(e @ (ProcessError::Exited { .. } | ProcessError::Timeout { .. })) => {
+                excluded.push(t.tid);
+                last_err = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let regs = traced.regs()?;
+        let maps = super::Process::open(pid)?.maps()?;
+        let Some(h) = plan(&regs, &maps) else {
+            tracing::debug!(
+                pid,
+                tid = t.tid,
+                rsp = regs.rsp,
+                "thread's stack unusable; next thread"
+            );
+            excluded.push(t.tid);
+            continue;
+        };
+        for (addr, bytes) in &h.writes {
+            mem.write(*addr, bytes)?;
+        }
+        // Last: from here the thread is committed to the stub, tool or not.
+        traced.set_regs(&h.regs)?;
+        traced.detach()?;
+        return Ok(t.tid);
+    }
+    Err(last_err.unwrap_or(ProcessError::NoUsableThread {
+        pid,
+        why: "no running or sleeping thread could be interrupted with a usable stack".into(),
+    }))
+}
+
+/// Whether `[addr, addr + len)` lies in one writable mapping.
+fn writable(maps: &[MapEntry], addr: u64, len: u64) -> bool {
+    maps.iter()
+        .any(|m| m.writable && m.start <= addr && addr.checked_add(len).is_some_and(|e| e <= m.end))
+}
+
+/// Run the cave bootstrap once at `layout.base`: `mmap` RW, `mprotect` the
+/// code page RX, marker. `CallFailed` when the mmap failed (try elsewhere).
+fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<(), ProcessError> {
+    let pid = mem.pid();
+    let op = CaveOp {
+        nr: NR_MMAP,
+        args: [
+            layout.base,
+            layout.size(),
+            PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+            u64::MAX,
+            0,
+        ],
+        then: Some((NR_MPROTECT, [layout.base, stub::CODE_SIZE, PROT_READ | PROT_EXEC])),
+        marker: Some(layout.frame() + frame::BOOT),
+    };
+    let marker_at = layout.frame() + frame::BOOT;
+    let probe = || {
+        mem.read_u64(marker_at)
+            .ok()
+            .filter(|m| *m as u32 == stub::BOOT_MAGIC)
+    };
+    match run_cave(mem, &op, timeouts, &probe)? {
+        Some(m) if m >> 32 == 0 => Ok(()),
+        Some(m) => Err(ProcessError::CallFailed {
+            pid,
+            what: format!("mprotect({:#x}, RX) of the new region", layout.base),
+            detail: std::io::Error::from_raw_os_error(-((m >> 32) as u32 as i32)).to_string(),
+        }),
+        None => Err(ProcessError::CallFailed {
+            pid,
+            what: format!(
+                "mmap({:#x}, {:#x}) for the remote-call region",
+                layout.base,
+                layout.size()
+            ),
+            detail: "no marker: the address was taken, or mmap is refused".into(),
+        }),
+    }
+}
+
+/// Run `op` from a cave on some thread; `probe` says whether it succeeded
+/// (and with what). Returns once the thread has left the cave and the cave
+/// is zero again; `None` if the thread left without `probe` seeing success.
+fn run_cave(
+    mem: &Mem,
+    op: &CaveOp,
+    timeouts: Timeouts,
+    probe: &dyn Fn() -> Option<u64>,
+) -> Result<Option<u64>, ProcessError> {
+    let pid = mem.pid();
+    let maps = super::Process::open(pid)?.maps()?;
+    let cave = find_cave(pid, mem, &maps, stub::CAVE_MAX)?;
+    let mut written: Option<Vec<u8>> = None;
+    let mut asm_err = None;
+    let result = hijack(pid, mem, timeouts, Choice::default(), &mut |regs, maps| {
+        // rflags go to rsp − 264, under the red zone.
+        if !writable(maps, regs.rsp.wrapping_sub(stub::CAVE_STACK_DROP + 8), 8) {
+            return None;
+        }
+        let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
+        let restore = CaveRestore {
+            rax,
+            rcx: regs.rcx,
+            r11: regs.r11,
+            rdi: regs.rdi,
+            rsi: regs.rsi,
+            rdx: regs.rdx,
+            r10: regs.r10,
+            r8: regs.r8,
+            r9: regs.r9,
+            rip,
+        };
+        let bytes = match stub::cave_stub(cave, op, &restore) {
+            Ok(b) => b,
+            Err(e) => {
+                asm_err = Some(e.to_string());
+                return None;
+            }
+        };
+        // Claim the cave: compare-and-swap on zeros (another tool may be
+        // bootstrapping too).
+        if let Err(e) = mem.write_expecting(cave, &vec![0; bytes.len()], &bytes) {
+            tracing::debug!(pid, cave, error = %e, "cave taken");
+            return None;
+        }
+        written = Some(bytes);
+        let mut new = *regs;
+        new.rip = cave;
+        new.rax = op.nr;
+        new.rdi = op.args[0];
+        new.rsi = op.args[1];
+        new.rdx = op.args[2];
+        new.r10 = op.args[3];
+        new.r8 = op.args[4];
+        new.r9 = op.args[5];
+        new.orig_rax = u64::MAX;
+        Some(Hijack {
+            writes: Vec::new(),
+            regs: new,
+        })
+    });
+    let tid = match result {
+        Ok(tid) => tid,
+        Err(e) => {
+            // If the cave was written, it stays written: whether the thread
+            // was already sent into it (SETREGS done, DETACH failed) is not
+            // known here, and dead code in padding is harmless.
+            if let Some(a) = asm_err {
+                return Err(ProcessError::Unsupported {
+                    pid,
+                    what: format!("assembling the cave stub: {a}"),
+                });
+            }
+            return Err(e);
+        }
+    };
+    let Some(bytes) = written else {
+        return Err(ProcessError::NoUsableThread {
+            pid,
+            why: "no thread to run the bootstrap".into(),
+        });
+    };
+    let cave_range = cave..cave + bytes.len() as u64;
+    // Wait for success (or for the thread to have left the cave without
+    // it: the system call failed).
+    let start = Instant::now();
+    let mut nap = Duration::from_micros(20);
+    let marker = loop {
+        if let Some(m) = probe() {
+            break Some(m);
+        }
+        if start.elapsed() > Duration::from_millis(200) && left(pid, tid, &cave_range, Duration::ZERO)? {
+            // Out of the cave and no success: look once more (it may have
+            // landed in between), else the call failed.
+            break probe();
+        }
+        if start.elapsed() >= timeouts.call {
+            return Err(ProcessError::Timeout {
+                pid,
+                tid,
+                what: "waiting for the cave stub (the cave stays written)".into(),
+                after: timeouts.call,
+            });
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
+    };
+    // The marker is written before the last few instructions: wait until
+    // the thread is out, then put the cave back.
+    if !left(pid, tid, &cave_range, timeouts.call)? {
+        return Err(ProcessError::Timeout {
+            pid,
+            tid,
+            what: "waiting for the thread to leave the cave (it stays written)".into(),
+            after: timeouts.call,
+        });
+    }
+    mem.write_expecting(cave, &bytes, &vec![0; bytes.len()])?;
+    Ok(marker)
+}
+
+/// Whether thread `tid` has left `range` (or exited), waiting up to
+/// `timeout`. First from `/proc/PID/task/TID/syscall` (a blocked thread's
+/// pc, no interruption); a thread that keeps running is interrupted and
+/// its rip read.
+fn left(pid: i32, tid: i32, range: &Range<u64>, timeout: Duration) -> Result<bool, ProcessError> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        let info = match threads::thread_info(pid, tid) {
+            Ok(i) => i,
+            Err(ProcessError::NoSuchThread { .. } | ProcessError::NoSuchProcess { .. }) => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        if matches!(info.state, 'Z' | 'X') {
+            return Ok(true);
+        }
+        match info.syscall.pc() {
+            Some(pc) if !range.contains(&pc) && info.syscall != SyscallState::Unknown => return Ok(true),
+            Some(_) => {}
+            None => {
+                polls += 1;
+                if polls >= 3 || timeout.is_zero() {
+                    // Running: look at its rip.
+                    let mut t = match Traced::seize(pid, tid) {
+                        Ok(t) => t,
+                        Err(ProcessError::NoSuchThread { .. }) => return Ok(true),
+                        Err(e) => return Err(e),
+                    };
+                    match t.interrupt(Duration::from_secs(2)) {
+                        Ok(()) => {}
+                        Err(ProcessError::Exited { .. }) => return Ok(true),
+                        Err(e) => return Err(e),
+                    }
+                    let rip = t.regs()?.rip;
+                    t.detach()?;
+                    if !range.contains(&rip) {
+                        return Ok(true);
+                    }
+                    polls = 0;
+                }
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A code cave: at least `need` zero bytes after the last file byte of an
+/// executable segment of a mapped ELF image, inside its last page, covered
+/// by no symbol. Returns its address (16-aligned).
+pub fn find_cave(pid: i32, mem: &Mem, maps: &[MapEntry], need: usize) -> Result<u64, ProcessError> {
+    for img in super::maps::images(maps, pid).iter().filter(|i| i.executable) {
+        let Ok(image) = Image::open(&img.open_path) else {
+            continue;
+        };
+        let bias = img.base.wrapping_sub(image.link_base());
+        for seg in image.segments().iter().filter(|s| s.executable) {
+            let file_end = bias.wrapping_add(seg.vaddr + seg.filesz);
+            let page_end = file_end.next_multiple_of(PAGE);
+            // Leave a little distance after the last code byte.
+            let first = (file_end + 16).next_multiple_of(16);
+            if first + need as u64 > page_end {
+                continue;
+            }
+            let in_exec_mapping = maps
+                .iter()
+                .any(|m| m.executable && m.inode != 0 && m.start <= first && page_end <= m.end);
+            if !in_exec_mapping {
+                continue;
+            }
+            let (lo, hi) = (first.wrapping_sub(bias), page_end.wrapping_sub(bias));
+            let covered = image
+                .functions()
+                .iter()
+                .any(|f| f.address < hi && f.address + f.size.max(1) > lo);
+            if covered {
+                continue;
+            }
+            let Ok(bytes) = mem.read(first, (page_end - first) as usize) else {
+                continue;
+            };
+            // The first all-zero window, 16-aligned, with 16 zero bytes
+            // before it (a cave left behind by a killed tool is skipped).
+            let mut at = 0usize;
+            while at + need <= bytes.len() {
+                let guard = at.saturating_sub(16);
+                match bytes[guard..at + need].iter().rposition(|&b| b != 0) {
+                    None => return Ok(first + at as u64),
+                    Some(nz) => at = (guard + nz + 1 + 16).next_multiple_of(16),
+                }
+            }
+        }
+    }
+    Err(ProcessError::Unsupported {
+        pid,
+        what: format!("no code cave of {need} zero bytes in any executable mapping"),
+    })
+}
+
+/// Free spots for `size` bytes in the address space described by `maps`
+/// (sorted), best first: for `Near(a)`, closest to `a` with every byte
+/// within ±2 GiB; for `Anywhere`, the highest. Keeps a page away from
+/// neighbours, 16 MiB away below `[stack]` (its growth) and 256 MiB above
+/// `[heap]` (brk).
+pub fn free_spots(maps: &[MapEntry], size: u64, placement: Placement) -> Vec<u64> {
+    let size = size.next_multiple_of(PAGE);
+    let mut gaps = Vec::new();
+    let mut prev_end = USER_MIN;
+    let mut prev_heap = false;
+    for m in maps.iter().filter(|m| m.start < USER_MAX) {
+        let mut lo = prev_end + PAGE;
+        if prev_heap {
+            lo += 256 << 20;
+        }
+        let mut hi = m.start.saturating_sub(PAGE);
+        if m.path.as_deref() == Some("[stack]") {
+            hi = hi.saturating_sub(16 << 20);
+        }
+        if hi > lo && hi - lo >= size {
+            gaps.push((lo, hi));
+        }
+        prev_end = prev_end.max(m.end);
+        prev_heap = m.path.as_deref() == Some("[heap]");
+    }
+    let lo = prev_end + PAGE + if prev_heap { 256 << 20 } else { 0 };
+    if USER_MAX > lo && USER_MAX - lo >= size {
+        gaps.push((lo, USER_MAX));
+    }
+    let mut spots: Vec<u64> = Vec::new();
+    match placement {
+        Placement::Anywhere => {
+            for &(_, hi) in gaps.iter().rev() {
+                spots.push(hi - size);
+            }
+        }
+        Placement::Near(a) => {
+            let reach = |s: u64| s.abs_diff(a) <= REACH && (s + size).abs_diff(a) <= REACH;
+            for &(lo, hi) in &gaps {
+                let last = hi - size;
+                for c in [
+                    lo,
+                    last,
+                    a.saturating_sub(size).clamp(lo, last),
+                    a.clamp(lo, last),
+                ] {
+                    let c = c & !(PAGE - 1);
+                    if c >= lo && c <= last && reach(c) && !spots.contains(&c) {
+                        spots.push(c);
+                    }
+                }
+            }
+            spots.sort_by_key(|&s| s.abs_diff(a).min((s + size).abs_diff(a)));
+        }
+    }
+    spots
+}
+
+/// One remote call in a fresh session: maps a region in the target, calls,
+/// unmaps it, returns `rax`. For many calls, keep a [`Remote`].
+pub fn call(pid: i32, function: u64, args: &[u64]) -> Result<u64, ProcessError> {
+    let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    let value = remote.call(function, args)?;
+    if let Err(e) = remote.release() {
+        tracing::warn!(pid, error = %e, "could not unmap the remote-call region");
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(start: u64, end: u64, path: Option<&str>) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            readable: true,
+            writable: true,
+            executable: false,
+            private: true,
+            offset: 0,
+            inode: 0,
+            path: path.map(String::from),
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn spots_near_stay_in_reach() {
+        let maps = [
+            m(0x5555_5555_4000, 0x5555_5555_9000, Some("/bin/x")),
+            m(0x5555_5555_9000, 0x5555_5557_a000, Some("[heap]")),
+            m(0x7fff_f7d0_0000, 0x7fff_f7f0_0000, Some("/lib/libc.so.6")),
+            m(0x7fff_fffd_e000, 0x7fff_ffff_f000, Some("[stack]")),
+        ];
+        let size = 0x12_0000;
+        let spots = free_spots(&maps, size, Placement::Near(0x5555_5555_6000));
+        assert!(!spots.is_empty());
+        // The best spot is right below the image.
+        assert_eq!(spots[0], 0x5555_5555_4000 - PAGE - size);
+        for s in &spots {
+            assert!(s.abs_diff(0x5555_5555_6000) <= REACH);
+            assert!((s + size).abs_diff(0x5555_5555_6000) <= REACH);
+            assert_eq!(s % PAGE, 0);
+            // Not in brk's way.
+            assert!(!(0x5555_5557_a000..0x5555_5557_a000 + (256 << 20)).contains(s));
+            for e in &maps {
+                assert!(s + size <= e.start || *s >= e.end, "{s:#x} overlaps {e:?}");
+            }
+        }
+        let any = free_spots(&maps, size, Placement::Anywhere);
+        // Highest first, and not in the stack's growth room.
+        assert!(any[0] + size <= 0x7fff_fffd_e000 - (16 << 20));
+        assert!(any[0] > 0x7fff_f7f0_0000);
+    }
+
+    #[test]
+    fn spots_respect_reach_when_far() {
+        // The only gaps near the address are too small: nothing within reach.
+        let maps = [
+            m(0x1_0000, 0x7000_0000_0000, None),
+            m(0x7000_0000_1000, 0x7fff_0000_0000, None),
+        ];
+        assert!(free_spots(&maps, 0x10_0000, Placement::Near(0x3000_0000_0000)).is_empty());
+        let spots = free_spots(&maps, 0x10_0000, Placement::Near(0x7fff_0000_0000));
+        assert!(!spots.is_empty());
+        assert!(spots[0] >= 0x7fff_0000_1000);
+    }
+
+    #[test]
+    fn xsave_size_is_sane() {
+        let s = xsave_size();
+        assert!((576..=1 << 16).contains(&s), "{s}");
+    }
+}

@@ -1,0 +1,294 @@
+//! The threads of a process (`/proc/PID/task`), their state, and which one
+//! should run a remote call.
+
+use super::ProcessError;
+use std::path::PathBuf;
+
+/// What `/proc/PID/task/TID/syscall` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallState {
+    /// The thread is on a CPU (or runnable): the kernel cannot say.
+    Running,
+    /// Blocked, not in a system call (a page fault, a ptrace stop…).
+    Blocked { sp: u64, pc: u64 },
+    /// Blocked in system call `nr`; `pc` is just after its `syscall`.
+    InSyscall { nr: u64, sp: u64, pc: u64 },
+    /// The file could not be read or parsed.
+    Unknown,
+}
+
+impl SyscallState {
+    /// The user-mode `pc` of a blocked thread.
+    pub fn pc(&self) -> Option<u64> {
+        match *self {
+            SyscallState::Blocked { pc, .. } | SyscallState::InSyscall { pc, .. } => Some(pc),
+            _ => None,
+        }
+    }
+}
+
+/// One thread of a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadInfo {
+    pub tid: i32,
+    /// The state letter of `/proc/PID/task/TID/stat`: `R`, `S`, `D`, `T`,
+    /// `t`, `Z`, `X`, `I`…
+    pub state: char,
+    pub syscall: SyscallState,
+}
+
+/// System calls that the kernel restarts transparently after a ptrace
+/// interrupt (they return `-ERESTART*`), so hijacking a thread blocked in one
+/// is invisible to the program. Others (`epoll_wait`, `semop`, `sigtimedwait`…)
+/// return `EINTR` to the program, which well-written code retries.
+const RESTARTABLE: &[u64] = &[
+    0,   // read
+    1,   // write
+    7,   // poll
+    17,  // pread64
+    18,  // pwrite64
+    19,  // readv
+    20,  // writev
+    23,  // select
+    34,  // pause
+    35,  // nanosleep
+    42,  // connect
+    43,  // accept
+    44,  // sendto
+    45,  // recvfrom
+    46,  // sendmsg
+    47,  // recvmsg
+    61,  // wait4
+    72,  // fcntl (F_SETLKW)
+    73,  // flock
+    202, // futex
+    230, // clock_nanosleep
+    247, // waitid
+    270, // pselect6
+    271, // ppoll
+    288, // accept4
+];
+
+impl ThreadInfo {
+    /// How suitable the thread is for a remote call; lower is better,
+    /// `None` means never (stopped, traced, dead).
+    pub fn rank(&self) -> Option<u8> {
+        match self.state {
+            'S' => match self.syscall {
+                SyscallState::InSyscall { nr, .. } if RESTARTABLE.contains(&nr) => Some(0),
+                SyscallState::InSyscall { .. } => Some(1),
+                _ => Some(2),
+            },
+            'R' => Some(3),
+            // Uninterruptible sleep: the interrupt only lands when it ends.
+            'D' => Some(4),
+            _ => None,
+        }
+    }
+
+    /// Whether the thread is stopped (job control or a ptrace stop).
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state, 'T' | 't')
+    }
+}
+
+/// Parse the text of `/proc/PID/task/TID/stat`: the state letter after the
+/// parenthesised `comm` (which may itself contain spaces and parentheses).
+pub fn parse_stat_state(text: &str) -> Option<char> {
+    let after = &text[text.rfind(')')? + 1..];
+    after.split_whitespace().next()?.chars().next()
+}
+
+/// Parse the text of `/proc/PID/task/TID/syscall`.
+pub fn parse_syscall(text: &str) -> SyscallState {
+    let text = text.trim();
+    if text == "running" {
+        return SyscallState::Running;
+    }
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let num = |s: &str| -> Option<u64> {
+        match s.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => s.parse::<i64>().ok().map(|v| v as u64),
+        }
+    };
+    let parsed = match fields.as_slice() {
+        ["-1", sp, pc] => num(sp)
+            .zip(num(pc))
+            .map(|(sp, pc)| SyscallState::Blocked { sp, pc }),
+        [nr, _, _, _, _, _, _, sp, pc] => num(nr)
+            .zip(num(sp))
+            .zip(num(pc))
+            .map(|((nr, sp), pc)| SyscallState::InSyscall { nr, sp, pc }),
+        _ => None,
+    };
+    parsed.unwrap_or(SyscallState::Unknown)
+}
+
+fn task_path(pid: i32, tid: i32, file: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/task/{tid}/{file}"))
+}
+
+/// Whether thread `tid` of `pid` still exists (and is not a zombie).
+pub fn thread_exists(pid: i32, tid: i32) -> bool {
+    std::fs::read_to_string(task_path(pid, tid, "stat"))
+        .ok()
+        .and_then(|s| parse_stat_state(&s))
+        .is_some_and(|c| c != 'Z' && c != 'X')
+}
+
+/// The state of one thread, now.
+pub fn thread_info(pid: i32, tid: i32) -> Result<ThreadInfo, ProcessError> {
+    let path = task_path(pid, tid, "stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ProcessError::NoSuchThread { pid, tid },
+        _ => ProcessError::from_io(pid, path.clone(), e),
+    })?;
+    let state = parse_stat_state(&stat).ok_or_else(|| ProcessError::Io {
+        pid,
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no state field"),
+    })?;
+    let syscall = std::fs::read_to_string(task_path(pid, tid, "syscall"))
+        .map(|t| parse_syscall(&t))
+        .unwrap_or(SyscallState::Unknown);
+    Ok(ThreadInfo { tid, state, syscall })
+}
+
+/// Every thread of `pid`, in tid order. Threads that exit while we look are
+/// left out.
+pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let entries = std::fs::read_dir(&dir).map_err(|e| ProcessError::from_io(pid, dir.clone(), e))?;
+    let mut tids: Vec<i32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    tids.sort_unstable();
+    let mut out = Vec::with_capacity(tids.len());
+    for tid in tids {
+        match thread_info(pid, tid) {
+            Ok(t) => out.push(t),
+            Err(ProcessError::NoSuchThread { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if out.is_empty() {
+        return Err(ProcessError::NoSuchProcess { pid });
+    }
+    Ok(out)
+}
+
+/// The best thread for a remote call (see [`ThreadInfo::rank`]); ties go to
+/// the lowest tid. Fails when every thread is stopped or dead.
+pub fn choose_thread(pid: i32) -> Result<ThreadInfo, ProcessError> {
+    let all = threads(pid)?;
+    pick(&all).cloned().ok_or_else(|| ProcessError::NoUsableThread {
+        pid,
+        why: format!(
+            "every thread is stopped or exiting (states: {})",
+            all.iter()
+                .map(|t| format!("{}={}", t.tid, t.state))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    })
+}
+
+/// The pure part of [`choose_thread`].
+pub fn pick(threads: &[ThreadInfo]) -> Option<&ThreadInfo> {
+    pick_rotating(threads, 0)
+}
+
+/// Like [`pick`], but the `turn`-th (modulo) of the equally good threads,
+/// so that successive calls spread over them.
+pub fn pick_rotating(threads: &[ThreadInfo], turn: usize) -> Option<&ThreadInfo> {
+    if threads.iter().any(ThreadInfo::is_stopped) {
+        // A process in group stop (SIGSTOP) must stay stopped; a thread
+        // already in a ptrace stop belongs to another tracer.
+        let all_stopped = threads.iter().all(|t| t.is_stopped() || t.rank().is_none());
+        if all_stopped {
+            return None;
+        }
+    }
+    let best = threads.iter().filter_map(ThreadInfo::rank).min()?;
+    let mut equal: Vec<&ThreadInfo> = threads.iter().filter(|t| t.rank() == Some(best)).collect();
+    equal.sort_by_key(|t| t.tid);
+    Some(equal[turn % equal.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat() {
+        assert_eq!(parse_stat_state("123 (a b) c) S 1 2 3"), Some('S'));
+        assert_eq!(parse_stat_state("1 (x) t 0"), Some('t'));
+        assert_eq!(parse_stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn parses_syscall() {
+        assert_eq!(parse_syscall("running\n"), SyscallState::Running);
+        assert_eq!(
+            parse_syscall("-1 0x7ffc1000 0x401000\n"),
+            SyscallState::Blocked {
+                sp: 0x7ffc1000,
+                pc: 0x401000
+            }
+        );
+        assert_eq!(
+            parse_syscall("202 0x1 0x2 0x3 0x4 0x5 0x6 0x7ffd0 0x7f0010\n"),
+            SyscallState::InSyscall {
+                nr: 202,
+                sp: 0x7ffd0,
+                pc: 0x7f0010
+            }
+        );
+        assert_eq!(parse_syscall("1 2"), SyscallState::Unknown);
+    }
+
+    fn t(tid: i32, state: char, syscall: SyscallState) -> ThreadInfo {
+        ThreadInfo { tid, state, syscall }
+    }
+
+    #[test]
+    fn prefers_restartable_sleepers() {
+        let epoll = SyscallState::InSyscall {
+            nr: 232,
+            sp: 0,
+            pc: 0,
+        };
+        let read = SyscallState::InSyscall { nr: 0, sp: 0, pc: 0 };
+        let all = [
+            t(1, 'R', SyscallState::Running),
+            t(2, 'S', epoll),
+            t(3, 'S', read),
+            t(4, 'Z', SyscallState::Unknown),
+        ];
+        assert_eq!(pick(&all).map(|t| t.tid), Some(3));
+        assert_eq!(pick(&all[..2]).map(|t| t.tid), Some(2));
+        assert_eq!(pick(&all[..1]).map(|t| t.tid), Some(1));
+        assert_eq!(pick(&all[3..]), None);
+        let two = [t(5, 'S', read), t(4, 'S', read), t(6, 'R', SyscallState::Running)];
+        assert_eq!(pick_rotating(&two, 0).map(|t| t.tid), Some(4));
+        assert_eq!(pick_rotating(&two, 1).map(|t| t.tid), Some(5));
+        assert_eq!(pick_rotating(&two, 2).map(|t| t.tid), Some(4));
+    }
+
+    #[test]
+    fn never_picks_stopped() {
+        let all = [t(1, 'T', SyscallState::Unknown), t(2, 'T', SyscallState::Unknown)];
+        assert_eq!(pick(&all), None);
+        let all = [t(1, 't', SyscallState::Unknown), t(2, 'R', SyscallState::Running)];
+        assert_eq!(pick(&all).map(|t| t.tid), Some(2));
+    }
+
+    #[test]
+    fn lists_own_threads() {
+        let me = std::process::id() as i32;
+        let all = threads(me).unwrap();
+        assert!(all.iter().any(|t| t.tid == me));
+    }
+}

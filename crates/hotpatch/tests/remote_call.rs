@@ -1,0 +1,665 @@
+//! Remote calls against real processes (built with gcc at test time):
+//! results, the other threads' view, system-call restarts, and survival of
+//! the target when the tool is SIGKILLed at random moments.
+
+use hotpatch::process::remote::REACH;
+use hotpatch::process::{Mem, Placement, ProcessError, Remote, Timeouts, Traced, threads};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+const TARGET_C: &str = include_str!("remote_call/target.c");
+const PLUGIN_C: &str = include_str!("remote_call/plugin.c");
+const HELPER_ENV: &str = "HOTPATCH_REMOTE_CALL_HELPER_PID";
+
+struct Built {
+    _dir: tempfile::TempDir,
+    target: PathBuf,
+    plugin: PathBuf,
+}
+
+fn gcc(args: &[&str], dir: &Path) {
+    let out = Command::new("gcc")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run gcc");
+    assert!(
+        out.status.success(),
+        "gcc {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn build() -> Built {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("target.c"), TARGET_C).expect("write target.c");
+    std::fs::write(dir.path().join("plugin.c"), PLUGIN_C).expect("write plugin.c");
+    gcc(
+        &[
+            "-O2",
+            "-march=native",
+            "-pthread",
+            "-rdynamic",
+            "-o",
+            "target",
+            "target.c",
+        ],
+        dir.path(),
+    );
+    gcc(
+        &["-O2", "-shared", "-fPIC", "-o", "plugin.so", "plugin.c"],
+        dir.path(),
+    );
+    Built {
+        target: dir.path().join("target"),
+        plugin: dir.path().join("plugin.so"),
+        _dir: dir,
+    }
+}
+
+/// A child process killed and reaped on drop, its stdout lines on a channel.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The first new line matching `pred`, waiting at most `timeout`.
+    fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return Some(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Collect lines already printed, without waiting.
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The running target and the addresses it reported.
+struct Target {
+    proc: Proc,
+    flag: u64,
+    errors: u64,
+    iters: u64,
+    compute: u64,
+    tids: Vec<(String, i32)>,
+}
+
+fn hex_field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
+}
+
+fn start_target(built: &Built, busy_only: bool) -> Target {
+    let mut cmd = Command::new(&built.target);
+    if busy_only {
+        cmd.arg("busy");
+    }
+    let mut proc = Proc::spawn(&mut cmd);
+    let ready = proc
+        .wait_line(Duration::from_secs(10), |l| l.starts_with("ready "))
+        .expect("target never said ready");
+    let want = if busy_only { 3 } else { 8 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc.seen.iter().filter(|l| l.starts_with("tid ")).count() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            proc.wait_line(left, |l| l.starts_with("tid ")).is_some(),
+            "threads did not start: {:?}",
+            proc.seen
+        );
+    }
+    let tids = proc
+        .seen
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().skip(1);
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect();
+    Target {
+        flag: hex_field(&ready, "flag="),
+        errors: hex_field(&ready, "errors="),
+        iters: hex_field(&ready, "iters="),
+        compute: hex_field(&ready, "compute="),
+        tids,
+        proc,
+    }
+}
+
+impl Target {
+    fn tid(&self, what: &str) -> Vec<i32> {
+        self.tids
+            .iter()
+            .filter(|(w, _)| w == what)
+            .map(|&(_, t)| t)
+            .collect()
+    }
+
+    fn busy_errors(&self, mem: &Mem) -> u64 {
+        mem.read_u64(self.errors).expect("read busy_errors")
+    }
+
+    fn busy_iters(&self, mem: &Mem) -> Vec<u64> {
+        (0..4)
+            .map(|k| mem.read_u64(self.iters + 8 * k).expect("read iters"))
+            .collect()
+    }
+
+    /// The busy workers are all still making progress.
+    fn assert_busy_progress(&self, mem: &Mem, workers: usize) {
+        let before = self.busy_iters(mem);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.busy_iters(mem);
+            if (0..workers).all(|k| now[k] > before[k]) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "busy threads stalled: {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// No thread is stopped (by us or anyone), and the process lives.
+    fn assert_running(&mut self) {
+        let pid = self.proc.pid();
+        assert!(self.proc.alive(), "target died; output: {:?}", self.proc.seen);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let all = threads::threads(pid).expect("list threads");
+            let stopped: Vec<_> = all.iter().filter(|t| t.is_stopped()).collect();
+            if stopped.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "threads left stopped: {stopped:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn expected_compute(x: u64) -> u64 {
+    x.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(x >> 7)
+}
+
+/// Sleeps the target reported; each must be the full 1.5 s.
+fn check_sleeps(lines: &[String]) -> usize {
+    let mut n = 0;
+    for l in lines.iter().filter(|l| l.starts_with("slept ")) {
+        let ns: u64 = l
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("slept ns");
+        assert!(l.ends_with("r=0 errno=0"), "nanosleep failed: {l}");
+        assert!(ns >= 1_500_000_000, "nanosleep cut short: {l}");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn remote_calls_in_a_multithreaded_target() {
+    let t0 = Instant::now();
+    let built = build();
+    let mut target = start_target(&built, false);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+
+    let mut remote = Remote::attach(pid, Placement::Near(target.compute)).expect("attach");
+    let region = remote.region();
+    assert!(region.start.abs_diff(target.compute) <= REACH && region.end.abs_diff(target.compute) <= REACH);
+    let getpid = remote.libc_function("getpid").expect("getpid");
+    let plugin = built.plugin.to_str().expect("utf-8 path");
+
+    let mut handle = 0;
+    let mut ran_on = std::collections::BTreeMap::<i32, usize>::new();
+    for i in 0..50u64 {
+        let out = remote.call_full(getpid, &[], 0).expect("getpid");
+        assert_eq!(out.value, pid as u64, "getpid #{i}");
+        *ran_on.entry(out.tid).or_default() += 1;
+        assert_eq!(remote.syscall(39, &[]).expect("syscall getpid"), pid as i64);
+        assert_eq!(
+            remote.call(target.compute, &[i]).expect("compute"),
+            expected_compute(i)
+        );
+        let h = remote.dlopen(plugin, 2 /* RTLD_NOW */).expect("dlopen");
+        assert!(handle == 0 || handle == h, "dlopen gave another handle");
+        handle = h;
+        // The constructor ran exactly once.
+        assert_eq!(mem.read_u32(target.flag).expect("flag"), 42);
+        let answer = remote.dlsym(handle, "plugin_answer").expect("dlsym");
+        assert_eq!(remote.call(answer, &[i, 9]).expect("plugin_answer"), i * 1000 + 9);
+    }
+    // A missing symbol reports dlerror's message.
+    match remote.dlsym(handle, "no_such_symbol") {
+        Err(ProcessError::CallFailed { detail, .. }) => {
+            assert!(detail.contains("no_such_symbol"), "{detail}")
+        }
+        other => panic!("dlsym of a missing symbol: {other:?}"),
+    }
+    // Calls on each kind of thread: running workers, epoll_wait (EINTR for
+    // the program, which retries), sigwait.
+    for who in ["busy", "poller", "main", "sleeper", "waiter"] {
+        for tid in target.tid(who) {
+            remote.pin_thread(Some(tid));
+            for i in 0..5u64 {
+                let out = remote.call_full(target.compute, &[i], 0).expect("pinned call");
+                assert_eq!(out.value, expected_compute(i));
+                assert_eq!(out.tid, tid);
+                *ran_on.entry(tid).or_default() += 1;
+            }
+        }
+    }
+    remote.pin_thread(None);
+    assert!(ran_on.len() >= 8, "calls ran on {ran_on:?}");
+
+    assert_eq!(target.busy_errors(&mem), 0, "a busy thread saw a wrong value");
+    target.assert_busy_progress(&mem, 3);
+    target.assert_running();
+
+    // The reader's read(0) was restarted, not failed: it gets our bytes.
+    let stdin = target.proc.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"hello\n").expect("write pipe");
+    stdin.flush().expect("flush");
+    let got = target
+        .proc
+        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+        .expect("reader never returned");
+    assert_eq!(got, "pipe-read 6 hello");
+
+    // nanosleep sleeps its full time, every time: wait for one more sleep
+    // that started after the calls.
+    let calls_done = Instant::now();
+    target.proc.drain();
+    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
+    let deadline = calls_done + Duration::from_secs(5);
+    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
+            "sleeper stopped reporting"
+        );
+    }
+    let sleeps = check_sleeps(&target.proc.seen);
+
+    // The futex and epoll waiters still wake when signalled.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
+        .expect("SIGUSR1");
+    assert!(
+        target
+            .proc
+            .wait_line(Duration::from_secs(5), |l| l == "cond-woke")
+            .is_some()
+            || target.proc.seen.iter().any(|l| l == "cond-woke"),
+        "cond waiter did not wake: {:?}",
+        target.proc.seen
+    );
+    target.proc.drain();
+    if !target.proc.seen.iter().any(|l| l.starts_with("epoll-woke")) {
+        target
+            .proc
+            .wait_line(Duration::from_secs(5), |l| l.starts_with("epoll-woke"));
+    }
+    let epoll = target
+        .proc
+        .seen
+        .iter()
+        .find(|l| l.starts_with("epoll-woke"))
+        .cloned()
+        .unwrap_or_else(|| panic!("epoll waiter did not wake: {:?}", target.proc.seen));
+    assert!(epoll.starts_with("epoll-woke n=1 "), "{epoll}");
+
+    // Still alive and correct.
+    assert_eq!(remote.call(getpid, &[]).expect("getpid at the end"), pid as u64);
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_busy_progress(&mem, 3);
+    target.assert_running();
+    // The region goes away on release; the target does not notice.
+    remote.release().expect("release");
+    assert_region_gone(pid, &region);
+    target.assert_busy_progress(&mem, 3);
+    target.assert_running();
+    eprintln!(
+        "remote calls: ran on threads {ran_on:?}; {sleeps} full sleeps; {epoll}; {:.1?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn remote_calls_interrupt_running_threads() {
+    let built = build();
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach");
+    let getpid = remote.libc_function("getpid").expect("getpid");
+    for i in 0..50u64 {
+        assert_eq!(remote.call(getpid, &[]).expect("getpid"), pid as u64);
+        assert_eq!(
+            remote.call(target.compute, &[i]).expect("compute"),
+            expected_compute(i)
+        );
+    }
+    // The one-shot form maps, calls and unmaps.
+    let maps_before = hotpatch::process::Process::open(pid)
+        .and_then(|p| p.maps())
+        .expect("maps")
+        .len();
+    assert_eq!(
+        hotpatch::process::remote::call(pid, getpid, &[]).expect("one-shot"),
+        pid as u64
+    );
+    let maps_after = hotpatch::process::Process::open(pid)
+        .and_then(|p| p.maps())
+        .expect("maps")
+        .len();
+    assert_eq!(maps_before, maps_after, "one-shot call left a mapping");
+    let plugin = built.plugin.to_str().expect("utf-8 path");
+    remote.dlopen(plugin, 2).expect("dlopen on a busy thread");
+    assert_eq!(mem.read_u32(target.flag).expect("flag"), 42);
+    assert_eq!(target.busy_errors(&mem), 0, "a busy thread saw a wrong value");
+    target.assert_busy_progress(&mem, 4);
+    target.assert_running();
+    let region = remote.region();
+    remote.release().expect("release");
+    assert_region_gone(pid, &region);
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_busy_progress(&mem, 4);
+    target.assert_running();
+}
+
+fn assert_region_gone(pid: i32, region: &std::ops::Range<u64>) {
+    let maps = hotpatch::process::Process::open(pid)
+        .and_then(|p| p.maps())
+        .expect("maps");
+    assert!(
+        !maps.iter().any(|m| m.start < region.end && region.start < m.end),
+        "region {region:x?} still mapped"
+    );
+}
+
+#[test]
+fn errors_name_the_process_and_the_cause() {
+    // Above the largest pid_max: never a process.
+    let bogus = 0x3fff_fff0;
+    match Remote::attach(bogus, Placement::Anywhere) {
+        Err(e @ ProcessError::NoSuchProcess { .. }) => assert!(e.to_string().contains(&bogus.to_string())),
+        other => panic!("attach to a missing process: {other:?}"),
+    }
+
+    let built = build();
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+
+    // A second tracer is refused, and told who holds the thread.
+    let tid = target.tid("busy")[0];
+    let guard = Traced::seize(pid, tid).expect("seize");
+    let second = std::thread::spawn(move || Traced::seize(pid, tid).map(|_| ()))
+        .join()
+        .expect("join");
+    match second {
+        Err(ProcessError::PtraceDenied { pid: p, tid: t, hint }) => {
+            assert_eq!((p, t), (pid, tid));
+            assert!(hint.contains("already traced by pid"), "{hint}");
+        }
+        other => panic!("second tracer: {other:?}"),
+    }
+    // The guard detaches on drop, even from a running (never stopped) thread.
+    drop(guard);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).expect("status");
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    target.assert_running();
+
+    // A call that never returns: a bounded timeout, then the session refuses
+    // more calls; the target keeps running.
+    let mut remote = Remote::attach_with(
+        pid,
+        Placement::Anywhere,
+        Timeouts {
+            stop: Duration::from_secs(2),
+            call: Duration::from_millis(300),
+        },
+    )
+    .expect("attach");
+    match remote.syscall(34 /* pause */, &[]) {
+        Err(e @ ProcessError::Timeout { .. }) => assert!(e.to_string().contains(&pid.to_string()), "{e}"),
+        other => panic!("pause: {other:?}"),
+    }
+    assert!(matches!(
+        remote.syscall(39, &[]),
+        Err(ProcessError::Poisoned { .. })
+    ));
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_running();
+
+    // The process exits during a call.
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach");
+    let exit = remote.libc_function("_exit").expect("_exit");
+    match remote.call(exit, &[3]) {
+        Err(ProcessError::Exited { pid: p, .. }) => assert_eq!(p, pid),
+        other => panic!("_exit: {other:?}"),
+    }
+    let status = target.proc.child.wait().expect("reap target");
+    assert_eq!(status.code(), Some(3));
+}
+
+/// Not a test by itself: the tool process of the kill test. Attaches to the
+/// pid in `HOTPATCH_REMOTE_CALL_HELPER_PID` and calls until killed.
+#[test]
+#[ignore]
+fn helper_process() {
+    let Some(pid) = std::env::var(HELPER_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return;
+    };
+    println!("starting");
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("helper attach");
+    let getpid = remote.libc_function("getpid").expect("getpid");
+    println!("attached");
+    for i in 0u64.. {
+        let v = remote.call(getpid, &[]).expect("helper call");
+        assert_eq!(v, pid as u64);
+        if i % 256 == 0 {
+            println!("call {i}");
+        }
+    }
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn target_survives_a_tool_killed_at_random_moments() {
+    let t0 = Instant::now();
+    let built = build();
+    let mut target = start_target(&built, false);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+    let exe = std::env::current_exe().expect("current exe");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("kill test seed {seed:#x}");
+    let mut rng = XorShift(seed);
+    let (mut before_attach, mut during_attach, mut during_calls) = (0, 0, 0);
+    const ROUNDS: usize = 150;
+    for round in 0..ROUNDS {
+        let mut helper = Proc::spawn(
+            Command::new(&exe)
+                .args([
+                    "helper_process",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(HELPER_ENV, pid.to_string()),
+        );
+        if round % 3 == 0 {
+            // Anywhere from start-up on.
+            std::thread::sleep(Duration::from_micros(rng.next() % 20_000));
+        } else if round % 3 == 1 {
+            // Around the bootstrap.
+            helper
+                .wait_line(Duration::from_secs(10), |l| l.ends_with("starting"))
+                .unwrap_or_else(|| panic!("helper never started: {:?}", helper.seen));
+            std::thread::sleep(Duration::from_micros(rng.next() % 1_500));
+        } else {
+            // In the middle of the call loop.
+            helper
+                .wait_line(Duration::from_secs(10), |l| l.ends_with("attached"))
+                .unwrap_or_else(|| panic!("helper never attached: {:?}", helper.seen));
+            std::thread::sleep(Duration::from_micros(rng.next() % 3_000));
+        }
+        let _ = helper.child.kill();
+        let status = helper.child.wait().expect("reap helper");
+        helper.drain();
+        if helper.seen.iter().any(|l| l.ends_with("attached")) {
+            during_calls += 1;
+        } else if helper.seen.iter().any(|l| l.ends_with("starting")) {
+            during_attach += 1;
+        } else {
+            before_attach += 1;
+        }
+        // A helper that failed on its own (not killed) is a bug.
+        assert!(
+            status.code().is_none(),
+            "helper exited by itself ({status}): {:?}",
+            helper.seen
+        );
+        target.assert_running();
+        if round % 20 == 19 {
+            assert_eq!(target.busy_errors(&mem), 0, "round {round}");
+            target.assert_busy_progress(&mem, 3);
+        }
+    }
+    // The target still works, and so do remote calls.
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach after the kills");
+    let getpid = remote.libc_function("getpid").expect("getpid");
+    for i in 0..20u64 {
+        assert_eq!(remote.call(getpid, &[]).expect("getpid"), pid as u64);
+        assert_eq!(
+            remote.call(target.compute, &[i]).expect("compute"),
+            expected_compute(i)
+        );
+    }
+    let region = remote.region();
+    remote.release().expect("release");
+    assert_region_gone(pid, &region);
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_busy_progress(&mem, 3);
+    let stdin = target.proc.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"after\n").expect("write pipe");
+    stdin.flush().expect("flush");
+    let got = target
+        .proc
+        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+        .expect("reader never returned");
+    assert_eq!(got, "pipe-read 6 after");
+    // Two more full sleeps after the kills.
+    target.proc.drain();
+    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
+            "sleeper stopped reporting"
+        );
+    }
+    let sleeps = check_sleeps(&target.proc.seen);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
+        .expect("SIGUSR1");
+    for what in ["cond-woke", "epoll-woke"] {
+        if !target.proc.seen.iter().any(|l| l.starts_with(what)) {
+            assert!(
+                target
+                    .proc
+                    .wait_line(Duration::from_secs(5), |l| l.starts_with(what))
+                    .is_some(),
+                "{what} missing: {:?}",
+                target.proc.seen
+            );
+        }
+    }
+    target.assert_running();
+    eprintln!(
+        "{ROUNDS} kills: {before_attach} before attaching, {during_attach} while attaching, \
+         {during_calls} during calls; {sleeps} full sleeps; {:.1?}",
+        t0.elapsed()
+    );
+}
