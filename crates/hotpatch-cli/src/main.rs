@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+mod patching;
 mod prepare;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,15 @@ enum Command {
     /// Rewrite gcc's `90 90` entry nops into one 2-byte nop in a copy of a file.
     #[command(after_help = EXIT_CODES)]
     Prepare(prepare::Args),
+    /// Load a patch library into a running process and redirect its functions.
+    #[command(after_help = EXIT_CODES)]
+    Apply(patching::ApplyArgs),
+    /// List the patches applied to a process (as recorded inside it).
+    #[command(after_help = EXIT_CODES)]
+    List(patching::ListArgs),
+    /// Revert a patch (or --all): functions go back to the previous version.
+    #[command(after_help = EXIT_CODES)]
+    Revert(patching::RevertArgs),
     /// Build the bundled example server, start it, and show what hotpatch sees.
     #[command(after_help = EXIT_CODES)]
     Demo(demo::Args),
@@ -45,6 +55,9 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Apply(args) => patching::apply(args),
+        Command::List(args) => patching::list(args),
+        Command::Revert(args) => patching::revert(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

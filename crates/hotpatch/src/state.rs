@@ -40,11 +40,14 @@ pub struct FunctionRecord {
     /// The image (path as mapped) and the function's name in it.
     pub image: String,
     pub name: String,
-    /// Where the short jump is written (the entry nops) in the process.
+    /// The function's entry in the process.
     pub entry: u64,
     pub slot: u64,
-    /// Writes that undo the flip, in order: entry bytes, padding, trampoline.
+    /// Writes that undo the flip, in order: entry bytes, then padding and
+    /// trampoline. (The slot is cleared last, expecting whatever it holds.)
     pub undo: Vec<crate::plan::Write>,
+    /// Whether the entry bytes may change with threads running.
+    pub live_safe: bool,
     /// Oldest first; the last is live.
     pub versions: Vec<Version>,
     /// The original body, callable while patched.
@@ -57,12 +60,19 @@ pub struct PatchRecord {
     pub id: u32,
     pub path: String,
     pub build_id: Option<String>,
-    /// The target image it patches.
+    /// The target image it patches, and that image's build-id.
     pub image: String,
+    #[serde(default)]
+    pub image_build_id: Option<String>,
     /// Seconds since the epoch.
     pub applied_at: u64,
     /// The functions it replaces (their entries).
     pub functions: Vec<u64>,
+    /// `dlopen`'s handle in the process.
+    pub handle: u64,
+    /// False while an apply is going on (or if the tool died during one):
+    /// some of its functions may not be flipped yet.
+    pub complete: bool,
 }
 
 /// Scratch memory the tool mapped in the process.
@@ -110,85 +120,129 @@ impl State {
     }
 }
 
+/// Where the active half is, and its generation (bumped by every update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub active: u8,
+    pub generation: u64,
+}
+
+/// The size of the region the engine maps (a sparse memfd: only pages
+/// written use memory).
+pub const REGION_SIZE: usize = 16 << 20;
+
 fn half_size(region: usize) -> usize {
     (region - HEADER) / 2
 }
 
-/// A fresh region of `size` bytes holding an empty state (half 0 active).
+fn half_offset(region: usize, half: u8) -> usize {
+    HEADER + usize::from(half & 1) * half_size(region)
+}
+
+/// The header of a fresh region (half 0 active, generation 0, empty).
+pub fn header() -> Vec<u8> {
+    let mut h = vec![0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
+    h
+}
+
+/// A fresh region of `size` bytes holding an empty state.
 pub fn init(size: usize) -> Result<Vec<u8>, StateError> {
     let mut region = vec![0u8; size];
-    region[..8].copy_from_slice(MAGIC);
-    region[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
-    let (writes, _) = encode(&region, &State::default())?;
+    region[..HEADER].copy_from_slice(&header());
+    let (writes, _) = encode(size, None, &State::default())?;
     for (offset, bytes) in writes {
         region[offset..offset + bytes.len()].copy_from_slice(&bytes);
     }
     Ok(region)
 }
 
-/// Decode the active state of a region.
-pub fn decode(region: &[u8]) -> Result<(State, u64), StateError> {
-    if region.len() < HEADER + 2 * 12 {
+/// Read the active state of a region of `size` bytes through `read`
+/// (offset, length → bytes), touching only the header and the active half.
+pub fn read(
+    size: usize,
+    mut read: impl FnMut(usize, usize) -> Result<Vec<u8>, StateError>,
+) -> Result<(State, Cursor), StateError> {
+    if size < HEADER + 2 * 12 {
         return Err(StateError::TooSmall {
-            size: region.len(),
+            size,
             need: HEADER + 24,
         });
     }
-    if &region[..8] != MAGIC {
+    let h = read(0, HEADER)?;
+    if h.len() < HEADER || &h[..8] != MAGIC {
         return Err(StateError::BadMagic);
     }
-    let version = u32::from_le_bytes([region[8], region[9], region[10], region[11]]);
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if version != LAYOUT_VERSION {
         return Err(StateError::Version(version));
     }
-    let active = usize::from(region[ACTIVE_OFFSET] & 1);
-    let start = HEADER + active * half_size(region.len());
-    let half = &region[start..start + half_size(region.len())];
+    let active = h[ACTIVE_OFFSET] & 1;
+    let start = half_offset(size, active);
+    let head = read(start, 12)?;
+    let field = |r: std::ops::Range<usize>| {
+        head.get(r)
+            .ok_or_else(|| StateError::Corrupt("short read".into()))
+    };
     let generation = u64::from_le_bytes(
-        half[..8]
+        field(0..8)?
             .try_into()
-            .map_err(|_| StateError::Corrupt("header".into()))?,
+            .map_err(|_| StateError::Corrupt("generation".into()))?,
     );
     let len = u32::from_le_bytes(
-        half[8..12]
+        field(8..12)?
             .try_into()
             .map_err(|_| StateError::Corrupt("length".into()))?,
     ) as usize;
-    let json = half
-        .get(12..12 + len)
-        .ok_or_else(|| StateError::Corrupt(format!("length {len} exceeds the region")))?;
-    let state = serde_json::from_slice(json).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    Ok((state, generation))
+    if len + 12 > half_size(size) {
+        return Err(StateError::Corrupt(format!("length {len} exceeds the region")));
+    }
+    let json = read(start + 12, len)?;
+    let state = serde_json::from_slice(&json).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    Ok((state, Cursor { active, generation }))
 }
 
-/// The writes (offset, bytes) that replace the region's state with `state`:
-/// first the whole inactive half, then — last, one byte — the active flag.
-/// Also returns the new generation.
-pub fn encode(region: &[u8], state: &State) -> Result<(RegionWrites, u64), StateError> {
-    let half = half_size(region.len());
+/// Decode the active state of a whole region held in memory.
+pub fn decode(region: &[u8]) -> Result<(State, Cursor), StateError> {
+    read(region.len(), |offset, len| {
+        region
+            .get(offset..offset + len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| StateError::Corrupt("read past the region".into()))
+    })
+}
+
+/// The writes (offset, bytes) that replace the state of a region of `size`
+/// bytes, now at `cursor` (`None`: a fresh region), with `state`: first the
+/// whole inactive half, then — last, one byte — the active flag.
+pub fn encode(
+    size: usize,
+    cursor: Option<Cursor>,
+    state: &State,
+) -> Result<(RegionWrites, Cursor), StateError> {
     let json = serde_json::to_vec(state).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    if json.len() + 12 > half {
+    if json.len() + 12 > half_size(size) {
         return Err(StateError::TooSmall {
-            size: region.len(),
+            size,
             need: 2 * (json.len() + 12) + HEADER,
         });
     }
-    let (active, generation) = match decode(region) {
-        Ok((_, g)) => (usize::from(region[ACTIVE_OFFSET] & 1), g),
-        // A fresh region: pretend half 1 is active so half 0 gets written.
-        Err(_) => (1, 0),
+    let next = Cursor {
+        // A fresh region gets half 0.
+        active: cursor.map_or(0, |c| 1 - (c.active & 1)),
+        generation: cursor.map_or(1, |c| c.generation + 1),
     };
-    let target = 1 - active;
     let mut body = Vec::with_capacity(json.len() + 12);
-    body.extend_from_slice(&(generation + 1).to_le_bytes());
+    body.extend_from_slice(&next.generation.to_le_bytes());
     body.extend_from_slice(&(json.len() as u32).to_le_bytes());
     body.extend_from_slice(&json);
     Ok((
         vec![
-            (HEADER + target * half, body),
-            (ACTIVE_OFFSET, vec![target as u8]),
+            (half_offset(size, next.active), body),
+            (ACTIVE_OFFSET, vec![next.active]),
         ],
-        generation + 1,
+        next,
     ))
 }
 
@@ -204,8 +258,11 @@ mod tests {
                 path: "/tmp/fix.so".into(),
                 build_id: Some("abcd".into()),
                 image: "/srv/app".into(),
+                image_build_id: None,
                 applied_at: 1_700_000_000,
                 functions: vec![0x5555_0000_1446],
+                handle: 0x5555_2000_0000,
+                complete: true,
             }],
             functions: vec![FunctionRecord {
                 image: "/srv/app".into(),
@@ -213,6 +270,7 @@ mod tests {
                 entry: 0x5555_0000_1446,
                 slot: 0x5555_1000_0000,
                 undo: vec![],
+                live_safe: true,
                 versions: vec![Version {
                     patch: 1,
                     replacement: 0x7f00_0000_1100,
@@ -232,11 +290,15 @@ mod tests {
     #[test]
     fn round_trip_and_generations() {
         let mut region = init(4096).unwrap();
-        assert_eq!(decode(&region).unwrap(), (State::default(), 1));
-        let (w, g) = encode(&region, &sample()).unwrap();
-        assert_eq!(g, 2);
+        let (state, cursor) = decode(&region).unwrap();
+        assert_eq!(
+            (state, cursor.generation, cursor.active),
+            (State::default(), 1, 0)
+        );
+        let (w, next) = encode(region.len(), Some(cursor), &sample()).unwrap();
+        assert_eq!((next.generation, next.active), (2, 1));
         apply(&mut region, &w);
-        assert_eq!(decode(&region).unwrap(), (sample(), 2));
+        assert_eq!(decode(&region).unwrap(), (sample(), next));
     }
 
     /// A tool killed after any prefix of an update's writes leaves either
@@ -244,11 +306,12 @@ mod tests {
     #[test]
     fn interrupted_update_keeps_the_old_state() {
         let mut region = init(4096).unwrap();
-        let (w, _) = encode(&region, &sample()).unwrap();
+        let (_, cursor) = decode(&region).unwrap();
+        let (w, cursor) = encode(region.len(), Some(cursor), &sample()).unwrap();
         apply(&mut region, &w);
         let mut next = sample();
         next.next_patch_id = 3;
-        let (w, _) = encode(&region, &next).unwrap();
+        let (w, _) = encode(region.len(), Some(cursor), &next).unwrap();
         let (offset, body) = &w[0];
         for cut in [0, 1, body.len() / 2, body.len()] {
             let mut r = region.clone();
@@ -266,9 +329,8 @@ mod tests {
         let mut region = init(4096).unwrap();
         region[8] = 9;
         assert_eq!(decode(&region), Err(StateError::Version(9)));
-        let region = init(200).unwrap();
         assert!(matches!(
-            encode(&region, &sample()),
+            encode(200, None, &sample()),
             Err(StateError::TooSmall { .. })
         ));
     }

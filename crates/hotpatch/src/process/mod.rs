@@ -7,6 +7,7 @@ pub mod maps;
 pub mod mem;
 pub mod ptrace;
 pub mod remote;
+pub mod stop;
 pub mod stub;
 pub mod threads;
 
@@ -15,6 +16,7 @@ pub use maps::{MapEntry, MappedImage};
 pub use mem::Mem;
 pub use ptrace::Traced;
 pub use remote::{CallOutcome, Placement, Remote, Timeouts};
+pub use stop::AllStopped;
 pub use threads::{ThreadInfo, choose_thread, threads};
 
 use std::path::PathBuf;

@@ -91,14 +91,21 @@ impl Traced {
     /// swallowed. A process in group stop (SIGSTOP) is reported as an error
     /// and left stopped.
     pub fn interrupt(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        self.request_stop()?;
         if self.stopped {
             return Ok(());
         }
-        if !self.stop_pending {
+        self.wait_stop(timeout)
+    }
+
+    /// Send `PTRACE_INTERRUPT` without waiting, so that many threads can be
+    /// asked at once and then waited for with [`Traced::interrupt`].
+    pub fn request_stop(&mut self) -> Result<(), ProcessError> {
+        if !self.stopped && !self.stop_pending {
             ptrace::interrupt(Pid::from_raw(self.tid)).map_err(|e| self.err("INTERRUPT", e))?;
             self.stop_pending = true;
         }
-        self.wait_stop(timeout)
+        Ok(())
     }
 
     fn wait_stop(&mut self, timeout: Duration) -> Result<(), ProcessError> {

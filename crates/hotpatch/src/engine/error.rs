@@ -1,0 +1,47 @@
+use crate::image::{ImageError, LookupError};
+use crate::patchfile::PatchError;
+use crate::plan::PlanError;
+use crate::process::ProcessError;
+use crate::state::StateError;
+
+/// Why apply, revert or list failed. Each names the process, file or
+/// function it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("process {pid}: hotpatch state record: {source}")]
+    State { pid: i32, source: StateError },
+    #[error("process {pid}: no mapped image is `{image}` (mapped: {mapped})")]
+    ImageNotMapped { pid: i32, image: String, mapped: String },
+    #[error(
+        "{patch}: made for build-id {wanted}, but process {pid} runs {image} with build-id {found}; --force applies it anyway"
+    )]
+    BuildIdMismatch {
+        patch: String,
+        pid: i32,
+        image: String,
+        wanted: String,
+        found: String,
+    },
+    #[error("process {pid}: no patch {id} is applied (`hotpatch list {pid}` shows what is)")]
+    NoSuchPatch { pid: i32, id: u32 },
+    #[error("process {pid}: another hotpatch is working on it (lock {lock})")]
+    Busy { pid: i32, lock: String },
+    #[error("process {pid}: {what}")]
+    Failed { pid: i32, what: String },
+}
+
+impl EngineError {
+    pub(crate) fn state(pid: i32) -> impl FnOnce(StateError) -> EngineError {
+        move |source| EngineError::State { pid, source }
+    }
+}

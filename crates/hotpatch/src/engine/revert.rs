@@ -1,0 +1,146 @@
+//! `hotpatch revert PID PATCH-ID` and `--all`.
+
+use super::EngineError;
+use super::apply::write_entry;
+use super::target::{self, Lock, StateRegion};
+use crate::plan::Write;
+use crate::process::{Mem, Placement, Process, Remote};
+use crate::state::State;
+
+/// Which patches to revert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Patch(u32),
+    /// Every patch, newest first.
+    All,
+}
+
+/// What reverting one patch did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reverted {
+    pub patch: u32,
+    /// Functions back to their original code.
+    pub restored: Vec<String>,
+    /// Functions now running an older patch's version.
+    pub stepped_back: Vec<String>,
+}
+
+/// Revert patches of process `pid`.
+pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+    let process = Process::open(pid)?;
+    let _lock = Lock::take(pid)?;
+    let maps = process.maps()?;
+    let Some((mut region, mut state)) = StateRegion::find(pid, &maps)? else {
+        return match which {
+            Which::Patch(id) => Err(EngineError::NoSuchPatch { pid, id }),
+            Which::All => Ok(Vec::new()),
+        };
+    };
+    let ids: Vec<u32> = match which {
+        Which::Patch(id) => {
+            if state.patch(id).is_none() {
+                return Err(EngineError::NoSuchPatch { pid, id });
+            }
+            vec![id]
+        }
+        Which::All => state.patches.iter().rev().map(|p| p.id).collect(),
+    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mem = Mem::open(pid)?;
+    let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    let mut out = Vec::new();
+    let mut result = Ok(());
+    for id in ids {
+        match revert_one(pid, &mem, &mut remote, &mut state, id) {
+            Ok(r) => {
+                out.push(r);
+                // Record each patch's removal as it happens.
+                if let Err(e) = region.write(&mem, &state) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    target::sync_cores(&mut remote);
+    if let Err(e) = remote.release() {
+        tracing::warn!("releasing the call region in process {pid}: {e}");
+    }
+    result.map(|()| out)
+}
+
+/// Undo a write if it was done: a byte range that already holds the
+/// original bytes (an apply killed before it got there) is left alone.
+fn undo_write(mem: &Mem, w: &Write) -> Result<bool, EngineError> {
+    let now = mem.read(w.address, w.new.len())?;
+    if now == w.new {
+        return Ok(false);
+    }
+    mem.write_expecting(w.address, &w.expected, &w.new)?;
+    Ok(true)
+}
+
+fn revert_one(
+    pid: i32,
+    mem: &Mem,
+    remote: &mut Remote,
+    state: &mut State,
+    id: u32,
+) -> Result<Reverted, EngineError> {
+    let patch = state
+        .patch(id)
+        .cloned()
+        .ok_or(EngineError::NoSuchPatch { pid, id })?;
+    let mut reverted = Reverted {
+        patch: id,
+        restored: Vec::new(),
+        stepped_back: Vec::new(),
+    };
+    for entry in &patch.functions {
+        let Some(index) = state.functions.iter().position(|f| f.entry == *entry) else {
+            continue;
+        };
+        let f = state.functions[index].clone();
+        let was_live = f.versions.last().is_some_and(|v| v.patch == id);
+        let remaining: Vec<_> = f.versions.iter().filter(|v| v.patch != id).cloned().collect();
+        if remaining.is_empty() {
+            // Entry first (the function is original again from here), then
+            // padding and trampoline, then the slot.
+            let entry_undo: Vec<Write> = f.undo.iter().take(2).cloned().collect();
+            let pending: Vec<Write> = entry_undo
+                .iter()
+                .filter(|w| {
+                    mem.read(w.address, w.new.len())
+                        .map(|b| b != w.new)
+                        .unwrap_or(true)
+                })
+                .cloned()
+                .collect();
+            if !pending.is_empty() {
+                let at = entry_undo.iter().map(|w| w.address).min().unwrap_or(f.entry);
+                write_entry(pid, mem, &pending, at, f.live_safe)?;
+            }
+            for w in f.undo.iter().skip(2) {
+                undo_write(mem, w)?;
+            }
+            let slot_now = mem.read(f.slot, 8)?;
+            mem.write_expecting(f.slot, &slot_now, &[0; 8])?;
+            state.functions.remove(index);
+            reverted.restored.push(f.name.clone());
+        } else {
+            if was_live && let Some(top) = remaining.last() {
+                target::store_slot(state, remote, f.slot, top.replacement)?;
+            }
+            state.functions[index].versions = remaining;
+            reverted.stepped_back.push(f.name.clone());
+        }
+    }
+    state.patches.retain(|p| p.id != id);
+    Ok(reverted)
+}

@@ -1,0 +1,320 @@
+//! The pieces of a target process the engine works with: the lock that
+//! keeps two tools apart, the image being patched, the state region, and
+//! the scratch pages (slots, trampolines) near the image.
+
+use super::EngineError;
+use crate::image::Image;
+use crate::patchfile::TargetImage;
+use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, ProcessError, Remote};
+use crate::state::{self, Cursor, ScratchRecord, State, StateError};
+use std::fs::File;
+use std::path::PathBuf;
+
+const PROT_READ: u64 = 1;
+const PROT_WRITE: u64 = 2;
+const PROT_EXEC: u64 = 4;
+const MAP_SHARED: u64 = 1;
+const MFD_CLOEXEC: u64 = 1;
+const NR_CLOSE: u64 = 3;
+const NR_MMAP: u64 = 9;
+const NR_MPROTECT: u64 = 10;
+const NR_FTRUNCATE: u64 = 77;
+const NR_MEMFD_CREATE: u64 = 319;
+const NR_MEMBARRIER: u64 = 324;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 32;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 64;
+
+/// Slots per data page set, trampolines per code page.
+const DATA_SCRATCH: u64 = 64 * 1024;
+const CODE_SCRATCH: u64 = 4096;
+/// `mov [rdi], rsi; ret`: the one aligned 8-byte store that changes a live
+/// slot, run inside the target.
+pub const STORE64: [u8; 4] = [0x48, 0x89, 0x37, 0xc3];
+/// Code pages start with [`STORE64`], padded with int3.
+const CODE_HEADER: u64 = 16;
+/// Keep scratch this far inside the ±2 GiB reach.
+const REACH: u64 = (1 << 31) - (1 << 24);
+
+/// An exclusive lock per target process, held while a tool changes it.
+/// Released by the kernel if the tool dies.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    pub fn take(pid: i32) -> Result<Lock, EngineError> {
+        // The start time tells a recycled pid from the process we mean.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| ProcessError::from_io(pid, format!("/proc/{pid}/stat").into(), e))?;
+        let start = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .unwrap_or("0");
+        let path = std::env::temp_dir().join(format!("hotpatch-{pid}-{start}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| EngineError::Failed {
+                pid,
+                what: format!("cannot open lock {}: {e}", path.display()),
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Lock { _file: file }),
+            Err(_) => Err(EngineError::Busy {
+                pid,
+                lock: path.display().to_string(),
+            }),
+        }
+    }
+}
+
+/// The image a patch targets, as mapped in the process.
+pub struct TargetImageInProcess {
+    pub mapped: MappedImage,
+    pub image: Image,
+    pub bias: u64,
+}
+
+/// Find the patch's target image among the process's mappings: by path,
+/// file name or soname; the main executable when the patch does not say.
+pub fn target_image(
+    process: &Process,
+    target: Option<&TargetImage>,
+) -> Result<TargetImageInProcess, EngineError> {
+    let pid = process.pid();
+    let images = process.mapped_images()?;
+    let exe = std::fs::read_link(process.proc_path("exe"))
+        .ok()
+        .map(|p| p.display().to_string().trim_end_matches(" (deleted)").to_string());
+    let file_name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let open = |m: &MappedImage| -> Result<Image, EngineError> {
+        let data =
+            std::fs::read(&m.open_path).map_err(|e| ProcessError::from_io(pid, m.open_path.clone(), e))?;
+        Ok(Image::parse(&m.path, data)?)
+    };
+    let wanted = target.map(|t| t.image.as_str());
+    let mut found = None;
+    for m in &images {
+        let hit = match wanted {
+            None => exe.as_deref() == Some(m.path.as_str()),
+            Some(w) => m.path == w || file_name(&m.path) == w,
+        };
+        if hit {
+            found = Some((m.clone(), open(m)?));
+            break;
+        }
+    }
+    if found.is_none()
+        && let Some(w) = wanted
+    {
+        for m in images.iter().filter(|m| m.executable) {
+            if let Ok(image) = open(m)
+                && image.soname() == Some(w)
+            {
+                found = Some((m.clone(), image));
+                break;
+            }
+        }
+    }
+    let Some((mapped, image)) = found else {
+        return Err(EngineError::ImageNotMapped {
+            pid,
+            image: wanted.map_or_else(
+                || exe.unwrap_or_else(|| "the main executable".into()),
+                str::to_string,
+            ),
+            mapped: images
+                .iter()
+                .filter(|m| m.executable)
+                .map(|m| m.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let bias = mapped.base.wrapping_sub(image.link_base());
+    Ok(TargetImageInProcess { mapped, image, bias })
+}
+
+/// The state region in the process: where, and its cursor.
+pub struct StateRegion {
+    pub address: u64,
+    pub cursor: Option<Cursor>,
+}
+
+fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Vec<u8>, StateError> + '_ {
+    move |offset, len| {
+        mem.read(address + offset as u64, len)
+            .map_err(|e| StateError::Corrupt(e.to_string()))
+    }
+}
+
+impl StateRegion {
+    /// The mapping named after [`state::MEMFD_NAME`], if the process has one.
+    fn mapping(maps: &[MapEntry]) -> Option<&MapEntry> {
+        let name = format!("/memfd:{}", state::MEMFD_NAME);
+        maps.iter()
+            .find(|m| m.path.as_deref() == Some(name.as_str()) && m.readable)
+    }
+
+    /// Read the recorded state, if the process has a region.
+    pub fn find(pid: i32, maps: &[MapEntry]) -> Result<Option<(StateRegion, State)>, EngineError> {
+        let Some(m) = Self::mapping(maps) else {
+            return Ok(None);
+        };
+        let mem = Mem::open(pid)?;
+        let (state, cursor) =
+            state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))?;
+        Ok(Some((
+            StateRegion {
+                address: m.start,
+                cursor: Some(cursor),
+            },
+            state,
+        )))
+    }
+
+    /// Create the region: a sparse memfd mapped shared, then its header.
+    pub fn create(remote: &mut Remote) -> Result<StateRegion, EngineError> {
+        let pid = remote.pid();
+        let mut name = state::MEMFD_NAME.as_bytes().to_vec();
+        name.push(0);
+        let name_at = remote.write_scratch(&name)?;
+        let fd = remote.syscall_ok("memfd_create", NR_MEMFD_CREATE, &[name_at, MFD_CLOEXEC])?;
+        let size = state::REGION_SIZE as u64;
+        let mapped = remote
+            .syscall_ok("ftruncate", NR_FTRUNCATE, &[fd, size])
+            .and_then(|_| {
+                remote.syscall_ok(
+                    "mmap of the state region",
+                    NR_MMAP,
+                    &[0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0],
+                )
+            });
+        let _ = remote.syscall(NR_CLOSE, &[fd]);
+        let address = mapped?;
+        let mem = remote.mem();
+        mem.write(address, &state::header())?;
+        let mut region = StateRegion {
+            address,
+            cursor: None,
+        };
+        region.write(mem, &State::default())?;
+        let _ = pid;
+        Ok(region)
+    }
+
+    /// Replace the recorded state: the inactive half, then the active flag.
+    pub fn write(&mut self, mem: &Mem, state: &State) -> Result<(), EngineError> {
+        let (writes, cursor) =
+            state::encode(state::REGION_SIZE, self.cursor, state).map_err(EngineError::state(mem.pid()))?;
+        for (offset, bytes) in writes {
+            mem.write(self.address + offset as u64, &bytes)?;
+        }
+        self.cursor = Some(cursor);
+        Ok(())
+    }
+}
+
+fn within_reach(record: &ScratchRecord, near: u64) -> bool {
+    record.base.abs_diff(near) < REACH && (record.base + record.size).abs_diff(near) < REACH
+}
+
+/// Hand out `bytes` of scratch (8-aligned) within reach of `near`: data
+/// (slots, read-write) or code (trampolines, read+execute). Maps a new page
+/// set when none has room, and records it in `state`.
+pub fn scratch(
+    state: &mut State,
+    remote: &mut Remote,
+    near: u64,
+    executable: bool,
+    bytes: u64,
+) -> Result<u64, EngineError> {
+    if let Some(r) = state
+        .scratch
+        .iter_mut()
+        .find(|r| r.executable == executable && within_reach(r, near) && r.used + bytes <= r.size)
+    {
+        let at = r.base + r.used;
+        r.used += bytes.next_multiple_of(8);
+        return Ok(at);
+    }
+    let record = if executable {
+        let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
+        let mut header = vec![0xcc; CODE_HEADER as usize];
+        header[..STORE64.len()].copy_from_slice(&STORE64);
+        remote.mem().write(base, &header)?;
+        remote.syscall_ok(
+            "mprotect of the trampoline page",
+            NR_MPROTECT,
+            &[base, CODE_SCRATCH, PROT_READ | PROT_EXEC],
+        )?;
+        ScratchRecord {
+            base,
+            size: CODE_SCRATCH,
+            used: CODE_HEADER,
+            executable: true,
+        }
+    } else {
+        let base = remote.mmap(Placement::Near(near), DATA_SCRATCH, PROT_READ | PROT_WRITE)?;
+        ScratchRecord {
+            base,
+            size: DATA_SCRATCH,
+            used: 0,
+            executable: false,
+        }
+    };
+    if !within_reach(&record, near) {
+        return Err(EngineError::Failed {
+            pid: remote.pid(),
+            what: format!(
+                "scratch mapped at {:#x} is out of reach of {near:#x}",
+                record.base
+            ),
+        });
+    }
+    let at = record.base + record.used;
+    let mut record = record;
+    record.used += bytes.next_multiple_of(8);
+    state.scratch.push(record);
+    Ok(at)
+}
+
+/// The [`STORE64`] routine in the process, mapping a code page if needed.
+pub fn store64(state: &mut State, remote: &mut Remote, near: u64) -> Result<u64, EngineError> {
+    if let Some(r) = state.scratch.iter().find(|r| r.executable) {
+        return Ok(r.base);
+    }
+    let at = scratch(state, remote, near, true, 0)?;
+    Ok(at - CODE_HEADER)
+}
+
+/// Change a live slot with one aligned 8-byte store inside the process.
+pub fn store_slot(state: &mut State, remote: &mut Remote, slot: u64, value: u64) -> Result<(), EngineError> {
+    let f = store64(state, remote, slot)?;
+    remote.call(f, &[slot, value])?;
+    Ok(())
+}
+
+/// Serialise every core running the process after code changed
+/// (`membarrier` SYNC_CORE). Kernels without it: the flip still happened;
+/// a core may run the old bytes until its next serialising event.
+pub fn sync_cores(remote: &mut Remote) {
+    let r = remote
+        .syscall(
+            NR_MEMBARRIER,
+            &[MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0],
+        )
+        .and_then(|_| remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0]));
+    match r {
+        Ok(0) => {}
+        Ok(e) => tracing::warn!("membarrier(SYNC_CORE) returned {e}"),
+        Err(e) => tracing::warn!("membarrier(SYNC_CORE) failed: {e}"),
+    }
+}
+
+/// The absolute path the target should `dlopen`.
+pub fn patch_path(path: &std::path::Path) -> Result<PathBuf, std::io::Error> {
+    std::fs::canonicalize(path)
+}
