@@ -4,6 +4,10 @@
  *
  * Protocol: one request per line, "FEE <amount-in-cents>\n"; the answer is
  * "<fee-in-cents>\n". The fee is 1% of the amount, at least 1 cent.
+ * "STATS\n" answers "served <n> worst_late_us <us>": requests served, and
+ * the worst lateness of a ticker thread that wakes every millisecond on
+ * absolute deadlines (how much the server's threads were held up).
+ * "RESET\n" zeroes the worst lateness and answers "ok".
  *
  * The bug: compute_fee() forgets the fee for amounts of 1,000,000 cents
  * and more (a truncation in a "large amount" branch). The fix lives in
@@ -23,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Counters a patch may read: requests served and fees charged. */
@@ -43,6 +48,37 @@ static __attribute__((noinline)) void account(long fee)
 {
     __atomic_add_fetch(&requests_served, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&fees_charged, fee, __ATOMIC_RELAXED);
+}
+
+static long worst_late_ns;
+
+static long ns_of(const struct timespec *t)
+{
+    return t->tv_sec * 1000000000L + t->tv_nsec;
+}
+
+/* Wakes every millisecond on an absolute deadline; records the lateness. */
+static void *ticker(void *arg)
+{
+    (void)arg;
+    struct timespec next, now;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (;;) {
+        next.tv_nsec += 1000000;
+        if (next.tv_nsec >= 1000000000) {
+            next.tv_nsec -= 1000000000;
+            next.tv_sec++;
+        }
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR)
+            ;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long late = ns_of(&now) - ns_of(&next);
+        long seen = __atomic_load_n(&worst_late_ns, __ATOMIC_RELAXED);
+        while (late > seen &&
+               !__atomic_compare_exchange_n(&worst_late_ns, &seen, late, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            ;
+    }
+    return NULL;
 }
 
 static void serve(int fd)
@@ -67,6 +103,13 @@ static void serve(int fd)
                 long fee = compute_fee(amount);
                 account(fee);
                 len = snprintf(out, sizeof out, "%ld\n", fee);
+            } else if (strcmp(line, "STATS") == 0) {
+                len = snprintf(out, sizeof out, "served %ld worst_late_us %ld\n",
+                               __atomic_load_n(&requests_served, __ATOMIC_RELAXED),
+                               __atomic_load_n(&worst_late_ns, __ATOMIC_RELAXED) / 1000);
+            } else if (strcmp(line, "RESET") == 0) {
+                __atomic_store_n(&worst_late_ns, 0, __ATOMIC_RELAXED);
+                len = snprintf(out, sizeof out, "ok\n");
             } else {
                 len = snprintf(out, sizeof out, "ERR\n");
             }
@@ -124,6 +167,7 @@ int main(int argc, char **argv)
     printf("listening on %d\n", ntohs(addr.sin_port));
     fflush(stdout);
     pthread_t t;
+    pthread_create(&t, NULL, ticker, NULL);
     for (int i = 0; i < threads; i++)
         pthread_create(&t, NULL, worker, NULL);
     for (;;)
