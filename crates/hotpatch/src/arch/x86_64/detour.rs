@@ -51,7 +51,7 @@ pub enum DetourRefusal {
 }
 
 /// Whether an instruction can be moved elsewhere and still do the same.
-fn unrelocatable(mnemonic: Mnemonic) -> bool {
+pub(crate) fn unrelocatable(mnemonic: Mnemonic) -> bool {
     matches!(
         mnemonic,
         // rel8-only branches with no wide form.

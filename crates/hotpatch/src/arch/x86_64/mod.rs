@@ -4,6 +4,7 @@
 pub mod detour;
 pub mod entry;
 pub mod jump;
+pub mod relocate;
 
 pub use detour::{Detour, DetourRefusal, analyze_detour, direct_branch_targets};
 
