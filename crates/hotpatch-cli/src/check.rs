@@ -176,11 +176,19 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
             for f in &image.functions {
                 let how = match &f.class {
                     Class::Prepared { layout, .. } => layout.clone(),
-                    Class::Detourable { detour, .. } => format!(
-                        "jmp at +{}, moves {} bytes",
-                        detour.patch_at - f.address,
-                        detour.displaced
-                    ),
+                    Class::Detourable {
+                        detour, direct_calls, ..
+                    } => {
+                        let mut how = format!(
+                            "jmp at +{}, moves {} bytes",
+                            detour.patch_at - f.address,
+                            detour.displaced
+                        );
+                        if *direct_calls > 0 {
+                            how.push_str(&format!(", {direct_calls} direct calls"));
+                        }
+                        how
+                    }
                     Class::NotPatchable { reason, .. } => reason.label().to_string(),
                 };
                 writeln!(

@@ -58,6 +58,12 @@ pub enum Class {
     Detourable {
         #[serde(flatten)]
         detour: crate::arch::x86_64::Detour,
+        /// Direct calls and jumps to the entry from code of the same image.
+        /// Their callers may rely on registers the ABI does not promise
+        /// (gcc's IPA register allocation, on by default without padding):
+        /// replacing the function with any ABI-conforming code can corrupt
+        /// them. `apply` asks for an explicit flag for these.
+        direct_calls: usize,
         /// Why the function is listed as prepared but its padding cannot be
         /// used, when that is the case.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -104,6 +110,9 @@ pub struct Summary {
     /// Prepared functions whose flip is proven safe with threads running.
     pub prepared_live_safe: usize,
     pub detourable: usize,
+    /// Detourable functions that code of the same image calls directly
+    /// (the register-allocation hazard; see [`Class::Detourable`]).
+    pub detourable_direct_calls: usize,
     pub not_patchable: usize,
     /// Reasons with their counts, most frequent first.
     pub reasons: Vec<ReasonCount>,
@@ -206,8 +215,8 @@ pub fn survey(image: &Image) -> ImageReport {
     }
 }
 
-/// Classify the one function whose entry is `address`, as [`survey`] would
-/// (the branch-into-entry check covers the function's own body only).
+/// Classify the one function whose entry is `address`, exactly as
+/// [`survey`] would (branches from the whole image are considered).
 pub fn survey_function(image: &Image, address: u64) -> Option<Class> {
     let f = image.function_at(address)?;
     let entries: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
@@ -217,12 +226,7 @@ pub fn survey_function(image: &Image, address: u64) -> Option<Class> {
         .rev()
         .find(|&&s| s <= address && address - s <= MAX_PADDING && padding_only(image, s, address))
         .copied();
-    let mut targets = Vec::new();
-    if let Some(code) = image.bytes_at(f.address, f.size) {
-        direct_branch_targets(f.address, code, &mut targets);
-    }
-    targets.sort_unstable();
-    Some(classify(image, f, site, &targets, &entries))
+    Some(classify(image, f, site, &branch_targets(image), &entries))
 }
 
 /// Whether everything from `site` to `entry` is padding (nop or int3).
@@ -232,7 +236,8 @@ fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
         .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
 }
 
-/// Sorted targets of every direct branch and call in every function.
+/// Sorted targets of every direct branch and call in every function, one
+/// entry per branch site (so a target's count is its number of callers).
 fn branch_targets(image: &Image) -> Vec<u64> {
     let mut targets = Vec::new();
     for f in image.functions() {
@@ -241,7 +246,6 @@ fn branch_targets(image: &Image) -> Vec<u64> {
         }
     }
     targets.sort_unstable();
-    targets.dedup();
     targets
 }
 
@@ -333,7 +337,13 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
             ),
         };
     }
-    Class::Detourable { detour, note }
+    let direct_calls =
+        targets.partition_point(|&t| t <= f.address) - targets.partition_point(|&t| t < f.address);
+    Class::Detourable {
+        detour,
+        note,
+        direct_calls,
+    }
 }
 
 fn summarize(reports: &[FunctionReport]) -> Summary {
@@ -348,7 +358,10 @@ fn summarize(reports: &[FunctionReport]) -> Summary {
                 s.prepared += 1;
                 s.prepared_live_safe += usize::from(*live_safe);
             }
-            Class::Detourable { .. } => s.detourable += 1,
+            Class::Detourable { direct_calls, .. } => {
+                s.detourable += 1;
+                s.detourable_direct_calls += usize::from(*direct_calls > 0);
+            }
             Class::NotPatchable { reason, .. } => {
                 s.not_patchable += 1;
                 *reasons.entry(*reason).or_default() += 1;
