@@ -6,7 +6,7 @@
 //! the trampoline if any, and the padding (nobody executes those yet); then
 //! the entries, one byte at a time. Revert is the mirror image.
 
-use crate::arch::x86_64::{FlipPlan, LongJump, jump};
+use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
 use crate::image::{Image, LookupError, SymbolKind, find_symbol};
 use crate::patchability::{Class, survey_function};
 
@@ -191,6 +191,112 @@ pub fn flip_writes(
     })
 }
 
+/// Scratch memory for one detoured function, within ±2 GiB of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetourScratch {
+    /// An 8-byte slot in a data page.
+    pub slot: u64,
+    /// 8 bytes of code: `jmp [slot]`, where the entry's `jmp rel32` lands.
+    pub dispatcher: u64,
+    /// [`relocate::TRAMPOLINE_SIZE`] bytes of code for the moved instructions.
+    pub trampoline: u64,
+}
+
+/// How one unprepared function is detoured to its replacement.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DetourFlip {
+    pub name: String,
+    /// The function's entry in the process.
+    pub entry: u64,
+    /// Where the 5-byte jump goes (the entry, or after `endbr64`).
+    pub patch_at: u64,
+    /// Bytes of whole instructions the jump covers; no thread may be
+    /// strictly inside them when it is written.
+    pub displaced: u64,
+    pub slot: u64,
+    pub replacement: u64,
+    /// Slot, dispatcher and trampoline: code nobody runs yet.
+    pub prepare: Vec<Write>,
+    /// The 5-byte jump: written with every thread stopped.
+    pub entry_jump: Write,
+    /// The original function, callable while detoured: the trampoline
+    /// (the moved instructions, then a jump back).
+    pub original: u64,
+}
+
+/// A function of an image loaded at `bias`, as the patch names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    pub bias: u64,
+    /// The function's entry, as a file address.
+    pub entry: u64,
+}
+
+/// The writes that detour the unprepared function `detour` describes to
+/// `replacement`. `code` are the function's bytes from its entry (at least
+/// up to the end of the displaced instructions).
+pub fn detour_writes(
+    subject: Subject<'_>,
+    detour: &crate::arch::x86_64::Detour,
+    code: &[u8],
+    replacement: u64,
+    scratch: DetourScratch,
+) -> Result<DetourFlip, PlanError> {
+    let Subject {
+        name,
+        image: image_name,
+        bias,
+        entry,
+    } = subject;
+    let fail = |detail: String| PlanError::OutOfRange {
+        image: image_name.to_string(),
+        name: name.to_string(),
+        detail,
+    };
+    let skip = (detour.patch_at - entry) as usize;
+    let moved = code
+        .get(skip..skip + detour.displaced as usize)
+        .ok_or_else(|| fail("the function's bytes end before the displaced instructions".into()))?;
+    let patch_at = detour.patch_at.wrapping_add(bias);
+    let trampoline =
+        relocate::relocate(patch_at, moved, scratch.trampoline).map_err(|e| fail(e.to_string()))?;
+    let dispatcher = jump::slot_jump(scratch.dispatcher, scratch.slot).map_err(|e| fail(e.to_string()))?;
+    let jump = jump::near_jump(patch_at, scratch.dispatcher).map_err(|e| fail(e.to_string()))?;
+    Ok(DetourFlip {
+        name: name.to_string(),
+        entry: entry.wrapping_add(bias),
+        patch_at,
+        displaced: detour.displaced,
+        slot: scratch.slot,
+        replacement,
+        prepare: vec![
+            Write {
+                address: scratch.slot,
+                expected: vec![0; 8],
+                new: replacement.to_le_bytes().to_vec(),
+            },
+            Write {
+                address: scratch.dispatcher,
+                expected: vec![0; dispatcher.len()],
+                new: dispatcher.to_vec(),
+            },
+            Write {
+                address: scratch.trampoline,
+                expected: vec![0; trampoline.len()],
+                new: trampoline,
+            },
+        ],
+        entry_jump: Write {
+            address: patch_at,
+            expected: moved[..jump.len()].to_vec(),
+            new: jump.to_vec(),
+        },
+        original: scratch.trampoline,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +404,55 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("trampoline"), "{e}");
+    }
+
+    #[test]
+    fn detour_reaches_the_slot_and_the_trampoline_comes_back() {
+        use crate::arch::x86_64::analyze_detour;
+        // endbr64; push rbp; mov rbp,rsp; mov eax,[rip+0x100]; pop rbp; ret
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0x5d, 0xc3,
+        ];
+        let bias = 0x5555_0000_0000;
+        let d = analyze_detour(0x1000, &code).unwrap();
+        assert_eq!((d.patch_at, d.displaced), (0x1004, 10));
+        let scratch = DetourScratch {
+            slot: bias + 0x20_0000,
+            dispatcher: bias + 0x30_0000,
+            trampoline: bias + 0x30_0010,
+        };
+        let subject = Subject {
+            name: "f",
+            image: "img",
+            bias,
+            entry: 0x1000,
+        };
+        let f = detour_writes(subject, &d, &code, 0x7f00_0000_1234, scratch).unwrap();
+        assert_eq!(f.entry_jump.address, bias + 0x1004);
+        assert_eq!(f.entry_jump.expected, code[4..9].to_vec());
+        let jmp = decode_one(&f.entry_jump.new, f.entry_jump.address);
+        assert_eq!(
+            (jmp.mnemonic(), jmp.near_branch_target()),
+            (Mnemonic::Jmp, scratch.dispatcher)
+        );
+        let disp = decode_one(&f.prepare[1].new, scratch.dispatcher);
+        assert_eq!(
+            (disp.op0_kind(), disp.ip_rel_memory_address()),
+            (OpKind::Memory, scratch.slot)
+        );
+        assert_eq!(f.prepare[0].new, 0x7f00_0000_1234u64.to_le_bytes().to_vec());
+        // The trampoline: the moved instructions (the rip-relative load
+        // still reads the same absolute address), then a jump back.
+        let mut dec = iced_x86::Decoder::with_ip(64, &f.prepare[2].new, scratch.trampoline, 0);
+        let insns: Vec<_> = (&mut dec).into_iter().collect();
+        let load = insns.iter().find(|i| i.is_ip_rel_memory_operand()).unwrap();
+        assert_eq!(load.ip_rel_memory_address(), bias + 0x100e + 0x100);
+        let last = insns.last().unwrap();
+        assert_eq!(
+            (last.mnemonic(), last.near_branch_target()),
+            (Mnemonic::Jmp, bias + 0x100e)
+        );
+        assert_eq!(f.original, scratch.trampoline);
     }
 
     #[test]
