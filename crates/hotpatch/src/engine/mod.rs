@@ -21,6 +21,7 @@
 //!   expects; a mismatch stops with an error naming the address.
 
 mod apply;
+pub mod detour;
 mod error;
 mod revert;
 mod target;

@@ -87,6 +87,19 @@ impl AllStopped {
         Ok(out)
     }
 
+    /// `(tid, registers)` of every stopped thread.
+    pub fn registers(&self) -> Result<Vec<(i32, super::ptrace::Regs)>, ProcessError> {
+        let mut out = Vec::with_capacity(self.threads.len());
+        for t in &self.threads {
+            match t.regs() {
+                Ok(r) => out.push((t.tid(), r)),
+                Err(ProcessError::Exited { .. }) | Err(ProcessError::NoSuchThread { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// Resume every thread now (dropping does the same).
     pub fn resume(self) {}
 }

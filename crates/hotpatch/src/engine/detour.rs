@@ -1,0 +1,155 @@
+//! Writing a detour's 5-byte jump into code that threads may be running:
+//! only with every thread stopped, and only when no thread can ever resume
+//! inside the bytes being overwritten (DESIGN.md §3).
+
+use super::EngineError;
+use crate::plan::Write;
+use crate::process::{AllStopped, MapEntry, Mem, ProcessError};
+use std::time::{Duration, Instant};
+
+/// How much of each thread's stack, above its `rsp`, is searched for a
+/// return address or a saved signal context pointing into the bytes.
+pub const STACK_SCAN: u64 = 256 * 1024;
+/// Attempts before giving up on a thread that stays inside.
+pub const ATTEMPTS: usize = 100;
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A byte range being overwritten: addresses strictly inside it are where
+/// no thread may resume (its start is fine: the new jump is there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overwrite {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Overwrite {
+    pub fn contains(&self, address: u64) -> bool {
+        address > self.start && address < self.start + self.len
+    }
+}
+
+/// Where a thread would resume inside an overwritten range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inside {
+    pub tid: i32,
+    pub address: u64,
+    /// "rip", or the stack address holding the value.
+    pub found_at: Option<u64>,
+}
+
+/// Search the stack words from `rsp` up (at most [`STACK_SCAN`] bytes, not
+/// past the mapping holding `rsp`) for a value inside one of `ranges`: a
+/// return address, or an interrupted context saved by a signal.
+pub fn scan_stack(
+    mem: &Mem,
+    maps: &[MapEntry],
+    rsp: u64,
+    ranges: &[Overwrite],
+) -> Result<Option<(u64, u64)>, ProcessError> {
+    let Some(stack) = maps.iter().find(|m| rsp >= m.start && rsp < m.end) else {
+        return Ok(None);
+    };
+    let start = rsp & !7;
+    let end = stack.end.min(start.saturating_add(STACK_SCAN));
+    let bytes = mem.read(start, (end - start) as usize)?;
+    Ok(bytes.chunks_exact(8).enumerate().find_map(|(i, w)| {
+        let value = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+        ranges
+            .iter()
+            .any(|r| r.contains(value))
+            .then_some((start + 8 * i as u64, value))
+    }))
+}
+
+/// The first thread that could resume inside one of `ranges`.
+pub fn find_inside(
+    stopped: &AllStopped,
+    mem: &Mem,
+    maps: &[MapEntry],
+    ranges: &[Overwrite],
+) -> Result<Option<Inside>, ProcessError> {
+    for (tid, regs) in stopped.registers()? {
+        if ranges.iter().any(|r| r.contains(regs.rip)) {
+            return Ok(Some(Inside {
+                tid,
+                address: regs.rip,
+                found_at: None,
+            }));
+        }
+        if let Some((at, value)) = scan_stack(mem, maps, regs.rsp, ranges)? {
+            return Ok(Some(Inside {
+                tid,
+                address: value,
+                found_at: Some(at),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Write `writes` (multi-byte jumps over `ranges`) with every thread of
+/// `pid` stopped and none able to resume inside a range; between attempts
+/// the threads run for a moment. Returns how long the final stop lasted.
+pub fn write_stopped(
+    pid: i32,
+    mem: &Mem,
+    maps: &[MapEntry],
+    writes: &[Write],
+    ranges: &[Overwrite],
+) -> Result<Duration, EngineError> {
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        let stopped = AllStopped::stop(pid, STOP_TIMEOUT)?;
+        let began = Instant::now();
+        match find_inside(&stopped, mem, maps, ranges)? {
+            Some(inside) => {
+                last = Some(inside);
+                drop(stopped);
+                std::thread::sleep(Duration::from_micros(100 << attempt.min(6)));
+            }
+            None => {
+                for w in writes {
+                    mem.write_expecting(w.address, &w.expected, &w.new)?;
+                }
+                let took = stopped.took + began.elapsed();
+                drop(stopped);
+                return Ok(took);
+            }
+        }
+    }
+    let what = match last {
+        Some(Inside {
+            tid,
+            address,
+            found_at: None,
+        }) => format!("thread {tid} keeps running at {address:#x}, inside the bytes to overwrite"),
+        Some(Inside {
+            tid,
+            address,
+            found_at: Some(at),
+        }) => format!(
+            "thread {tid} holds {address:#x}, inside the bytes to overwrite, on its stack at {at:#x} (a return address or an interrupted signal context)"
+        ),
+        None => "threads stay inside the bytes to overwrite".to_string(),
+    };
+    Err(EngineError::Failed {
+        pid,
+        what: format!("{what}; gave up after {ATTEMPTS} attempts, nothing written"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_of_range_is_not_inside() {
+        let r = Overwrite {
+            start: 0x1000,
+            len: 7,
+        };
+        assert!(!r.contains(0x1000));
+        assert!(r.contains(0x1001) && r.contains(0x1006));
+        assert!(!r.contains(0x1007));
+    }
+}

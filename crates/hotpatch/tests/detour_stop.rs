@@ -1,0 +1,165 @@
+//! The stop-the-world write a detour needs: never while a thread could
+//! resume inside the overwritten bytes (its rip, or a return address or
+//! signal context on its stack).
+
+use hotpatch::engine::detour::{Overwrite, write_stopped};
+use hotpatch::plan::Write;
+use hotpatch::process::{Mem, Process};
+use std::io::{BufRead, BufReader, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <stdint.h>
+
+/* spin: 5 nops then jump back: a thread runs through the nops forever. */
+extern char spin[], spin_end[];
+__asm__(".text\n.globl spin\n.globl spin_end\nspin:\n nop\n nop\n nop\n nop\n nop\n nop\n jmp spin\nspin_end:\n");
+
+/* holder: `call *%rax` (2 bytes) whose return address stays on the stack
+ * while the callee blocks in read() on a pipe. */
+extern void holder(void (*)(void));
+__asm__(".text\n.globl holder\nholder:\n push %rbx\n mov %rdi, %rax\n call *%rax\nholder_ret:\n nop\n nop\n nop\n pop %rbx\n ret\n");
+
+static int fds[2];
+static volatile uint64_t laps;
+
+static void block(void) { char c; read(fds[0], &c, 1); }
+
+static void *spinner(void *a) { (void)a; ((void (*)(void))spin)(); return 0; }
+static void *blocker(void *a) { (void)a; holder(block); return 0; }
+
+int main(void) {
+    pipe(fds);
+    pthread_t t;
+    pthread_create(&t, 0, spinner, 0);
+    pthread_create(&t, 0, blocker, 0);
+    usleep(20000);
+    printf("%lx %lx\n", (unsigned long)spin, (unsigned long)holder);
+    fflush(stdout);
+    char line[16];
+    while (fgets(line, sizeof line, stdin)) {
+        if (line[0] == 'w') { write(fds[1], "x", 1); }
+        printf("alive\n");
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+struct Target {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Target {
+    fn start(dir: &std::path::Path) -> (Target, u64, u64) {
+        let src = dir.join("t.c");
+        std::fs::write(&src, TARGET).unwrap();
+        let bin = dir.join("t");
+        let st = Command::new("gcc")
+            .args(["-O1", "-pthread", "-no-pie", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut child = Command::new(&bin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut t = Target { child, out };
+        let mut line = String::new();
+        t.out.read_line(&mut line).unwrap();
+        let mut it = line
+            .split_whitespace()
+            .map(|h| u64::from_str_radix(h, 16).unwrap());
+        let (spin, holder) = (it.next().unwrap(), it.next().unwrap());
+        (t, spin, holder)
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+#[test]
+fn waits_until_no_thread_is_inside_then_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, spin, _) = Target::start(dir.path());
+    let pid = t.pid();
+    let mem = Mem::open(pid).unwrap();
+    let maps = Process::open(pid).unwrap().maps().unwrap();
+    // 5 nops -> `jmp spin+5` (a jump to the sixth nop): the loop goes on.
+    let w = Write {
+        address: spin,
+        expected: vec![0x90; 5],
+        new: vec![0xe9, 0, 0, 0, 0],
+    };
+    let started = Instant::now();
+    let took = write_stopped(pid, &mem, &maps, &[w], &[Overwrite { start: spin, len: 5 }]).unwrap();
+    assert!(took < Duration::from_secs(5));
+    assert_eq!(mem.read(spin, 5).unwrap(), vec![0xe9, 0, 0, 0, 0]);
+    // The spinning thread survived the change and everything still runs.
+    assert_eq!(t.ask("ping"), "alive");
+    eprintln!("write after {:?}, stop {:?}", started.elapsed(), took);
+}
+
+#[test]
+fn refuses_while_a_return_address_is_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, _, holder) = Target::start(dir.path());
+    let pid = t.pid();
+    let mem = Mem::open(pid).unwrap();
+    let maps = Process::open(pid).unwrap().maps().unwrap();
+    // push rbx (1) + mov rax,rdi (3) + call *rax (2): the blocked thread's
+    // return address is holder+6, strictly inside [holder, holder+8).
+    let before = mem.read(holder, 8).unwrap();
+    let w = Write {
+        address: holder,
+        expected: before[..5].to_vec(),
+        new: vec![0xe9, 0, 0, 0, 0],
+    };
+    let err = write_stopped(
+        pid,
+        &mem,
+        &maps,
+        &[w],
+        &[Overwrite {
+            start: holder,
+            len: 8,
+        }],
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{:#x}", holder + 6))
+            && msg.contains("stack")
+            && msg.contains("nothing written"),
+        "{msg}"
+    );
+    assert_eq!(mem.read(holder, 8).unwrap(), before, "nothing may change");
+    // Unblock it: the thread returns through the untouched bytes.
+    assert_eq!(t.ask("w"), "alive");
+    assert_eq!(t.ask("ping"), "alive");
+}
