@@ -215,20 +215,6 @@ pub fn survey(image: &Image) -> ImageReport {
     }
 }
 
-/// Classify the one function whose entry is `address`, exactly as
-/// [`survey`] would (branches from the whole image are considered).
-pub fn survey_function(image: &Image, address: u64) -> Option<Class> {
-    let f = image.function_at(address)?;
-    let entries: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
-    let site = image
-        .padded_sites()
-        .iter()
-        .rev()
-        .find(|&&s| s <= address && address - s <= MAX_PADDING && padding_only(image, s, address))
-        .copied();
-    Some(classify(image, f, site, &branch_targets(image), &entries))
-}
-
 /// Whether everything from `site` to `entry` is padding (nop or int3).
 fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
     image

@@ -7,8 +7,8 @@
 //! the entries, one byte at a time. Revert is the mirror image.
 
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
-use crate::image::{Image, LookupError, SymbolKind, find_symbol};
-use crate::patchability::{Class, survey_function};
+use crate::image::{Image, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
+use crate::patchability::{Class, survey};
 
 /// One compare-and-swap write into the target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,35 +89,88 @@ pub enum PlanError {
     },
 }
 
-/// Resolve `name` in `image` (loaded at `bias`) to a prepared function and
-/// its flip plan, in file addresses.
+/// Target names → functions and how to patch them, for one image: the
+/// image is surveyed and its symbols indexed once, however many functions
+/// a patch names.
+pub struct Planner<'a> {
+    image: &'a Image,
+    symbols: SymbolIndex,
+    classes: std::collections::HashMap<u64, Class>,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(image: &'a Image) -> Planner<'a> {
+        let classes = survey(image)
+            .functions
+            .into_iter()
+            .map(|f| (f.address, f.class))
+            .collect();
+        Planner {
+            image,
+            symbols: SymbolIndex::new(image),
+            classes,
+        }
+    }
+
+    pub fn image(&self) -> &'a Image {
+        self.image
+    }
+
+    fn image_name(&self) -> String {
+        self.image.path().display().to_string()
+    }
+
+    /// The symbol `name` (see [`SymbolIndex::find`]).
+    pub fn symbol(&self, name: &str) -> Result<SymbolMatch, PlanError> {
+        Ok(self.symbols.find(name)?)
+    }
+
+    /// The function `name` and its class.
+    pub fn function(&self, name: &str) -> Result<(u64, &Class), PlanError> {
+        let sym = self.symbol(name)?;
+        if sym.kind != SymbolKind::Function {
+            return Err(PlanError::NotAFunction {
+                image: self.image_name(),
+                name: name.to_string(),
+            });
+        }
+        let class = self
+            .classes
+            .get(&sym.address)
+            .ok_or_else(|| PlanError::NotPatchable {
+                image: self.image_name(),
+                name: name.to_string(),
+                detail: format!("no function starts at {:#x}", sym.address),
+            })?;
+        Ok((sym.address, class))
+    }
+
+    /// Resolve `name` to a prepared function and its flip plan (file
+    /// addresses).
+    pub fn prepared_function(&self, name: &str) -> Result<(u64, FlipPlan), PlanError> {
+        let (address, class) = self.function(name)?;
+        match class {
+            Class::Prepared { flip, .. } => Ok((address, flip.clone())),
+            Class::Detourable { note, .. } => Err(PlanError::NotPrepared {
+                image: self.image_name(),
+                name: name.to_string(),
+                detail: note
+                    .clone()
+                    .unwrap_or_else(|| "no padding before its entry".to_string()),
+            }),
+            Class::NotPatchable { detail, .. } => Err(PlanError::NotPatchable {
+                image: self.image_name(),
+                name: name.to_string(),
+                detail: detail.clone(),
+            }),
+        }
+    }
+}
+
+/// Resolve `name` in `image` to a prepared function and its flip plan, in
+/// file addresses. (One lookup; for many, use a [`Planner`].)
 pub fn prepared_function(image: &Image, name: &str) -> Result<(u64, FlipPlan), PlanError> {
-    let image_name = image.path().display().to_string();
-    let sym = find_symbol(image, name)?;
-    if sym.kind != SymbolKind::Function {
-        return Err(PlanError::NotAFunction {
-            image: image_name,
-            name: name.to_string(),
-        });
-    }
-    match survey_function(image, sym.address) {
-        Some(Class::Prepared { flip, .. }) => Ok((sym.address, flip)),
-        Some(Class::Detourable { note, .. }) => Err(PlanError::NotPrepared {
-            image: image_name,
-            name: name.to_string(),
-            detail: note.unwrap_or_else(|| "no padding before its entry".to_string()),
-        }),
-        Some(Class::NotPatchable { detail, .. }) => Err(PlanError::NotPatchable {
-            image: image_name,
-            name: name.to_string(),
-            detail,
-        }),
-        None => Err(PlanError::NotPatchable {
-            image: image_name,
-            name: name.to_string(),
-            detail: format!("no function starts at {:#x}", sym.address),
-        }),
-    }
+    Planner::new(image).prepared_function(name)
 }
 
 /// The writes that make `flip` (file addresses of `image_name`, loaded at `bias`)

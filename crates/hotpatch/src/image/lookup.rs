@@ -100,47 +100,88 @@ pub fn symbols(image: &Image) -> Vec<SymbolMatch> {
     out
 }
 
-/// Find the one symbol `query` names (see the module docs). Several names
-/// for one address (aliases, the same symbol in both tables) are one match.
-pub fn find_symbol(image: &Image, query: &str) -> Result<SymbolMatch, LookupError> {
-    let all = symbols(image);
-    let hits: Vec<&SymbolMatch> = if let Some(hex) = query.strip_prefix("0x") {
-        let address = u64::from_str_radix(hex, 16).ok();
-        all.iter().filter(|s| Some(s.address) == address).collect()
-    } else {
-        let (file, name) = match query.rsplit_once(':') {
-            // `crate::path::name` is a Rust path, not `file:name`.
-            Some((f, n)) if !f.ends_with(':') && !n.is_empty() && !query.contains("::") => (Some(f), n),
-            _ => (None, query),
-        };
-        all.iter()
-            .filter(|s| s.name == name || demangle(&s.name).as_deref() == Some(name))
-            .filter(|s| match file {
-                Some(f) => s
-                    .file
-                    .as_deref()
-                    .is_some_and(|sf| sf == f || sf.ends_with(&format!("/{f}"))),
-                None => true,
-            })
-            .collect()
-    };
-    let mut distinct: Vec<&SymbolMatch> = Vec::new();
-    for h in hits {
-        if !distinct.iter().any(|d| d.address == h.address) {
-            distinct.push(h);
+/// Every function and variable symbol of an image, indexed by name, for
+/// many lookups (a patch with thousands of functions).
+#[derive(Debug, Clone)]
+pub struct SymbolIndex {
+    image: String,
+    symbols: Vec<SymbolMatch>,
+    /// Raw and demangled names → indices into `symbols`.
+    by_name: std::collections::HashMap<String, Vec<usize>>,
+}
+
+impl SymbolIndex {
+    pub fn new(image: &Image) -> SymbolIndex {
+        let symbols = symbols(image);
+        let mut by_name: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        for (i, s) in symbols.iter().enumerate() {
+            by_name.entry(s.name.clone()).or_default().push(i);
+            if let Some(d) = demangle(&s.name)
+                && d != s.name
+            {
+                by_name.entry(d).or_default().push(i);
+            }
+        }
+        SymbolIndex {
+            image: image.path().display().to_string(),
+            symbols,
+            by_name,
         }
     }
-    let image_name = image.path().display().to_string();
-    match distinct.as_slice() {
-        [] => Err(LookupError::NotFound {
-            image: image_name,
-            query: query.to_string(),
-        }),
-        [one] => Ok((*one).clone()),
-        many => Err(LookupError::Ambiguous {
-            image: image_name,
-            query: query.to_string(),
-            candidates: many.iter().map(|s| s.qualified()).collect(),
-        }),
+
+    /// Find the one symbol `query` names (see the module docs). Several
+    /// names for one address (aliases, the same symbol in both tables) are
+    /// one match.
+    pub fn find(&self, query: &str) -> Result<SymbolMatch, LookupError> {
+        let hits: Vec<&SymbolMatch> = if let Some(hex) = query.strip_prefix("0x") {
+            let address = u64::from_str_radix(hex, 16).ok();
+            self.symbols
+                .iter()
+                .filter(|s| Some(s.address) == address)
+                .collect()
+        } else {
+            let (file, name) = match query.rsplit_once(':') {
+                // `crate::path::name` is a Rust path, not `file:name`.
+                Some((f, n)) if !f.ends_with(':') && !n.is_empty() && !query.contains("::") => (Some(f), n),
+                _ => (None, query),
+            };
+            self.by_name
+                .get(name)
+                .map(|v| v.iter().map(|&i| &self.symbols[i]).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| match file {
+                    Some(f) => s
+                        .file
+                        .as_deref()
+                        .is_some_and(|sf| sf == f || sf.ends_with(&format!("/{f}"))),
+                    None => true,
+                })
+                .collect()
+        };
+        let mut distinct: Vec<&SymbolMatch> = Vec::new();
+        for h in hits {
+            if !distinct.iter().any(|d| d.address == h.address) {
+                distinct.push(h);
+            }
+        }
+        match distinct.as_slice() {
+            [] => Err(LookupError::NotFound {
+                image: self.image.clone(),
+                query: query.to_string(),
+            }),
+            [one] => Ok((*one).clone()),
+            many => Err(LookupError::Ambiguous {
+                image: self.image.clone(),
+                query: query.to_string(),
+                candidates: many.iter().map(|s| s.qualified()).collect(),
+            }),
+        }
     }
+}
+
+/// Find the one symbol `query` names in `image` (builds a [`SymbolIndex`];
+/// for many lookups, build one and reuse it).
+pub fn find_symbol(image: &Image, query: &str) -> Result<SymbolMatch, LookupError> {
+    SymbolIndex::new(image).find(query)
 }

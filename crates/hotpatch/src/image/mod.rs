@@ -11,7 +11,7 @@ mod padding;
 mod symbol;
 
 pub use error::ImageError;
-pub use lookup::{LookupError, SymbolKind, SymbolMatch, find_symbol};
+pub use lookup::{LookupError, SymbolIndex, SymbolKind, SymbolMatch, find_symbol};
 pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
 
 use object::Endianness;
