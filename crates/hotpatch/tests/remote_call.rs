@@ -3,7 +3,7 @@
 //! the target when the tool is SIGKILLed at random moments.
 
 use hotpatch::process::remote::REACH;
-use hotpatch::process::{Mem, Placement, ProcessError, Remote, Timeouts, Traced, threads};
+use hotpatch::process::{Mem, Placement, ProcessError, Remote, Timeouts, Traced, remote, threads};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 const TARGET_C: &str = include_str!("remote_call/target.c");
 const PLUGIN_C: &str = include_str!("remote_call/plugin.c");
 const HELPER_ENV: &str = "HOTPATCH_REMOTE_CALL_HELPER_PID";
+const PERSIST_ENV: &str = "HOTPATCH_REMOTE_CALL_PERSIST_PID";
 
 struct Built {
     _dir: tempfile::TempDir,
@@ -508,6 +509,151 @@ fn errors_name_the_process_and_the_cause() {
     assert_eq!(status.code(), Some(3));
 }
 
+/// Not a test by itself: a tool process that attaches to the pid in
+/// `HOTPATCH_REMOTE_CALL_PERSIST_PID`, makes one call, prints its region
+/// and exits normally (leaving the region for the next tool).
+#[test]
+#[ignore]
+fn persist_helper_process() {
+    let Some(pid) = std::env::var(PERSIST_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("helper attach");
+    let getpid = remote.libc_function("getpid").expect("getpid");
+    assert_eq!(remote.call(getpid, &[]).expect("helper call"), pid as u64);
+    let region = remote.region();
+    println!(
+        "region {:x} {:x} reused={}",
+        region.start,
+        region.end,
+        remote.reused()
+    );
+}
+
+/// Run [`persist_helper_process`] against `pid`: (region, reused).
+fn persist_helper(pid: i32) -> (std::ops::Range<u64>, bool) {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new(exe)
+        .args([
+            "persist_helper_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PERSIST_ENV, pid.to_string())
+        .output()
+        .expect("run helper");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helper failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("region ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("no region line: {stdout}"));
+    let mut w = line.split_whitespace();
+    let mut hex = || u64::from_str_radix(w.next().expect("field"), 16).expect("hex");
+    let (start, end) = (hex(), hex());
+    (start..end, line.ends_with("reused=true"))
+}
+
+#[test]
+fn the_call_region_outlives_the_tool_and_is_reused() {
+    let built = build();
+    let mut target = start_target(&built, false);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+    // A first tool maps the region and exits; the next ones find it.
+    let (first, reused) = persist_helper(pid);
+    assert!(!reused, "a fresh target has no region to reuse");
+    for _ in 0..3 {
+        let (again, reused) = persist_helper(pid);
+        assert_eq!(again, first, "a later tool mapped another region");
+        assert!(reused);
+    }
+    assert_eq!(remote::regions(pid).expect("regions"), vec![first.clone()]);
+    target.assert_running();
+
+    // In this process too; the libc functions come from the region's record.
+    let mut a = Remote::attach(pid, Placement::Anywhere).expect("attach a");
+    assert_eq!(a.region(), first);
+    assert!(a.reused());
+    let getpid = a.libc_function("getpid").expect("getpid");
+    assert_eq!(a.call(getpid, &[]).expect("getpid"), pid as u64);
+    // dlsym_many: from the file where it can, through dlsym otherwise, the
+    // same answers as dlsym.
+    let plugin = built.plugin.to_str().expect("utf-8 path");
+    let handle = a.dlopen(plugin, 2).expect("dlopen");
+    let names = ["plugin_answer"];
+    let many = a.dlsym_many(handle, &names).expect("dlsym_many");
+    for (name, got) in names.iter().zip(&many) {
+        assert_eq!(*got, a.dlsym(handle, name).expect("dlsym"), "{name}");
+    }
+    assert_eq!(a.call(many[0], &[7, 8]).expect("plugin_answer"), 7008);
+    assert!(matches!(
+        a.dlsym_many(handle, &["no_such_symbol"]),
+        Err(ProcessError::CallFailed { .. })
+    ));
+
+    // While a session holds the region, another gets a region of its own.
+    let mut b = Remote::attach(pid, Placement::Anywhere).expect("attach b");
+    assert_ne!(b.region(), a.region());
+    assert!(!b.reused());
+    assert_eq!(b.call(getpid, &[]).expect("getpid on b"), pid as u64);
+    assert_eq!(a.call(getpid, &[]).expect("getpid on a"), pid as u64);
+    let second = b.region();
+    drop(a);
+    drop(b);
+    let mut all = remote::regions(pid).expect("regions");
+    all.sort_by_key(|r| r.start);
+    let mut want = vec![first.clone(), second.clone()];
+    want.sort_by_key(|r| r.start);
+    assert_eq!(all, want);
+
+    // A call that never returns: its region is not taken by later sessions.
+    let mut stuck = Remote::attach_with(
+        pid,
+        Placement::Anywhere,
+        Timeouts {
+            stop: Duration::from_secs(2),
+            call: Duration::from_millis(200),
+        },
+    )
+    .expect("attach stuck");
+    let stuck_region = stuck.region();
+    stuck.pin_thread(target.tid("sleeper").first().copied());
+    assert!(matches!(
+        stuck.syscall(34 /* pause */, &[]),
+        Err(ProcessError::Timeout { .. })
+    ));
+    drop(stuck);
+    for _ in 0..3 {
+        let (r, _) = persist_helper(pid);
+        assert_ne!(r, stuck_region, "a tool reused a region whose call is running");
+    }
+    let mut c = Remote::attach(pid, Placement::Anywhere).expect("attach c");
+    assert_ne!(c.region(), stuck_region);
+    assert_eq!(c.call(getpid, &[]).expect("getpid on c"), pid as u64);
+    drop(c);
+
+    // Removal takes every idle region and leaves the busy one.
+    let removed = remote::remove_regions(pid).expect("remove");
+    assert_eq!(removed, 1, "idle regions: the stuck session took one of the two");
+    assert_eq!(remote::regions(pid).expect("regions"), vec![stuck_region.clone()]);
+    let idle = if stuck_region == first { &second } else { &first };
+    assert!(stuck_region == first || stuck_region == second);
+    assert_region_gone(pid, idle);
+    target.assert_running();
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_busy_progress(&mem, 3);
+}
+
 /// Not a test by itself: the tool process of the kill test. Attaches to the
 /// pid in `HOTPATCH_REMOTE_CALL_HELPER_PID` and calls until killed.
 #[test]
@@ -607,6 +753,14 @@ fn target_survives_a_tool_killed_at_random_moments() {
             target.assert_busy_progress(&mem, 3);
         }
     }
+    // Killed tools left their region for the next: the sessions took over
+    // each other's (a few may stay behind, each kept by a call its tool
+    // was killed while starting, see `adopt`).
+    let left_behind = remote::regions(pid).expect("regions").len();
+    assert!(
+        (1..=8).contains(&left_behind),
+        "{left_behind} call regions after the kills"
+    );
     // The target still works, and so do remote calls.
     let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach after the kills");
     let getpid = remote.libc_function("getpid").expect("getpid");
@@ -659,7 +813,7 @@ fn target_survives_a_tool_killed_at_random_moments() {
     target.assert_running();
     eprintln!(
         "{ROUNDS} kills: {before_attach} before attaching, {during_attach} while attaching, \
-         {during_calls} during calls; {sleeps} full sleeps; {:.1?}",
+         {during_calls} during calls; {left_behind} call regions left; {sleeps} full sleeps; {:.1?}",
         t0.elapsed()
     );
 }

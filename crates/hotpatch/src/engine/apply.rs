@@ -86,8 +86,10 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
     let started = Instant::now();
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::read(path, &options.records)?;
+    tracing::trace!(us = started.elapsed().as_micros() as u64, "apply: spec read");
     let process = Process::open(pid)?;
     let target = target::target_image(&process, spec.target.as_ref())?;
+    tracing::trace!(us = started.elapsed().as_micros() as u64, "apply: target read");
     let image_name = target.mapped.path.clone();
     if let Some(wanted) = spec.target.as_ref().and_then(|t| t.build_id.clone()) {
         let found = target.image.build_id_hex();
@@ -117,12 +119,21 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
             replacement_symbol: r.replacement.clone(),
         });
     }
+    tracing::trace!(
+        us = started.elapsed().as_micros() as u64,
+        "apply: functions planned"
+    );
     let mut pointers: Vec<(String, u64)> = Vec::new();
     for r in &spec.references {
         let value = match r.kind {
             RefKind::Symbol => find_symbol(&target.image, &r.symbol)?.address,
             // The original body: just past the entry nops, which do nothing.
-            RefKind::Original => plan::prepared_function(&target.image, &r.symbol)?.1.short_jump_at + 2,
+            // (A function the patch replaces is planned already: surveying
+            // one decodes the whole image.)
+            RefKind::Original => match planned.iter().find(|p| p.name == r.symbol) {
+                Some(p) => p.flip.short_jump_at + 2,
+                None => plan::prepared_function(&target.image, &r.symbol)?.1.short_jump_at + 2,
+            },
         };
         pointers.push((r.pointer.clone(), target.bias.wrapping_add(value)));
     }
@@ -132,13 +143,20 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
     })?;
 
     // 2. Into the process.
+    tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
     let _lock = Lock::take(pid)?;
     let maps = process.maps()?;
     let (mut region, mut state) = match StateRegion::find(pid, &maps)? {
         Some((r, s)) => (Some(r), s),
         None => (None, State::default()),
     };
+    tracing::debug!(
+        pid,
+        us = started.elapsed().as_micros() as u64,
+        "apply: state read"
+    );
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: attached");
     let result = apply_in(
         &mut remote,
         &mut region,
@@ -154,9 +172,13 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
             build_id: target.image.build_id_hex(),
         },
     );
-    if let Err(e) = remote.release() {
-        tracing::warn!("releasing the call region in process {pid}: {e}");
-    }
+    tracing::debug!(
+        pid,
+        us = started.elapsed().as_micros() as u64,
+        "apply: done in process"
+    );
+    // The call region stays mapped for the next run of the tool.
+    drop(remote);
     let (patch, functions) = result?;
     Ok(Applied {
         pid,
@@ -344,8 +366,17 @@ fn load_and_prepare(
     log: &mut UndoLog<'_>,
 ) -> Result<Staged, EngineError> {
     let pid = input.pid;
-    for (pointer, value) in input.pointers {
-        let at = remote.dlsym(handle, pointer)?;
+    // Every name at once: mostly read from the patch file, not one remote
+    // call each.
+    let names: Vec<&str> = input
+        .pointers
+        .iter()
+        .map(|(pointer, _)| pointer.as_str())
+        .chain(input.planned.iter().map(|p| p.replacement_symbol.as_str()))
+        .collect();
+    let addresses = remote.dlsym_many(handle, &names)?;
+    let (pointer_at, replacements) = addresses.split_at(input.pointers.len());
+    for ((_, value), &at) in input.pointers.iter().zip(pointer_at) {
         let current = log.mem.read(at, 8)?;
         log.write(&Write {
             address: at,
@@ -358,8 +389,7 @@ fn load_and_prepare(
     }
     let mut flips = Vec::new();
     let mut supersede = Vec::new();
-    for p in input.planned {
-        let replacement = remote.dlsym(handle, &p.replacement_symbol)?;
+    for (p, &replacement) in input.planned.iter().zip(replacements) {
         let entry = input.bias.wrapping_add(p.entry);
         if let Some(existing) = state.function(entry) {
             supersede.push(Supersede {

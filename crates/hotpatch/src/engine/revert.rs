@@ -33,7 +33,10 @@ pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     let Some((mut region, mut state)) = StateRegion::find(pid, &maps)? else {
         return match which {
             Which::Patch(id) => Err(EngineError::NoSuchPatch { pid, id }),
-            Which::All => Ok(Vec::new()),
+            Which::All => {
+                remove_call_regions(pid);
+                Ok(Vec::new())
+            }
         };
     };
     let ids: Vec<u32> = match which {
@@ -46,6 +49,7 @@ pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
         Which::All => state.patches.iter().rev().map(|p| p.id).collect(),
     };
     if ids.is_empty() {
+        remove_call_regions(pid);
         return Ok(Vec::new());
     }
     let mem = Mem::open(pid)?;
@@ -69,10 +73,18 @@ pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
         }
     }
     target::sync_cores(&mut remote);
-    if let Err(e) = remote.release() {
-        tracing::warn!("releasing the call region in process {pid}: {e}");
-    }
+    // The call region stays mapped for the next run of the tool.
+    drop(remote);
     result.map(|()| out)
+}
+
+/// `revert --all` with nothing applied also unmaps the remote-call regions
+/// earlier runs left mapped (idle ones; see `Remote`).
+fn remove_call_regions(pid: i32) {
+    match crate::process::remote::remove_regions(pid) {
+        Ok(n) => tracing::debug!(pid, removed = n, "call regions removed"),
+        Err(e) => tracing::warn!("removing the call regions of process {pid}: {e}"),
+    }
 }
 
 /// Undo a write if it was done: a byte range that already holds the

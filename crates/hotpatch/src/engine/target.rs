@@ -301,12 +301,23 @@ pub fn store_slot(state: &mut State, remote: &mut Remote, slot: u64, value: u64)
 /// (`membarrier` SYNC_CORE). Kernels without it: the flip still happened;
 /// a core may run the old bytes until its next serialising event.
 pub fn sync_cores(remote: &mut Remote) {
-    let r = remote
-        .syscall(
-            NR_MEMBARRIER,
-            &[MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0],
-        )
-        .and_then(|_| remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0]));
+    const EPERM: i64 = 1;
+    let sync = |remote: &mut Remote| {
+        remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0])
+    };
+    // Registered once per process (an earlier run may have done it):
+    // `EPERM` means not yet.
+    let r = sync(remote).and_then(|r| {
+        if r != -EPERM {
+            return Ok(r);
+        }
+        remote
+            .syscall(
+                NR_MEMBARRIER,
+                &[MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0],
+            )
+            .and_then(|_| sync(remote))
+    });
     match r {
         Ok(0) => {}
         Ok(e) => tracing::warn!("membarrier(SYNC_CORE) returned {e}"),

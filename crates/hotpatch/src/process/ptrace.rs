@@ -110,7 +110,7 @@ impl Traced {
 
     fn wait_stop(&mut self, timeout: Duration) -> Result<(), ProcessError> {
         let start = Instant::now();
-        let mut nap = Duration::from_micros(20);
+        let mut backoff = Backoff::new(Duration::from_millis(2));
         let pid = Pid::from_raw(self.tid);
         loop {
             let status = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
@@ -160,8 +160,7 @@ impl Traced {
                     after: timeout,
                 });
             }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(2));
+            backoff.pause();
         }
     }
 
@@ -226,6 +225,40 @@ impl Drop for Traced {
                 error = %e,
                 "could not detach; the kernel releases the thread when this thread exits"
             );
+        }
+    }
+}
+
+/// Polling for something another thread or process does: yield the CPU
+/// for the first [`Backoff::SPIN`] (most waits end within tens of µs; a
+/// `sleep` costs at least the timer slack, ~50 µs), then sleep with
+/// doubling naps up to a cap.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    start: Instant,
+    nap: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) const SPIN: Duration = Duration::from_micros(200);
+
+    pub(crate) fn new(max: Duration) -> Backoff {
+        Backoff {
+            start: Instant::now(),
+            nap: Duration::from_micros(20),
+            max,
+        }
+    }
+
+    /// Wait a little before the next look.
+    pub(crate) fn pause(&mut self) {
+        if self.start.elapsed() < Self::SPIN {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(self.nap);
+            self.nap = (self.nap * 2).min(self.max);
         }
     }
 }

@@ -9,14 +9,18 @@
 //!
 //! 1. picks a thread (blocked in a restartable system call if possible),
 //!    `PTRACE_SEIZE`s and `PTRACE_INTERRUPT`s it, reads its registers;
-//! 2. writes the frame: function, arguments, every original GPR (`rax` and
-//!    `rip` adjusted so an interrupted system call restarts as the kernel
-//!    would restart it, [`stub::resume_point`]), rflags, and `rsp − 136`;
-//!    writes the resume `rip` at `rsp − 136`, just under the red zone;
+//! 2. writes the resume `rip` at `rsp − 136`, just under the red zone, with
+//!    `process_vm_writev` (which, unlike `/proc/PID/mem`, fails on a page
+//!    the program could not write: then another thread is tried); writes
+//!    the frame in one piece: function, arguments, every original GPR
+//!    (`rax` and `rip` adjusted so an interrupted system call restarts as
+//!    the kernel would restart it, [`stub::resume_point`]), rflags,
+//!    `rsp − 136`, done = 0 and the thread's tid (`OWNER`);
 //! 3. `PTRACE_SETREGS` (rip = stub, rsp = frame, `orig_rax = −1`) — the
 //!    last step: the frame is complete before the thread can run the stub —
 //!    then `PTRACE_DETACH`es;
-//! 4. polls the frame's done flag through `/proc/PID/mem` (bounded).
+//! 4. polls the frame's done flag through `/proc/PID/mem` (bounded; spinning
+//!    for the first 200 µs, then sleeping).
 //!
 //! The stub saves the extended state (XSAVE), calls, stores the result,
 //! restores everything, sets done and returns with `ret 128`. If the tool
@@ -36,6 +40,24 @@
 //! again), the cave is put back to zeros. [`Remote::release`] unmaps the
 //! region the same way.
 //!
+//! # Reuse
+//!
+//! A region outlives its session: dropping a [`Remote`] leaves it mapped
+//! (and named `[anon:hotpatch-call]` where the kernel supports it), and the
+//! next session, of this or a later tool, finds it in `/proc/PID/maps` and
+//! takes it instead of bootstrapping (saving the cave round trips, the
+//! `munmap` and reading libc's file: the functions a session needs are
+//! recorded in the region). Found regions are checked byte for byte (the
+//! marker, our exact stub). Two sessions never share one: each holds an
+//! exclusive `flock` on a per-region file in the temp directory while it
+//! lives (the kernel drops it when the tool dies). A region is taken only
+//! when no call can be using its frame (see `adopt`): its done flag is 1,
+//! or the thread its last call went to has exited. A tool killed between
+//! writing a frame and `SETREGS` leaves done = 0 with a live thread that
+//! is not in the stub; that cannot be told apart for certain from a call
+//! in progress, so such a region stays unused (never wrongly reused).
+//! [`remove_regions`] unmaps every idle region.
+//!
 //! # Limits
 //!
 //! - A thread interrupted in a system call that is never restarted
@@ -44,11 +66,12 @@
 //! - Targets with CET shadow stacks are refused (the stub returns with
 //!   `ret`).
 //! - A call that never returns keeps its thread; the session is then
-//!   unusable (its frame may still be in use).
+//!   unusable (its frame may still be in use), and so is its region for
+//!   later sessions.
 //! - A tool killed during the bootstrap may leave a (harmless, never
 //!   executed again) stub in a cave; later bootstraps skip it.
 
-use super::ptrace::{Regs, Traced};
+use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
 use super::threads::{self, SyscallState};
 use super::{MapEntry, Mem, ProcessError};
@@ -113,17 +136,17 @@ impl Default for Timeouts {
     }
 }
 
-/// The target's libc, as mapped: its symbols and load bias.
+/// The target's libc, as mapped: its dynamic symbols and load bias.
 #[derive(Debug)]
 pub struct TargetLibc {
     pub path: String,
     pub bias: u64,
-    image: Image,
+    symbols: DynSymbols,
 }
 
 impl TargetLibc {
     /// Find the C library mapped by `pid` (glibc `libc.so.6`, or musl's
-    /// `ld-musl-*.so.1`) and read its symbols from the file.
+    /// `ld-musl-*.so.1`) and read its dynamic symbols from the file.
     pub fn find(pid: i32, maps: &[MapEntry]) -> Result<TargetLibc, ProcessError> {
         let images = super::maps::images(maps, pid);
         let libc = images
@@ -137,46 +160,295 @@ impl TargetLibc {
                 name: "libc".into(),
                 image: "the process's mappings (statically linked?)".into(),
             })?;
-        let image = Image::open(&libc.open_path).map_err(|e| ProcessError::Image {
+        let symbols = DynSymbols::read(&libc.open_path).map_err(|e| ProcessError::Image {
             pid,
             path: libc.open_path.clone(),
             source: Box::new(e),
         })?;
         Ok(TargetLibc {
             path: libc.path.clone(),
-            bias: libc.base.wrapping_sub(image.link_base()),
-            image,
+            bias: libc.base.wrapping_sub(symbols.link_base),
+            symbols,
         })
     }
 
-    /// The run-time address of function `name`, if libc has it.
+    /// The run-time address of function `name`, if libc exports it.
     pub fn function(&self, name: &str) -> Option<u64> {
-        self.image
-            .functions()
+        self.symbols
+            .lookup(name)
+            .filter(|s| s.st_type == object::elf::STT_FUNC)
+            .map(|s| s.value.wrapping_add(self.bias))
+    }
+}
+
+/// The libc functions a session needs on every run, recorded in the call
+/// region ([`Layout::info`]) so that a later session need not read libc's
+/// file (~2 MiB) again: libc does not move in a live process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct LibcInfo {
+    path: Option<String>,
+    functions: Vec<(String, u64)>,
+}
+
+impl LibcInfo {
+    const MAGIC: &'static [u8; 8] = b"HPLIBC01";
+    const NAMES: [&'static str; 5] = ["dlopen", "dlsym", "dlerror", "dlclose", "__errno_location"];
+
+    fn of(libc: Option<&TargetLibc>) -> LibcInfo {
+        let Some(libc) = libc else {
+            return LibcInfo::default();
+        };
+        LibcInfo {
+            path: Some(libc.path.clone()),
+            functions: Self::NAMES
+                .iter()
+                .filter_map(|n| Some((n.to_string(), libc.function(n)?)))
+                .collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<u64> {
+        self.functions.iter().find(|(n, _)| n == name).map(|&(_, a)| a)
+    }
+
+    /// The record in the region, if it holds a valid one.
+    fn read(mem: &Mem, layout: &Layout) -> Option<LibcInfo> {
+        let head = mem.read(layout.info(), 12).ok()?;
+        if &head[..8] != Self::MAGIC {
+            return None;
+        }
+        let len = u32::from_le_bytes(head[8..12].try_into().ok()?) as u64;
+        if len > stub::INFO_SIZE - 12 {
+            return None;
+        }
+        let json = mem.read(layout.info() + 12, len as usize).ok()?;
+        serde_json::from_slice(&json).ok()
+    }
+
+    fn write(&self, mem: &Mem, layout: &Layout) -> Result<(), ProcessError> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        if json.len() as u64 > stub::INFO_SIZE - 12 {
+            return Ok(());
+        }
+        let mut bytes = Self::MAGIC.to_vec();
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        mem.write(layout.info(), &bytes)
+    }
+}
+
+/// A defined dynamic symbol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DynSym {
+    value: u64,
+    st_type: u8,
+    /// `SHN_ABS`: the value is not relocated.
+    absolute: bool,
+}
+
+/// The symbols an ELF file exports (`.dynsym`, defined, global or weak, in
+/// their default version): what `dlsym` can find in it. Much cheaper than a
+/// full [`Image`] (no `.symtab`, no demangling).
+#[derive(Debug)]
+struct DynSymbols {
+    /// Names with exactly one default-version definition.
+    by_name: std::collections::HashMap<String, DynSym>,
+    /// Names defined more than once (left to `dlsym`).
+    ambiguous: std::collections::HashSet<String>,
+    link_base: u64,
+    /// `PT_DYNAMIC`'s address before relocation (checks a link map's `l_ld`).
+    dynamic: Option<u64>,
+}
+
+impl DynSymbols {
+    fn read(path: &std::path::Path) -> Result<DynSymbols, crate::image::ImageError> {
+        let data = std::fs::read(path).map_err(|error| crate::image::ImageError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(&data).map_err(|what| crate::image::ImageError::Corrupt {
+            path: path.to_path_buf(),
+            what,
+        })
+    }
+
+    fn parse(data: &[u8]) -> Result<DynSymbols, String> {
+        use object::elf;
+        use object::read::elf::{FileHeader, ProgramHeader, Sym};
+        let e = |e: object::read::Error| e.to_string();
+        let header = elf::FileHeader64::<object::Endianness>::parse(data).map_err(e)?;
+        let endian = header.endian().map_err(e)?;
+        let phdrs = header.program_headers(endian, data).map_err(e)?;
+        let link_base = phdrs
             .iter()
-            .find(|f| f.has_name(name) && f.kind == crate::image::FunctionKind::Function)
-            .map(|f| f.address.wrapping_add(self.bias))
+            .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+            .map(|p| p.p_vaddr(endian) & !(PAGE - 1))
+            .min()
+            .unwrap_or(0);
+        let dynamic = phdrs
+            .iter()
+            .find(|p| p.p_type(endian) == elf::PT_DYNAMIC)
+            .map(|p| p.p_vaddr(endian));
+        let sections = header.sections(endian, data).map_err(e)?;
+        let symtab = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(e)?;
+        let versions = sections.versions(endian, data).map_err(e)?;
+        let mut by_name = std::collections::HashMap::new();
+        let mut ambiguous = std::collections::HashSet::new();
+        for (index, sym) in symtab.enumerate() {
+            let shndx = sym.st_shndx(endian);
+            let bind = sym.st_bind();
+            if shndx == elf::SHN_UNDEF || !(bind == elf::STB_GLOBAL || bind == elf::STB_WEAK) {
+                continue;
+            }
+            if versions
+                .as_ref()
+                .is_some_and(|v| v.version_index(endian, index).is_hidden())
+            {
+                continue;
+            }
+            let Ok(name) = sym.name(endian, symtab.strings()) else {
+                continue;
+            };
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let entry = DynSym {
+                value: sym.st_value(endian),
+                st_type: sym.st_type(),
+                absolute: shndx == elf::SHN_ABS,
+            };
+            if ambiguous.contains(name) {
+                continue;
+            }
+            if by_name
+                .insert(name.to_string(), entry)
+                .is_some_and(|old| old != entry)
+            {
+                by_name.remove(name);
+                ambiguous.insert(name.to_string());
+            }
+        }
+        Ok(DynSymbols {
+            by_name,
+            ambiguous,
+            link_base,
+            dynamic,
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Option<&DynSym> {
+        self.by_name.get(name)
+    }
+
+    /// The address `dlsym` returns for `name` in an object loaded with
+    /// bias `l_addr`, when that is certain from the file alone: a plain
+    /// function, object or untyped symbol, defined once. `None` for the
+    /// rest (IFUNC, TLS, absolute, several versions, not defined here):
+    /// ask `dlsym`.
+    fn dlsym_address(&self, l_addr: u64, name: &str) -> Option<u64> {
+        use object::elf;
+        if self.ambiguous.contains(name) {
+            return None;
+        }
+        let s = self.lookup(name)?;
+        let plain = matches!(s.st_type, elf::STT_FUNC | elf::STT_OBJECT | elf::STT_NOTYPE);
+        (plain && !s.absolute).then(|| s.value.wrapping_add(l_addr))
     }
 }
 
 /// A remote-call session with one target process. Calls are serialised;
 /// after a call times out the session refuses further calls (its thread
 /// may still be inside the stub).
+///
+/// The session's region stays mapped in the target when the session is
+/// dropped, for the next session (of this or a later tool) to reuse;
+/// [`Remote::release`] unmaps it.
 #[derive(Debug)]
 pub struct Remote {
     pid: i32,
     mem: Mem,
     layout: Layout,
     stub: SessionStub,
-    libc: Option<TargetLibc>,
+    /// The target's libc, read from its file when first needed.
+    libc: std::cell::OnceCell<Option<TargetLibc>>,
+    /// libc functions known without reading the file (recorded in the
+    /// region by the session that made it, see [`LibcInfo`]).
+    libc_known: LibcInfo,
     errno_fn: u64,
     timeouts: Timeouts,
     poisoned: Option<String>,
     /// Run calls on this thread only.
     pinned: Option<i32>,
-    /// Rotates calls over equally good threads.
-    turn: usize,
+    /// Calls made: seeds the choice among equally good threads.
+    calls: u64,
+    /// Held while the session lives: no other session uses the region.
+    _lock: std::fs::File,
+    /// Whether the region was found in the target (made by an earlier
+    /// session) rather than made by this one.
+    reused: bool,
 }
+
+/// The fixed parts of a session being opened.
+#[derive(Clone, Copy)]
+struct Session {
+    pid: i32,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// The session on the region at `layout`; its libc functions from the
+    /// region's record if it holds a valid one, else from the file (and
+    /// recorded for the next session).
+    fn into_remote(
+        self,
+        mem: Mem,
+        layout: Layout,
+        stub: SessionStub,
+        lock: std::fs::File,
+        reused: bool,
+        maps: Vec<MapEntry>,
+    ) -> Remote {
+        let pid = self.pid;
+        let recorded = if reused {
+            LibcInfo::read(&mem, &layout)
+        } else {
+            None
+        };
+        let libc = std::cell::OnceCell::new();
+        let known = match recorded {
+            Some(info) => info,
+            None => {
+                let found = TargetLibc::find(pid, &maps).ok();
+                let info = LibcInfo::of(found.as_ref());
+                if let Err(e) = info.write(&mem, &layout) {
+                    tracing::debug!(pid, error = %e, "could not record libc in the call region");
+                }
+                let _ = libc.set(found);
+                info
+            }
+        };
+        let errno_fn = known.get("__errno_location").unwrap_or(0);
+        Remote {
+            pid,
+            mem,
+            layout,
+            stub,
+            libc,
+            libc_known: known,
+            errno_fn,
+            timeouts: self.timeouts,
+            poisoned: None,
+            pinned: None,
+            calls: 0,
+            _lock: lock,
+            reused,
+        }
+    }
+}
+
+/// What `/proc/PID/maps` shows for a call region (an anonymous mapping
+/// named with `PR_SET_VMA_ANON_NAME`, where the kernel has it).
+pub const REGION_NAME: &str = "hotpatch-call";
 
 /// Size of the XSAVE area for the features the OS enabled in XCR0
 /// (CPUID leaf 0xD, sub-leaf 0, EBX). XCR0 is the same for every process.
@@ -207,25 +479,246 @@ fn check_supported(pid: i32) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// The process's start time (`/proc/PID/stat` field 22): tells a recycled
+/// pid from the process meant.
+fn start_time(pid: i32) -> Result<String, ProcessError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| ProcessError::from_io(pid, path.into(), e))?;
+    Ok(stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .unwrap_or("0")
+        .to_string())
+}
+
+/// Take the lock of the call region at `base` of process `pid` (an
+/// exclusive `flock` on a file per region, released by the kernel when the
+/// holder exits); `None` when another session holds it.
+fn lock_region(pid: i32, started: &str, base: u64) -> Result<Option<std::fs::File>, ProcessError> {
+    let path = std::env::temp_dir().join(format!("hotpatch-{pid}-{started}-call-{base:x}.lock"));
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ProcessError::from_io(pid, path.clone(), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(ProcessError::from_io(pid, path, e)),
+    }
+}
+
+/// The bases of what look like call regions in `maps`: an anonymous
+/// private r-x page directly followed by an anonymous private rw-
+/// mapping that covers the rest of a [`Layout`]. (Only a look: the
+/// contents are checked by [`adopt`].)
+fn region_bases(maps: &[MapEntry], xsave: u64) -> Vec<u64> {
+    let size = Layout::size_for(xsave);
+    let named = format!("[anon:{REGION_NAME}]");
+    let anon = |m: &MapEntry| m.inode == 0 && m.private && m.path.as_deref().is_none_or(|p| p == named);
+    maps.windows(2)
+        .filter(|w| {
+            let (code, data) = (&w[0], &w[1]);
+            anon(code)
+                && anon(data)
+                && code.readable
+                && code.executable
+                && !code.writable
+                && code.end - code.start >= stub::CODE_SIZE
+                && data.start == code.end
+                && data.readable
+                && data.writable
+                && !data.executable
+                && data.end >= code.end - stub::CODE_SIZE + size
+        })
+        .map(|w| w[0].end - stub::CODE_SIZE)
+        .collect()
+}
+
+/// Whether a region at `layout` satisfies `placement`.
+fn placed(layout: &Layout, placement: Placement) -> bool {
+    match placement {
+        Placement::Anywhere => true,
+        Placement::Near(a) => layout.base.abs_diff(a) <= REACH && layout.end().abs_diff(a) <= REACH,
+    }
+}
+
+/// How long a new session waits for the last call in a region to finish
+/// (a tool killed mid-call) before it makes a region of its own: when the
+/// call's thread is seen in the region, and when it is running (where it
+/// is would take an interrupt to know).
+const ADOPT_WAIT: Duration = Duration::from_millis(20);
+const ADOPT_WAIT_RUNNING: Duration = Duration::from_millis(2);
+
+/// Check the region at `layout` (whose lock the caller holds) and make it
+/// this session's: the bootstrap marker, the code page holding exactly our
+/// stub (or zeros: bootstrapped by a tool killed before it wrote the stub),
+/// and no call in flight. `None` when it is not ours or still busy.
+///
+/// No call is in flight when `DONE` is 1, or when the thread the last call
+/// was given to (`OWNER`) has exited. `DONE` goes to 0 with the frame
+/// write, before `SETREGS`, and back to 1 when the stub is done with the
+/// frame; so with `DONE` 0 and the thread alive, a call may be running
+/// (then it gets [`ADOPT_WAIT`] to finish), or its tool was killed just
+/// before `SETREGS` — which cannot be told for certain from outside (a
+/// signal handler on an alternate stack hides where the thread is), so
+/// such a region is never taken: it stays, unused, until that thread
+/// exits.
+fn adopt(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<Option<SessionStub>, ProcessError> {
+    let pid = mem.pid();
+    let stub = stub::session_stub(layout).map_err(|e| ProcessError::Unsupported {
+        pid,
+        what: format!("assembling the stub: {e}"),
+    })?;
+    let Ok(code) = mem.read(layout.code(), stub.bytes.len()) else {
+        return Ok(None);
+    };
+    let frame_at = layout.frame();
+    let Ok(boot) = mem.read_u64(frame_at + frame::BOOT) else {
+        return Ok(None);
+    };
+    if boot != u64::from(stub::BOOT_MAGIC) {
+        return Ok(None);
+    }
+    let fresh = code.iter().all(|&b| b == 0);
+    if !fresh && code != stub.bytes {
+        tracing::debug!(
+            pid,
+            base = layout.base,
+            "a call region with another stub (another version?)"
+        );
+        return Ok(None);
+    }
+    let owner = mem.read_u64(frame_at + frame::OWNER)?;
+    let start = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(1));
+    loop {
+        let done = mem.read_u32(frame_at + frame::DONE)?;
+        if done == 1 || owner == 0 || !threads::thread_exists(pid, owner as i32) {
+            break;
+        }
+        let wait = match owner_in_region(pid, owner as i32, layout) {
+            Some(true) => ADOPT_WAIT,
+            None => ADOPT_WAIT_RUNNING,
+            Some(false) => Duration::ZERO,
+        };
+        if start.elapsed() >= wait.min(timeouts.call) {
+            tracing::debug!(
+                pid,
+                base = layout.base,
+                owner,
+                "call region busy: its last call has not returned"
+            );
+            return Ok(None);
+        }
+        backoff.pause();
+    }
+    if fresh {
+        // Nothing ever ran there: the stub is written before any call.
+        mem.write_expecting(layout.code(), &code, &stub.bytes)?;
+    }
+    mem.write_u32(frame_at + frame::DONE, 1)?;
+    Ok(Some(stub))
+}
+
+/// Whether thread `tid` is visibly in the region at `layout` (its `pc` in
+/// the code page or its `sp` in the region), from
+/// `/proc/PID/task/TID/syscall` without interrupting it; `None` while it
+/// runs (the kernel does not say).
+fn owner_in_region(pid: i32, tid: i32, layout: &Layout) -> Option<bool> {
+    let info = threads::thread_info(pid, tid).ok()?;
+    let (sp, pc) = match info.syscall {
+        SyscallState::Blocked { sp, pc } | SyscallState::InSyscall { sp, pc, .. } => (sp, pc),
+        _ => return None,
+    };
+    let region = layout.base..layout.end();
+    Some(region.contains(&sp) || (layout.code()..layout.code() + stub::CODE_SIZE).contains(&pc))
+}
+
+/// The call regions in process `pid` (their address ranges), made by any
+/// session: idle, in use, or with a call that never returned.
+pub fn regions(pid: i32) -> Result<Vec<Range<u64>>, ProcessError> {
+    let maps = super::Process::open(pid)?.maps()?;
+    let mem = Mem::open(pid)?;
+    let xsave = xsave_size();
+    Ok(region_bases(&maps, xsave)
+        .into_iter()
+        .map(|b| Layout::new(b, xsave))
+        .filter(|l| {
+            mem.read_u64(l.frame() + frame::BOOT)
+                .is_ok_and(|m| m == u64::from(stub::BOOT_MAGIC))
+        })
+        .map(|l| l.base..l.end())
+        .collect())
+}
+
+/// Unmap every idle call region of process `pid` (those that no session
+/// holds and whose last call returned); returns how many.
+pub fn remove_regions(pid: i32) -> Result<usize, ProcessError> {
+    let mut removed = 0;
+    while let Some(remote) = Remote::open(pid, Placement::Anywhere, Timeouts::default(), false)? {
+        remote.release()?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 impl Remote {
-    /// Open a session: map a region in the target (through a cave, see the
-    /// module docs) placed as asked, and put the session stub in it.
+    /// Open a session: reuse a call region left in the target by an earlier
+    /// session if there is an idle one placed as asked, else map one
+    /// (through a cave, see the module docs) and put the session stub in it.
     pub fn attach(pid: i32, placement: Placement) -> Result<Remote, ProcessError> {
         Self::attach_with(pid, placement, Timeouts::default())
     }
 
     pub fn attach_with(pid: i32, placement: Placement, timeouts: Timeouts) -> Result<Remote, ProcessError> {
-        let process = super::Process::open(pid)?;
+        Self::open(pid, placement, timeouts, true)?.ok_or(ProcessError::NoSuchProcess { pid })
+    }
+
+    /// Like [`Remote::attach_with`]; with `create` false, only an existing
+    /// idle region is taken (`None` if there is none).
+    fn open(
+        pid: i32,
+        placement: Placement,
+        timeouts: Timeouts,
+        create: bool,
+    ) -> Result<Option<Remote>, ProcessError> {
+        let t0 = Instant::now();
+        if pid <= 0 {
+            return Err(ProcessError::NoSuchProcess { pid });
+        }
+        let maps = super::Process { pid }.maps()?;
         check_supported(pid)?;
         let mem = Mem::open(pid)?;
         let xsave = xsave_size();
         let size = Layout::size_for(xsave);
-        let maps = process.maps()?;
-        let libc = TargetLibc::find(pid, &maps).ok();
-        let errno_fn = libc
-            .as_ref()
-            .and_then(|l| l.function("__errno_location"))
-            .unwrap_or(0);
+        let started = start_time(pid)?;
+        let session = Session { pid, timeouts };
+        // An idle region left by an earlier session.
+        for base in region_bases(&maps, xsave) {
+            let layout = Layout::new(base, xsave);
+            if !placed(&layout, placement) {
+                continue;
+            }
+            let Some(lock) = lock_region(pid, &started, base)? else {
+                tracing::debug!(pid, base, "call region in use by another session");
+                continue;
+            };
+            if let Some(stub) = adopt(&mem, &layout, timeouts)? {
+                let r = session.into_remote(mem, layout, stub, lock, true, maps);
+                tracing::debug!(
+                    pid,
+                    base,
+                    us = t0.elapsed().as_micros() as u64,
+                    "attach: reused the call region"
+                );
+                return Ok(Some(r));
+            }
+        }
+        if !create {
+            return Ok(None);
+        }
         let spots = free_spots(&maps, size, placement);
         if spots.is_empty() {
             return Err(ProcessError::Unsupported {
@@ -235,6 +728,10 @@ impl Remote {
         }
         let mut last_err = None;
         for base in spots.into_iter().take(4) {
+            // Locked before it exists: nobody adopts it half made.
+            let Some(lock) = lock_region(pid, &started, base)? else {
+                continue;
+            };
             let layout = Layout::new(base, xsave);
             match bootstrap(&mem, &layout, timeouts) {
                 Ok(()) => {
@@ -244,18 +741,16 @@ impl Remote {
                     })?;
                     let zeros = vec![0u8; stub.bytes.len()];
                     mem.write_expecting(layout.code(), &zeros, &stub.bytes)?;
-                    return Ok(Remote {
+                    mem.write_u32(layout.frame() + frame::DONE, 1)?;
+                    let mut r = session.into_remote(mem, layout, stub, lock, false, maps);
+                    r.name_region();
+                    tracing::debug!(
                         pid,
-                        mem,
-                        layout,
-                        stub,
-                        libc,
-                        errno_fn,
-                        timeouts,
-                        poisoned: None,
-                        pinned: None,
-                        turn: 0,
-                    });
+                        base,
+                        us = t0.elapsed().as_micros() as u64,
+                        "attach: mapped a call region"
+                    );
+                    return Ok(Some(r));
                 }
                 Err(e @ ProcessError::CallFailed { .. }) => {
                     tracing::debug!(pid, base, error = %e, "bootstrap mmap failed; next spot");
@@ -265,6 +760,37 @@ impl Remote {
             }
         }
         Err(last_err.unwrap_or(ProcessError::NoSuchProcess { pid }))
+    }
+
+    /// Name the region in `/proc/PID/maps` ([`REGION_NAME`]); kernels
+    /// without `CONFIG_ANON_VMA_NAME` refuse, which only costs the name.
+    fn name_region(&mut self) {
+        const PR_SET_VMA: u64 = 0x5356_4d41;
+        const PR_SET_VMA_ANON_NAME: u64 = 0;
+        const NR_PRCTL: u64 = 157;
+        let mut name = REGION_NAME.as_bytes().to_vec();
+        name.push(0);
+        let r = self.write_scratch(&name).and_then(|at| {
+            self.syscall(
+                NR_PRCTL,
+                &[
+                    PR_SET_VMA,
+                    PR_SET_VMA_ANON_NAME,
+                    self.layout.base,
+                    self.layout.size(),
+                    at,
+                ],
+            )
+        });
+        match r {
+            Ok(0) => {}
+            other => tracing::debug!(pid = self.pid, ?other, "could not name the call region"),
+        }
+    }
+
+    /// Whether this session reuses a region an earlier session left.
+    pub fn reused(&self) -> bool {
+        self.reused
     }
 
     pub fn pid(&self) -> i32 {
@@ -284,8 +810,14 @@ impl Remote {
         &self.mem
     }
 
+    /// The target's libc (read from its file on first use).
     pub fn libc(&self) -> Option<&TargetLibc> {
-        self.libc.as_ref()
+        self.libc
+            .get_or_init(|| {
+                let maps = super::Process { pid: self.pid }.maps().ok()?;
+                TargetLibc::find(self.pid, &maps).ok()
+            })
+            .as_ref()
     }
 
     pub fn set_timeouts(&mut self, t: Timeouts) {
@@ -344,7 +876,10 @@ impl Remote {
 
     /// The address of function `name` in the target's libc.
     pub fn libc_function(&self, name: &str) -> Result<u64, ProcessError> {
-        let libc = self.libc.as_ref().ok_or_else(|| ProcessError::SymbolNotFound {
+        if let Some(address) = self.libc_known.get(name) {
+            return Ok(address);
+        }
+        let libc = self.libc().ok_or_else(|| ProcessError::SymbolNotFound {
             pid: self.pid,
             name: name.into(),
             image: "libc (none mapped)".into(),
@@ -467,6 +1002,57 @@ impl Remote {
         Ok(addr)
     }
 
+    /// `dlsym(handle, name)` for every name, in order. Names the loaded
+    /// file itself exports plainly (see `DynSymbols::dlsym_address`) are
+    /// read from the file and the load bias in the handle's link map
+    /// (glibc's handle is its `struct link_map`; musl's `struct dso` starts
+    /// the same way: `l_addr`, `l_name`, `l_ld`), with no remote call; the
+    /// rest go through `dlsym` in the target.
+    pub fn dlsym_many(&mut self, handle: u64, names: &[&str]) -> Result<Vec<u64>, ProcessError> {
+        let loaded = self.loaded_symbols(handle);
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match loaded
+                .as_ref()
+                .and_then(|(bias, syms)| syms.dlsym_address(*bias, name))
+            {
+                Some(address) => out.push(address),
+                None => out.push(self.dlsym(handle, name)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The load bias and exported symbols of the object `handle` (from
+    /// `dlopen`) stands for, if its link map and file agree: the file's
+    /// first mapping at `l_addr` plus its link base, its `PT_DYNAMIC` at
+    /// `l_ld`.
+    fn loaded_symbols(&mut self, handle: u64) -> Option<(u64, DynSymbols)> {
+        let head = self.mem.read(handle, 24).ok()?;
+        let word = |i: usize| u64::from_le_bytes(head[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let (l_addr, l_name, l_ld) = (word(0), word(1), word(2));
+        let name = self.mem.read_c_string(l_name, 4096).ok()?;
+        let maps = super::Process { pid: self.pid }.maps().ok()?;
+        let images = super::maps::images(&maps, self.pid);
+        let image = images
+            .iter()
+            .filter(|i| i.path == name)
+            .min_by_key(|i| i.base != l_addr)?;
+        let syms = DynSymbols::read(&image.open_path).ok()?;
+        let same = image.base == l_addr.wrapping_add(syms.link_base)
+            && syms.dynamic.map(|d| d.wrapping_add(l_addr)) == Some(l_ld);
+        if !same {
+            tracing::debug!(
+                pid = self.pid,
+                handle,
+                name,
+                "link map and file disagree; dlsym for each name"
+            );
+            return None;
+        }
+        Some((l_addr, syms))
+    }
+
     /// Map `len` bytes of anonymous memory with `prot` in the target, placed
     /// as asked (`MAP_FIXED_NOREPLACE` at free spots from its maps).
     pub fn mmap(&mut self, placement: Placement, len: u64, prot: u64) -> Result<u64, ProcessError> {
@@ -515,46 +1101,76 @@ impl Remote {
         }
         let mut a = [0u64; 6];
         a[..args.len()].copy_from_slice(args);
-        let tid = self.hijack(|regs, stack| {
-            let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
-            let ret_rsp = regs.rsp.wrapping_sub(stub::RED_ZONE + 8);
-            if !writable(stack, ret_rsp, 8) {
-                return None;
+        let t0 = Instant::now();
+        let frame_at = self.layout.frame();
+        let (entry, errno_fn) = (self.stub.entry, self.errno_fn);
+        let mut committed = false;
+        let choice = Choice {
+            pinned: self.pinned,
+            seed: spread_seed(self.calls),
+        };
+        let hijacked = hijack(
+            self.pid,
+            &self.mem,
+            self.timeouts,
+            choice,
+            None,
+            &mut committed,
+            &mut |regs, _, tid| {
+                let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
+                let ret_rsp = regs.rsp.wrapping_sub(stub::RED_ZONE + 8);
+                // The whole frame in one write: DONE = 0 and OWNER from here
+                // on (see `adopt`), the bootstrap marker as it was.
+                let mut f = vec![0u8; frame::XSAVE as usize];
+                let mut put = |off: u64, v: u64| {
+                    f[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+                };
+                put(frame::FN, function);
+                for (i, v) in a.iter().enumerate() {
+                    put(frame::ARGS + 8 * i as u64, *v);
+                }
+                put(frame::ERRNO_FN, errno_fn);
+                put(frame::RET_RSP, ret_rsp);
+                put(frame::RFLAGS, regs.eflags);
+                let gprs = [
+                    rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9,
+                    regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+                ];
+                for (i, v) in gprs.into_iter().enumerate() {
+                    put(frame::GPRS + 8 * i as u64, v);
+                }
+                put(frame::NR, nr);
+                put(frame::BOOT, u64::from(stub::BOOT_MAGIC));
+                put(frame::OWNER, tid as u64);
+                let mut new = *regs;
+                new.rip = entry;
+                new.rsp = frame_at;
+                new.orig_rax = u64::MAX;
+                Some(Hijack {
+                    // The resume rip goes where the program itself could write
+                    // it (the write is the check that this stack is usable).
+                    stack: Some((ret_rsp, rip)),
+                    writes: vec![(frame_at, f)],
+                    regs: new,
+                })
+            },
+        );
+        let tid = match hijacked {
+            Ok(tid) => tid,
+            Err(e) => {
+                if committed {
+                    // A thread may run the stub with this frame: no other
+                    // call may write it until that is known to be over.
+                    self.poisoned = Some(format!("a thread was sent into the stub, then: {e}"));
+                }
+                return Err(e);
             }
-            // Everything up to the bootstrap marker, which stays.
-            let mut f = vec![0u8; frame::BOOT as usize];
-            let mut put = |off: u64, v: u64| {
-                f[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
-            };
-            put(frame::FN, function);
-            for (i, v) in a.iter().enumerate() {
-                put(frame::ARGS + 8 * i as u64, *v);
-            }
-            put(frame::ERRNO_FN, self.errno_fn);
-            put(frame::RET_RSP, ret_rsp);
-            put(frame::RFLAGS, regs.eflags);
-            let gprs = [
-                rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9, regs.r10,
-                regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
-            ];
-            for (i, v) in gprs.into_iter().enumerate() {
-                put(frame::GPRS + 8 * i as u64, v);
-            }
-            put(frame::NR, nr);
-            let mut new = *regs;
-            new.rip = self.stub.entry;
-            new.rsp = self.layout.frame();
-            new.orig_rax = u64::MAX;
-            Some(Hijack {
-                writes: vec![(self.layout.frame(), f), (ret_rsp, rip.to_le_bytes().to_vec())],
-                regs: new,
-            })
-        })?;
-        self.turn = self.turn.wrapping_add(1);
+        };
+        self.calls += 1;
         // The thread is on its own now. Wait for done.
-        let done_at = self.layout.frame() + frame::DONE;
+        let done_at = frame_at + frame::DONE;
         let start = Instant::now();
-        let mut nap = Duration::from_micros(20);
+        let mut backoff = Backoff::new(Duration::from_millis(1));
         loop {
             match self.mem.read_u32(done_at) {
                 Ok(1) => break,
@@ -574,11 +1190,19 @@ impl Remote {
                     after: self.timeouts.call,
                 });
             }
-            std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(1));
+            backoff.pause();
         }
         let value = self.mem.read_u64(self.layout.frame() + frame::RESULT)?;
         let errno = self.mem.read_u64(self.layout.frame() + frame::ERRNO_AFTER)? as i32;
+        tracing::debug!(
+            pid = self.pid,
+            tid,
+            function,
+            nr,
+            hijack_us = (start - t0).as_micros() as u64,
+            wait_us = start.elapsed().as_micros() as u64,
+            "remote call"
+        );
         Ok(CallOutcome { value, errno, tid })
     }
 
@@ -599,55 +1223,71 @@ impl Remote {
         }
         e
     }
-
-    /// Seize a thread, let `plan` turn its registers into the writes and
-    /// registers that start a call (or `None`: pick another thread), write,
-    /// SETREGS last, detach. Returns the tid.
-    fn hijack(
-        &self,
-        mut plan: impl FnMut(&Regs, &[MapEntry]) -> Option<Hijack>,
-    ) -> Result<i32, ProcessError> {
-        let choice = Choice {
-            pinned: self.pinned,
-            turn: self.turn,
-        };
-        hijack(self.pid, &self.mem, self.timeouts, choice, &mut plan)
-    }
 }
 
 /// Which thread to take.
 #[derive(Debug, Clone, Copy, Default)]
 struct Choice {
     pinned: Option<i32>,
-    turn: usize,
+    seed: u64,
+}
+
+/// A seed for [`threads::pick_spread`]: the call counter mixed with the
+/// clock (splitmix64), so choices do not follow the caller's patterns.
+fn spread_seed(calls: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut z = calls.wrapping_add(nanos).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// What to do to a stopped thread to start a call.
 struct Hijack {
+    /// A word to write on the thread's stack first, with the program's own
+    /// access rights (`process_vm_writev`: no write into a read-only or
+    /// guard page); when refused, another thread is tried.
+    stack: Option<(u64, u64)>,
     /// Memory writes, done before SETREGS.
     writes: Vec<(u64, Vec<u8>)>,
     regs: Regs,
 }
 
+/// The plan of a hijack: the stopped thread's registers, the target's
+/// maps (if the hijack was given maps; else empty) and the thread's tid →
+/// what to do, or `None` (try another thread).
+type Plan<'a> = dyn FnMut(&Regs, &[MapEntry], i32) -> Option<Hijack> + 'a;
+
+/// Seize a thread, let `plan` turn its registers into the writes and
+/// registers that start a call (or `None`: pick another thread), write,
+/// SETREGS, detach. Returns the tid. `committed` is
+/// set once a SETREGS succeeded: from then on the thread runs the stub,
+/// whatever happens to this tool.
 fn hijack(
     pid: i32,
     mem: &Mem,
     timeouts: Timeouts,
     choice: Choice,
-    plan: &mut dyn FnMut(&Regs, &[MapEntry]) -> Option<Hijack>,
+    maps: Option<&[MapEntry]>,
+    committed: &mut bool,
+    plan: &mut Plan<'_>,
 ) -> Result<i32, ProcessError> {
     let mut excluded: Vec<i32> = Vec::new();
     let mut last_err = None;
     for _attempt in 0..4 {
+        let t0 = Instant::now();
         let all = threads::threads(pid)?;
         let candidates: Vec<_> = all
             .iter()
             .filter(|t| !excluded.contains(&t.tid) && choice.pinned.is_none_or(|p| p == t.tid))
             .cloned()
             .collect();
-        let Some(t) = threads::pick_rotating(&candidates, choice.turn).cloned() else {
+        let Some(t) = threads::pick_spread(&candidates, choice.seed).cloned() else {
             break;
         };
+        let t_threads = t0.elapsed();
         let mut traced = match Traced::seize(pid, t.tid) {
             Ok(tr) => tr,
             Err(ProcessError::NoSuchThread { .. }) => {
@@ -665,9 +1305,10 @@ fn hijack(
             }
             Err(e) => return Err(e),
         }
+        let t_int = t0.elapsed();
         let regs = traced.regs()?;
-        let maps = super::Process::open(pid)?.maps()?;
-        let Some(h) = plan(&regs, &maps) else {
+        let h = plan(&regs, maps.unwrap_or(&[]), t.tid);
+        let Some(h) = h else {
             tracing::debug!(
                 pid,
                 tid = t.tid,
@@ -677,18 +1318,58 @@ fn hijack(
             excluded.push(t.tid);
             continue;
         };
+        if let Some((addr, value)) = h.stack
+            && !write_as_program(pid, addr, value)?
+        {
+            tracing::debug!(pid, tid = t.tid, addr, "thread's stack not writable; next thread");
+            excluded.push(t.tid);
+            continue;
+        }
         for (addr, bytes) in &h.writes {
             mem.write(*addr, bytes)?;
         }
-        // Last: from here the thread is committed to the stub, tool or not.
+        // From here the thread is committed to the stub, tool or not.
         traced.set_regs(&h.regs)?;
+        *committed = true;
         traced.detach()?;
+        tracing::trace!(
+            pid,
+            tid = t.tid,
+            threads = ?t_threads,
+            interrupt = ?t_int,
+            all = ?t0.elapsed(),
+            "hijacked"
+        );
         return Ok(t.tid);
     }
     Err(last_err.unwrap_or(ProcessError::NoUsableThread {
         pid,
         why: "no running or sleeping thread could be interrupted with a usable stack".into(),
     }))
+}
+
+/// Write `value` at `addr` in process `pid` as the program itself could
+/// (`process_vm_writev` honours page protections, unlike `/proc/PID/mem`);
+/// `false` when the page is not writable or not mapped.
+fn write_as_program(pid: i32, addr: u64, value: u64) -> Result<bool, ProcessError> {
+    use nix::sys::uio::{RemoteIoVec, process_vm_writev};
+    let bytes = value.to_le_bytes();
+    let local = [std::io::IoSlice::new(&bytes)];
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len: bytes.len(),
+    }];
+    match process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote) {
+        Ok(8) => Ok(true),
+        Ok(_) | Err(nix::errno::Errno::EFAULT) => Ok(false),
+        Err(e) => Err(ProcessError::Mem {
+            pid,
+            op: "process_vm_writev",
+            addr,
+            len: 8,
+            source: e.into(),
+        }),
+    }
 }
 
 /// Whether `[addr, addr + len)` lies in one writable mapping.
@@ -749,57 +1430,69 @@ fn run_cave(
     probe: &dyn Fn() -> Option<u64>,
 ) -> Result<Option<u64>, ProcessError> {
     let pid = mem.pid();
+    let t0 = Instant::now();
     let maps = super::Process::open(pid)?.maps()?;
     let cave = find_cave(pid, mem, &maps, stub::CAVE_MAX)?;
+    tracing::debug!(pid, cave, us = t0.elapsed().as_micros() as u64, "cave found");
     let mut written: Option<Vec<u8>> = None;
     let mut asm_err = None;
-    let result = hijack(pid, mem, timeouts, Choice::default(), &mut |regs, maps| {
-        // rflags go to rsp − 264, under the red zone.
-        if !writable(maps, regs.rsp.wrapping_sub(stub::CAVE_STACK_DROP + 8), 8) {
-            return None;
-        }
-        let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
-        let restore = CaveRestore {
-            rax,
-            rcx: regs.rcx,
-            r11: regs.r11,
-            rdi: regs.rdi,
-            rsi: regs.rsi,
-            rdx: regs.rdx,
-            r10: regs.r10,
-            r8: regs.r8,
-            r9: regs.r9,
-            rip,
-        };
-        let bytes = match stub::cave_stub(cave, op, &restore) {
-            Ok(b) => b,
-            Err(e) => {
-                asm_err = Some(e.to_string());
+    let mut committed = false;
+    let result = hijack(
+        pid,
+        mem,
+        timeouts,
+        Choice::default(),
+        Some(&maps),
+        &mut committed,
+        &mut |regs, maps, _| {
+            // rflags go to rsp − 264, under the red zone.
+            if !writable(maps, regs.rsp.wrapping_sub(stub::CAVE_STACK_DROP + 8), 8) {
                 return None;
             }
-        };
-        // Claim the cave: compare-and-swap on zeros (another tool may be
-        // bootstrapping too).
-        if let Err(e) = mem.write_expecting(cave, &vec![0; bytes.len()], &bytes) {
-            tracing::debug!(pid, cave, error = %e, "cave taken");
-            return None;
-        }
-        written = Some(bytes);
-        let mut new = *regs;
-        new.rip = cave;
-        new.rax = op.nr;
-        new.rdi = op.args[0];
-        new.rsi = op.args[1];
-        new.rdx = op.args[2];
-        new.r10 = op.args[3];
-        new.r8 = op.args[4];
-        new.r9 = op.args[5];
-        new.orig_rax = u64::MAX;
-        Some(Hijack {
-            writes: Vec::new(),
-            regs: new,
-        })
-    });
+            let (rip, rax) = stub::resume_point(regs.rip, regs.rax, regs.orig_rax);
+            let restore = CaveRestore {
+                rax,
+                rcx: regs.rcx,
+                r11: regs.r11,
+                rdi: regs.rdi,
+                rsi: regs.rsi,
+                rdx: regs.rdx,
+                r10: regs.r10,
+                r8: regs.r8,
+                r9: regs.r9,
+                rip,
+            };
+            let bytes = match stub::cave_stub(cave, op, &restore) {
+                Ok(b) => b,
+                Err(e) => {
+                    asm_err = Some(e.to_string());
+                    return None;
+                }
+            };
+            // Claim the cave: compare-and-swap on zeros (another tool may be
+            // bootstrapping too).
+            if let Err(e) = mem.write_expecting(cave, &vec![0; bytes.len()], &bytes) {
+                tracing::debug!(pid, cave, error = %e, "cave taken");
+                return None;
+            }
+            written = Some(bytes);
+            let mut new = *regs;
+            new.rip = cave;
+            new.rax = op.nr;
+            new.rdi = op.args[0];
+            new.rsi = op.args[1];
+            new.rdx = op.args[2];
+            new.r10 = op.args[3];
+            new.r8 = op.args[4];
+            new.r9 = op.args[5];
+            new.orig_rax = u64::MAX;
+            Some(Hijack {
+                stack: None,
+                writes: Vec::new(),
+                regs: new,
+            })
+        },
+    );
     let tid = match result {
         Ok(tid) => tid,
         Err(e) => {
@@ -825,7 +1518,7 @@ fn run_cave(
     // Wait for success (or for the thread to have left the cave without
     // it: the system call failed).
     let start = Instant::now();
-    let mut nap = Duration::from_micros(20);
+    let mut backoff = Backoff::new(Duration::from_millis(1));
     let marker = loop {
         if let Some(m) = probe() {
             break Some(m);
@@ -843,8 +1536,7 @@ fn run_cave(
                 after: timeouts.call,
             });
         }
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(1));
+        backoff.pause();
     };
     // The marker is written before the last few instructions: wait until
     // the thread is out, then put the cave back.
@@ -857,6 +1549,7 @@ fn run_cave(
         });
     }
     mem.write_expecting(cave, &bytes, &vec![0; bytes.len()])?;
+    tracing::debug!(pid, us = t0.elapsed().as_micros() as u64, "cave op done");
     Ok(marker)
 }
 
@@ -1019,12 +1712,16 @@ pub fn free_spots(maps: &[MapEntry], size: u64, placement: Placement) -> Vec<u64
     spots
 }
 
-/// One remote call in a fresh session: maps a region in the target, calls,
-/// unmaps it, returns `rax`. For many calls, keep a [`Remote`].
+/// One remote call in a session of its own: takes an idle call region (or
+/// maps one), calls, and leaves the target's mappings as they were (a
+/// region it mapped is unmapped again); returns `rax`. For many calls, keep
+/// a [`Remote`].
 pub fn call(pid: i32, function: u64, args: &[u64]) -> Result<u64, ProcessError> {
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
     let value = remote.call(function, args)?;
-    if let Err(e) = remote.release() {
+    if !remote.reused()
+        && let Err(e) = remote.release()
+    {
         tracing::warn!(pid, error = %e, "could not unmap the remote-call region");
     }
     Ok(value)

@@ -65,10 +65,16 @@ pub mod frame {
     pub const GPRS: u64 = 0x68;
     /// System call number for the syscall helper.
     pub const NR: u64 = 0xe0;
-    /// Set to 1 by the stub once nothing of this frame is needed any more.
+    /// Set to 1 by the stub once nothing of this frame is needed any more;
+    /// set to 0 by the tool with the rest of the frame, before
+    /// `PTRACE_SETREGS`: 1 means no call can be using the frame. A region
+    /// nobody called yet holds 1.
     pub const DONE: u64 = 0xe8;
     /// Written by the bootstrap: [`super::BOOT_MAGIC`] | mprotect result << 32.
     pub const BOOT: u64 = 0xf0;
+    /// The tid of the thread the last call was given to (written before
+    /// `PTRACE_SETREGS`; 0 before the first call).
+    pub const OWNER: u64 = 0xf8;
     /// The XSAVE area (64-byte aligned).
     pub const XSAVE: u64 = 0x100;
 }
@@ -95,6 +101,9 @@ pub const CODE_SIZE: u64 = 0x1000;
 pub const STACK_SIZE: u64 = 1 << 20;
 /// Scratch bytes for strings passed to remote calls.
 pub const SCRATCH_SIZE: u64 = 0x1000;
+/// What a session records for the next one (the target's libc functions),
+/// after the scratch bytes.
+pub const INFO_SIZE: u64 = 0x1000;
 
 impl Layout {
     pub fn new(base: u64, xsave_size: u64) -> Layout {
@@ -107,7 +116,7 @@ impl Layout {
     }
 
     pub fn size_for(xsave_size: u64) -> u64 {
-        let data = frame::XSAVE + xsave_size.next_multiple_of(64) + SCRATCH_SIZE;
+        let data = frame::XSAVE + xsave_size.next_multiple_of(64) + SCRATCH_SIZE + INFO_SIZE;
         CODE_SIZE + STACK_SIZE + data.next_multiple_of(0x1000)
     }
 
@@ -122,6 +131,10 @@ impl Layout {
 
     pub fn scratch(&self) -> u64 {
         self.frame() + frame::XSAVE + self.xsave_size.next_multiple_of(64)
+    }
+
+    pub fn info(&self) -> u64 {
+        self.scratch() + SCRATCH_SIZE
     }
 
     pub fn end(&self) -> u64 {
@@ -378,8 +391,10 @@ mod tests {
         assert_eq!(l.frame() % 0x1000, 0);
         assert_eq!((l.frame() + frame::XSAVE) % 64, 0);
         assert_eq!(l.size() % 0x1000, 0);
-        assert!(l.scratch() + SCRATCH_SIZE <= l.end());
+        assert!(l.scratch() + SCRATCH_SIZE <= l.info());
+        assert!(l.info() + INFO_SIZE <= l.end());
         const { assert!(frame::GPRS + 15 * 8 <= frame::NR) };
+        const { assert!(frame::OWNER + 8 <= frame::XSAVE) };
     }
 
     #[test]

@@ -217,6 +217,15 @@ pub fn pick_rotating(threads: &[ThreadInfo], turn: usize) -> Option<&ThreadInfo>
     Some(equal[turn % equal.len()])
 }
 
+/// Like [`pick`], but spread over the equally good threads: the one
+/// `seed` chooses. (A fixed rotation, or always avoiding the last thread,
+/// locks a caller whose calls come in a fixed period onto one thread.)
+pub fn pick_spread(threads: &[ThreadInfo], seed: u64) -> Option<&ThreadInfo> {
+    let best = pick(threads)?.rank();
+    let equal: Vec<&ThreadInfo> = threads.iter().filter(|t| t.rank() == best).collect();
+    Some(equal[(seed % equal.len() as u64) as usize])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +284,25 @@ mod tests {
         assert_eq!(pick_rotating(&two, 0).map(|t| t.tid), Some(4));
         assert_eq!(pick_rotating(&two, 1).map(|t| t.tid), Some(5));
         assert_eq!(pick_rotating(&two, 2).map(|t| t.tid), Some(4));
+    }
+
+    #[test]
+    fn spreads_over_equal_threads() {
+        let read = SyscallState::InSyscall { nr: 0, sp: 0, pc: 0 };
+        let all = [
+            t(4, 'S', read),
+            t(5, 'S', read),
+            t(6, 'S', read),
+            t(7, 'R', SyscallState::Running),
+        ];
+        let seen: std::collections::BTreeSet<_> = (0..64)
+            .map(|seed| pick_spread(&all, seed).map(|t| t.tid))
+            .collect();
+        assert_eq!(seen, [Some(4), Some(5), Some(6)].into_iter().collect());
+        // A better rank wins; stopped processes get nothing.
+        assert_eq!(pick_spread(&all[2..], 1).map(|t| t.tid), Some(6));
+        let stopped = [t(1, 'T', SyscallState::Unknown)];
+        assert_eq!(pick_spread(&stopped, 0), None);
     }
 
     #[test]
