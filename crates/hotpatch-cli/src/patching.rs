@@ -1,33 +1,9 @@
 //! `hotpatch apply`, `list` and `revert`.
 
-use anyhow::{Result, anyhow, bail};
-use hotpatch::engine::{self, ApplyOptions, EngineError, FlipMode, Which};
+use anyhow::{Result, bail};
+use hotpatch::engine::{self, ApplyOptions, FlipMode, Which};
 use hotpatch::patchfile::CommandLineRecords;
-use hotpatch::process::ProcessError;
 use std::path::PathBuf;
-
-/// An engine error as one line. Its message already names the cause, so
-/// the error chain (which would repeat it) is dropped; and a process that
-/// exited while the tool worked on it is said to have exited — otherwise
-/// the symptom (a short write, an empty map) would hide the reason.
-fn engine_error(pid: i32, during: &str, e: EngineError) -> anyhow::Error {
-    let never_there = matches!(e, EngineError::Process(ProcessError::NoSuchProcess { .. }));
-    if !never_there && process_gone(pid) {
-        return anyhow!("process {pid} exited during {during}: {e}");
-    }
-    anyhow!("{e}")
-}
-
-/// The process no longer exists, or is a zombie (exited, not yet reaped).
-fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x')),
-        Err(_) => true,
-    }
-}
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
@@ -81,8 +57,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
             origs: args.origs,
         },
     };
-    let applied =
-        engine::apply(args.pid, &args.patch, &options).map_err(|e| engine_error(args.pid, "the apply", e))?;
+    let applied = engine::apply(args.pid, &args.patch, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&applied)?);
         return Ok(());
@@ -106,7 +81,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
 }
 
 pub fn list(args: ListArgs) -> Result<()> {
-    let state = engine::list(args.pid).map_err(|e| engine_error(args.pid, "the list", e))?;
+    let state = engine::list(args.pid)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(());
@@ -153,7 +128,7 @@ pub fn revert(args: RevertArgs) -> Result<()> {
         (Some(id), false) => Which::Patch(id),
         (None, false) => bail!("give a PATCH-ID or --all"),
     };
-    let reverted = engine::revert(args.pid, which).map_err(|e| engine_error(args.pid, "the revert", e))?;
+    let reverted = engine::revert(args.pid, which)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reverted)?);
         return Ok(());

@@ -43,12 +43,14 @@ pub struct FunctionRecord {
     /// The function's entry in the process.
     pub entry: u64,
     pub slot: u64,
-    /// Writes that undo the flip, in order: entry bytes, then padding and
-    /// trampoline. (The slot is cleared last, expecting whatever it holds.)
+    /// Writes that undo the flip: first the two entry bytes (what `revert`
+    /// writes), then padding and trampoline (never undone once an entry
+    /// was live: the route stays, dormant; see `engine`).
     pub undo: Vec<crate::plan::Write>,
     /// Whether the entry bytes may change with threads running.
     pub live_safe: bool,
-    /// Oldest first; the last is live.
+    /// Oldest first; the last is live. Empty: the function is original
+    /// again and its route is dormant.
     pub versions: Vec<Version>,
     /// The original body, callable while patched.
     pub original: u64,

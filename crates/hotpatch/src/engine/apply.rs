@@ -2,9 +2,8 @@
 
 use super::EngineError;
 use super::target::{self, Lock, StateRegion};
-use crate::image::find_symbol;
 use crate::patchfile::{CommandLineRecords, PatchSpec, RefKind};
-use crate::plan::{self, FunctionFlip, Scratch, Write};
+use crate::plan::{self, FunctionFlip, Planner, Scratch, Write};
 use crate::process::{AllStopped, Mem, Placement, Process, ProcessError, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
 use std::time::{Duration, Instant};
@@ -83,13 +82,15 @@ impl<'a> UndoLog<'a> {
 
 /// Apply the patch at `path` to process `pid`.
 pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<Applied, EngineError> {
+    super::in_process(pid, "the apply", || apply_to(pid, path, options))
+}
+
+fn apply_to(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<Applied, EngineError> {
     let started = Instant::now();
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::read(path, &options.records)?;
-    tracing::trace!(us = started.elapsed().as_micros() as u64, "apply: spec read");
     let process = Process::open(pid)?;
     let target = target::target_image(&process, spec.target.as_ref())?;
-    tracing::trace!(us = started.elapsed().as_micros() as u64, "apply: target read");
     let image_name = target.mapped.path.clone();
     if let Some(wanted) = spec.target.as_ref().and_then(|t| t.build_id.clone()) {
         let found = target.image.build_id_hex();
@@ -103,9 +104,10 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
             });
         }
     }
+    let planner = Planner::new(&target.image);
     let mut planned: Vec<Planned> = Vec::new();
     for r in &spec.replacements {
-        let (entry, flip) = plan::prepared_function(&target.image, &r.target)?;
+        let (entry, flip) = planner.prepared_function(&r.target)?;
         if let Some(other) = planned.iter().find(|p| p.entry == entry) {
             return Err(EngineError::Failed {
                 pid,
@@ -119,21 +121,12 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
             replacement_symbol: r.replacement.clone(),
         });
     }
-    tracing::trace!(
-        us = started.elapsed().as_micros() as u64,
-        "apply: functions planned"
-    );
     let mut pointers: Vec<(String, u64)> = Vec::new();
     for r in &spec.references {
         let value = match r.kind {
-            RefKind::Symbol => find_symbol(&target.image, &r.symbol)?.address,
+            RefKind::Symbol => planner.symbol(&r.symbol)?.address,
             // The original body: just past the entry nops, which do nothing.
-            // (A function the patch replaces is planned already: surveying
-            // one decodes the whole image.)
-            RefKind::Original => match planned.iter().find(|p| p.name == r.symbol) {
-                Some(p) => p.flip.short_jump_at + 2,
-                None => plan::prepared_function(&target.image, &r.symbol)?.1.short_jump_at + 2,
-            },
+            RefKind::Original => planner.prepared_function(&r.symbol)?.1.short_jump_at + 2,
         };
         pointers.push((r.pointer.clone(), target.bias.wrapping_add(value)));
     }
@@ -141,20 +134,15 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
         path: path.to_path_buf(),
         error: e,
     })?;
+    tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
 
     // 2. Into the process.
-    tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
     let _lock = Lock::take(pid)?;
     let maps = process.maps()?;
     let (mut region, mut state) = match StateRegion::find(pid, &maps)? {
         Some((r, s)) => (Some(r), s),
         None => (None, State::default()),
     };
-    tracing::debug!(
-        pid,
-        us = started.elapsed().as_micros() as u64,
-        "apply: state read"
-    );
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: attached");
     let result = apply_in(
@@ -171,11 +159,6 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
             dl_path: &dl_path.display().to_string(),
             build_id: target.image.build_id_hex(),
         },
-    );
-    tracing::debug!(
-        pid,
-        us = started.elapsed().as_micros() as u64,
-        "apply: done in process"
     );
     // The call region stays mapped for the next run of the tool.
     drop(remote);
@@ -199,6 +182,37 @@ struct ApplyInput<'a> {
     build_id: Option<String>,
 }
 
+/// What one function of the patch needs.
+enum Step {
+    /// Never patched: slot, trampoline and padding to write, then the entry.
+    New { entry: u64, flip: FunctionFlip },
+    /// Patched before and reverted: its route (padding, slot, trampoline)
+    /// is still in place; the slot gets the new code, then the entry flips.
+    Revive {
+        entry: u64,
+        slot: u64,
+        replacement: u64,
+        entry_bytes: Vec<Write>,
+        live_safe: bool,
+    },
+    /// Patched now: its live slot changes with one atomic store.
+    Supersede { entry: u64, slot: u64, replacement: u64 },
+}
+
+impl Step {
+    fn entry(&self) -> u64 {
+        match self {
+            Step::New { entry, .. } | Step::Revive { entry, .. } | Step::Supersede { entry, .. } => *entry,
+        }
+    }
+}
+
+fn dlclose(remote: &mut Remote, handle: u64) {
+    if let Ok(f) = remote.libc_function("dlclose") {
+        let _ = remote.call(f, &[handle]);
+    }
+}
+
 fn apply_in(
     remote: &mut Remote,
     region: &mut Option<StateRegion>,
@@ -206,26 +220,34 @@ fn apply_in(
     input: ApplyInput<'_>,
 ) -> Result<(PatchRecord, Vec<AppliedFunction>), EngineError> {
     let pid = input.pid;
-    let handle = remote.dlopen(input.dl_path, RTLD_NOW)?;
     let mem = Mem::open(pid)?;
+    let handle = remote.dlopen(input.dl_path, RTLD_NOW)?;
     let mut log = UndoLog {
         mem: &mem,
         done: Vec::new(),
     };
-    let result = load_and_prepare(remote, region, state, &input, handle, &mut log);
-    let Staged { flips, supersede } = match result {
-        Ok(v) => v,
+    // State as read, plus any scratch pages this run maps (those stay).
+    let before = state.clone();
+    let restore = |state: &mut State| {
+        let scratch = std::mem::take(&mut state.scratch);
+        *state = before.clone();
+        state.scratch = scratch;
+    };
+
+    // Load: pointers filled, scratch allocated, every step planned. Nothing
+    // in the target's code or slots is written yet.
+    let steps = match stage(remote, region, state, &input, handle, &mut log) {
+        Ok(steps) => steps,
         Err(e) => {
             log.undo();
-            if let Ok(dlclose) = remote.libc_function("dlclose") {
-                let _ = remote.call(dlclose, &[handle]);
-            }
+            restore(state);
+            dlclose(remote, handle);
             return Err(e);
         }
     };
 
-    // Record the patch as incomplete before any entry flips, so a tool
-    // killed from here on leaves a record `revert` can act on.
+    // Record the patch, incomplete, before the first write: a tool killed
+    // from here on leaves a record that `revert` acts on.
     let id = state.next_patch_id.max(1);
     state.next_patch_id = id + 1;
     let mut record = PatchRecord {
@@ -237,98 +259,145 @@ fn apply_in(
         applied_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        functions: flips
-            .iter()
-            .map(|f| f.0)
-            .chain(supersede.iter().map(|s| s.entry))
-            .collect(),
+        functions: steps.iter().map(Step::entry).collect(),
         handle,
         complete: false,
     };
-    let before = state.clone();
-    for (planned_entry, flip) in &flips {
-        let mut undo: Vec<Write> = flip.entry_bytes.iter().rev().map(Write::inverse).collect();
-        undo.extend(flip.prepare.iter().skip(1).rev().map(Write::inverse));
-        state.functions.push(FunctionRecord {
-            image: input.image_name.to_string(),
-            name: flip.name.clone(),
-            entry: *planned_entry,
-            slot: flip.slot,
-            undo,
-            live_safe: flip.live_safe,
-            versions: vec![Version {
-                patch: id,
-                replacement: flip.replacement,
-            }],
-            original: flip.original,
-        });
-    }
-    for s in &supersede {
-        if let Some(f) = state.functions.iter_mut().find(|f| f.entry == s.entry) {
-            f.versions.push(Version {
-                patch: id,
-                replacement: s.replacement,
-            });
+    for step in &steps {
+        match step {
+            Step::New { entry, flip } => {
+                let mut undo: Vec<Write> = flip.entry_bytes.iter().rev().map(Write::inverse).collect();
+                undo.extend(flip.prepare.iter().skip(1).rev().map(Write::inverse));
+                state.functions.push(FunctionRecord {
+                    image: input.image_name.to_string(),
+                    name: flip.name.clone(),
+                    entry: *entry,
+                    slot: flip.slot,
+                    undo,
+                    live_safe: flip.live_safe,
+                    versions: vec![Version {
+                        patch: id,
+                        replacement: flip.replacement,
+                    }],
+                    original: flip.original,
+                });
+            }
+            Step::Revive {
+                entry, replacement, ..
+            }
+            | Step::Supersede {
+                entry, replacement, ..
+            } => {
+                if let Some(f) = state.functions.iter_mut().find(|f| f.entry == *entry) {
+                    f.versions.push(Version {
+                        patch: id,
+                        replacement: *replacement,
+                    });
+                }
+            }
         }
     }
     state.patches.push(record.clone());
-    let region = region.as_mut().ok_or_else(|| EngineError::Failed {
-        pid,
-        what: "no state region".into(),
-    })?;
-    if let Err(e) = region.write(&mem, state) {
+    let Some(region) = region.as_mut() else {
+        return Err(EngineError::Failed {
+            pid,
+            what: "no state region".into(),
+        });
+    };
+    let recorded = region.write(&mem, state).and_then(|()| {
+        // The routes of new functions: code no thread runs yet.
+        for step in &steps {
+            if let Step::New { flip, .. } = step {
+                for w in &flip.prepare {
+                    log.write(w)?;
+                }
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = recorded {
+        // No entry flipped: undoing the routes is safe.
         log.undo();
-        *state = before;
+        restore(state);
+        let _ = region.write(&mem, state);
+        dlclose(remote, handle);
         return Err(e);
     }
 
     // 3. The flips.
     let mut applied = Vec::new();
-    let mut flipped: Vec<&FunctionFlip> = Vec::new();
-    let mut superseded: Vec<(u64, u64)> = Vec::new();
+    let mut flipped: Vec<(Vec<Write>, u64, bool)> = Vec::new();
+    let mut stored: Vec<(u64, u64)> = Vec::new();
     let outcome: Result<(), EngineError> = (|| {
-        for (entry, flip) in &flips {
-            let mode = flip_entry(pid, &mem, flip)?;
-            flipped.push(flip);
-            applied.push(AppliedFunction {
-                name: flip.name.clone(),
-                entry: *entry,
-                replacement: flip.replacement,
-                mode,
-            });
-        }
-        for s in &supersede {
-            let old = mem.read_u64(s.slot)?;
-            target::store_slot(state, remote, s.slot, s.replacement)?;
-            superseded.push((s.slot, old));
-            let name = state
-                .function(s.entry)
-                .map(|f| f.name.clone())
-                .unwrap_or_default();
+        for step in &steps {
+            let (entry, replacement, mode, name) = match step {
+                Step::New { entry, flip } => {
+                    let mode = write_entry(pid, &mem, &flip.entry_bytes, flip.entry, flip.live_safe)?;
+                    flipped.push((flip.entry_bytes.clone(), flip.entry, flip.live_safe));
+                    (*entry, flip.replacement, mode, flip.name.clone())
+                }
+                Step::Revive {
+                    entry,
+                    slot,
+                    replacement,
+                    entry_bytes,
+                    live_safe,
+                } => {
+                    let old = mem.read_u64(*slot)?;
+                    target::store_slot(state, remote, *slot, *replacement)?;
+                    stored.push((*slot, old));
+                    let at = entry_bytes.iter().map(|w| w.address).min().unwrap_or(*entry);
+                    let mode = write_entry(pid, &mem, entry_bytes, at, *live_safe)?;
+                    flipped.push((entry_bytes.clone(), at, *live_safe));
+                    let name = state.function(*entry).map(|f| f.name.clone()).unwrap_or_default();
+                    (*entry, *replacement, mode, name)
+                }
+                Step::Supersede {
+                    entry,
+                    slot,
+                    replacement,
+                } => {
+                    let old = mem.read_u64(*slot)?;
+                    target::store_slot(state, remote, *slot, *replacement)?;
+                    stored.push((*slot, old));
+                    let name = state.function(*entry).map(|f| f.name.clone()).unwrap_or_default();
+                    (*entry, *replacement, FlipMode::Superseded, name)
+                }
+            };
             applied.push(AppliedFunction {
                 name,
-                entry: s.entry,
-                replacement: s.replacement,
-                mode: FlipMode::Superseded,
+                entry,
+                replacement,
+                mode,
             });
         }
         Ok(())
     })();
     if let Err(e) = outcome {
-        // Undo the flips done, then everything prepared.
-        for (slot, old) in superseded.iter().rev() {
-            let _ = target::store_slot(state, remote, *slot, *old);
-        }
-        for flip in flipped.iter().rev() {
-            let undo: Vec<Write> = flip.entry_bytes.iter().rev().map(Write::inverse).collect();
-            if let Err(u) = write_entry(pid, &mem, &undo, flip.entry, flip.live_safe) {
-                tracing::error!("rollback of {} failed: {u}", flip.name);
+        // Entries back first, then live slots back. The routes stay, dormant:
+        // a thread may be on its way through one, so they are never torn
+        // down under it; a later apply reuses them.
+        for (writes, at, live_safe) in flipped.iter().rev() {
+            let undo: Vec<Write> = writes.iter().rev().map(Write::inverse).collect();
+            if let Err(u) = write_entry(pid, &mem, &undo, *at, *live_safe) {
+                tracing::error!("rollback of the entry at {at:#x} failed: {u}");
             }
         }
-        log.undo();
+        for (slot, old) in stored.iter().rev() {
+            if let Err(u) = target::store_slot(state, remote, *slot, *old) {
+                tracing::error!("rollback of the slot at {slot:#x} failed: {u}");
+            }
+        }
         target::sync_cores(remote);
-        *state = before;
+        for f in &mut state.functions {
+            f.versions.retain(|v| v.patch != id);
+        }
+        state.patches.retain(|p| p.id != id);
         let _ = region.write(&mem, state);
+        // Code of the patch may be running (a route was live): it stays loaded.
+        if flipped.is_empty() && stored.is_empty() {
+            dlclose(remote, handle);
+        }
         return Err(e);
     }
     target::sync_cores(remote);
@@ -340,32 +409,17 @@ fn apply_in(
     Ok((record, applied))
 }
 
-/// A function already patched: its live slot gets the new version.
-struct Supersede {
-    entry: u64,
-    slot: u64,
-    replacement: u64,
-}
-
-/// What `load_and_prepare` leaves for the flip phase.
-struct Staged {
-    /// New functions: (entry, flip), padding and slot already written.
-    flips: Vec<(u64, FunctionFlip)>,
-    supersede: Vec<Supersede>,
-}
-
-/// dlopen'd patch → pointers filled, scratch allocated, and for every new
-/// function its slot, trampoline and padding written. Returns the flips to
-/// do and the live slots to change (entry, slot, new value).
-fn load_and_prepare(
+/// dlopen'd patch → pointers filled (undo logged), the state region made,
+/// scratch allocated, and a [`Step`] per function. Writes nothing into the
+/// target's code or slots.
+fn stage(
     remote: &mut Remote,
     region: &mut Option<StateRegion>,
     state: &mut State,
     input: &ApplyInput<'_>,
     handle: u64,
     log: &mut UndoLog<'_>,
-) -> Result<Staged, EngineError> {
-    let pid = input.pid;
+) -> Result<Vec<Step>, EngineError> {
     // Every name at once: mostly read from the patch file, not one remote
     // call each.
     let names: Vec<&str> = input
@@ -387,16 +441,27 @@ fn load_and_prepare(
     if region.is_none() {
         *region = Some(StateRegion::create(remote)?);
     }
-    let mut flips = Vec::new();
-    let mut supersede = Vec::new();
+    let mut steps = Vec::new();
     for (p, &replacement) in input.planned.iter().zip(replacements) {
         let entry = input.bias.wrapping_add(p.entry);
         if let Some(existing) = state.function(entry) {
-            supersede.push(Supersede {
-                entry,
-                slot: existing.slot,
-                replacement,
-            });
+            if existing.versions.is_empty() {
+                steps.push(Step::Revive {
+                    entry,
+                    slot: existing.slot,
+                    replacement,
+                    // The recorded undo starts with the entry bytes, in
+                    // revert order: their inverses, reversed, flip it again.
+                    entry_bytes: existing.undo.iter().take(2).rev().map(Write::inverse).collect(),
+                    live_safe: existing.live_safe,
+                });
+            } else {
+                steps.push(Step::Supersede {
+                    entry,
+                    slot: existing.slot,
+                    replacement,
+                });
+            }
             continue;
         }
         let slot = target::scratch(state, remote, entry, false, 8)?;
@@ -414,25 +479,18 @@ fn load_and_prepare(
             replacement,
             Scratch { slot, trampoline },
         )?;
-        for w in &flip.prepare {
-            log.write(w)?;
-        }
-        flips.push((entry, flip));
+        steps.push(Step::New { entry, flip });
     }
-    // The stub that changes live slots, mapped now so that a later failure
-    // cannot come from mapping it.
-    if !supersede.is_empty() {
-        let near = supersede[0].slot;
+    // The routine that changes live slots, mapped now so that a later
+    // failure cannot come from mapping it.
+    if let Some(near) = steps
+        .iter()
+        .find(|s| !matches!(s, Step::New { .. }))
+        .map(Step::entry)
+    {
         target::store64(state, remote, near)?;
     }
-    let _ = pid;
-    Ok(Staged { flips, supersede })
-}
-
-/// Flip one entry: byte by byte with threads running where proven safe,
-/// else with every thread stopped.
-fn flip_entry(pid: i32, mem: &Mem, flip: &FunctionFlip) -> Result<FlipMode, EngineError> {
-    write_entry(pid, mem, &flip.entry_bytes, flip.entry, flip.live_safe)
+    Ok(steps)
 }
 
 /// How many times to let a thread move on when it sits inside the bytes.

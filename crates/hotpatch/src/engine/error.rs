@@ -18,8 +18,8 @@ pub enum EngineError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Lookup(#[from] LookupError),
-    #[error("process {pid}: hotpatch state record: {source}")]
-    State { pid: i32, source: StateError },
+    #[error("process {pid}: hotpatch state record: {error}")]
+    State { pid: i32, error: StateError },
     #[error("process {pid}: no mapped image is `{image}` (mapped: {mapped})")]
     ImageNotMapped { pid: i32, image: String, mapped: String },
     #[error(
@@ -38,10 +38,16 @@ pub enum EngineError {
     Busy { pid: i32, lock: String },
     #[error("process {pid}: {what}")]
     Failed { pid: i32, what: String },
+    #[error("process {pid} exited during {during}: {error}")]
+    Exited {
+        pid: i32,
+        during: &'static str,
+        error: Box<EngineError>,
+    },
 }
 
 impl EngineError {
     pub(crate) fn state(pid: i32) -> impl FnOnce(StateError) -> EngineError {
-        move |source| EngineError::State { pid, source }
+        move |error| EngineError::State { pid, error }
     }
 }

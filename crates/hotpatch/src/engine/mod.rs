@@ -11,12 +11,24 @@
 //!   no thread executes those bytes yet. A failure up to here undoes every
 //!   write and `dlclose`s the patch: the target's code is exactly as it was
 //!   (the state region and scratch pages, once created, stay mapped).
+//! - The patch is recorded (as incomplete) inside the process before the
+//!   first of those writes, so a tool killed from then on leaves a record
+//!   that `hotpatch revert` acts on.
 //! - Last, the entries flip, one function after another (a few µs each):
 //!   for that window some functions of the patch are new and some old.
 //!   A failure in this phase reverts the functions already flipped. A tool
 //!   killed in this phase leaves each function either old or new (each
-//!   single-byte state is proven harmless), and the patch recorded as
-//!   incomplete; `hotpatch revert` undoes it.
+//!   single-byte state is proven harmless).
+//!
+//! # What `revert` does
+//!
+//! The entry goes back to its original bytes (the same proven byte order,
+//! or all threads stopped). The route behind it — padding jump, slot,
+//! trampoline — stays, dormant: a thread that took the route just before
+//! the entry changed may still be on its way through it, so it is never
+//! torn down under it (that thread finishes the call in the reverted code,
+//! which stays loaded). Applying a patch to the function again reuses the
+//! route: one atomic slot store, then the entry flips.
 //! - Every byte written is compare-and-swap against the bytes the plan
 //!   expects; a mismatch stops with an error naming the address.
 
@@ -35,9 +47,47 @@ use crate::state::State;
 
 /// What is applied to process `pid`, as recorded in the process.
 pub fn list(pid: i32) -> Result<State, EngineError> {
-    let process = Process::open(pid)?;
-    let maps = process.maps()?;
-    Ok(target::StateRegion::find(pid, &maps)?
-        .map(|(_, state)| state)
-        .unwrap_or_default())
+    in_process(pid, "the list", || {
+        let process = Process::open(pid)?;
+        let maps = process.maps()?;
+        Ok(target::StateRegion::find(pid, &maps)?
+            .map(|(_, state)| state)
+            .unwrap_or_default())
+    })
+}
+
+/// Run `work` on process `pid`; if it fails because the process exited
+/// meanwhile, say so (the symptom — a short write, an empty map — would
+/// hide the reason).
+pub(crate) fn in_process<T>(
+    pid: i32,
+    during: &'static str,
+    work: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    work().map_err(|e| {
+        let never_there = matches!(
+            e,
+            EngineError::Process(crate::process::ProcessError::NoSuchProcess { .. })
+        );
+        if !never_there && process_gone(pid) {
+            EngineError::Exited {
+                pid,
+                during,
+                error: Box::new(e),
+            }
+        } else {
+            e
+        }
+    })
+}
+
+/// The process no longer exists, or is a zombie (exited, not yet reaped).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x')),
+        Err(_) => true,
+    }
 }

@@ -27,6 +27,10 @@ pub struct Reverted {
 
 /// Revert patches of process `pid`.
 pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+    super::in_process(pid, "the revert", || revert_in(pid, which))
+}
+
+fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     let process = Process::open(pid)?;
     let _lock = Lock::take(pid)?;
     let maps = process.maps()?;
@@ -87,17 +91,6 @@ fn remove_call_regions(pid: i32) {
     }
 }
 
-/// Undo a write if it was done: a byte range that already holds the
-/// original bytes (an apply killed before it got there) is left alone.
-fn undo_write(mem: &Mem, w: &Write) -> Result<bool, EngineError> {
-    let now = mem.read(w.address, w.new.len())?;
-    if now == w.new {
-        return Ok(false);
-    }
-    mem.write_expecting(w.address, &w.expected, &w.new)?;
-    Ok(true)
-}
-
 fn revert_one(
     pid: i32,
     mem: &Mem,
@@ -122,8 +115,8 @@ fn revert_one(
         let was_live = f.versions.last().is_some_and(|v| v.patch == id);
         let remaining: Vec<_> = f.versions.iter().filter(|v| v.patch != id).cloned().collect();
         if remaining.is_empty() {
-            // Entry first (the function is original again from here), then
-            // padding and trampoline, then the slot.
+            // The entry goes back (bytes an apply killed early never
+            // changed are left as they are). The route stays, dormant.
             let entry_undo: Vec<Write> = f.undo.iter().take(2).cloned().collect();
             let pending: Vec<Write> = entry_undo
                 .iter()
@@ -138,12 +131,7 @@ fn revert_one(
                 let at = entry_undo.iter().map(|w| w.address).min().unwrap_or(f.entry);
                 write_entry(pid, mem, &pending, at, f.live_safe)?;
             }
-            for w in f.undo.iter().skip(2) {
-                undo_write(mem, w)?;
-            }
-            let slot_now = mem.read(f.slot, 8)?;
-            mem.write_expecting(f.slot, &slot_now, &[0; 8])?;
-            state.functions.remove(index);
+            state.functions[index].versions.clear();
             reverted.restored.push(f.name.clone());
         } else {
             if was_live && let Some(top) = remaining.last() {

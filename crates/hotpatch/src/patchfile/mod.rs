@@ -84,8 +84,8 @@ pub enum PatchError {
     Image(#[from] ImageError),
     #[error("{}: not a patch: no {SECTION} section (build it with include/hotpatch.h, or give --replace TARGET=REPLACEMENT)", path.display())]
     NotAPatch { path: PathBuf },
-    #[error("{}: {SECTION} section: {source}", path.display())]
-    Record { path: PathBuf, source: RecordError },
+    #[error("{}: {SECTION} section: {error}", path.display())]
+    Record { path: PathBuf, error: RecordError },
     #[error("{}: {what}", path.display())]
     Invalid { path: PathBuf, what: String },
 }
@@ -144,9 +144,9 @@ impl PatchSpec {
     pub fn from_image(image: &Image, extra: &CommandLineRecords) -> Result<PatchSpec, PatchError> {
         let path = image.path().to_path_buf();
         let mut records = match image.section_data(SECTION) {
-            Some(data) => parse_records(data).map_err(|source| PatchError::Record {
+            Some(data) => parse_records(data).map_err(|error| PatchError::Record {
                 path: path.clone(),
-                source,
+                error,
             })?,
             None if extra.is_empty() => return Err(PatchError::NotAPatch { path }),
             None => Vec::new(),

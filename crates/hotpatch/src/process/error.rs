@@ -2,16 +2,18 @@ use std::path::PathBuf;
 
 /// Why a process could not be read. Every variant names the pid.
 #[derive(Debug, thiserror::Error)]
+/// (Causes are fields named `error`, part of each message, not `source`s:
+/// printing the chain would repeat them.)
 pub enum ProcessError {
     #[error("process {pid}: no such process")]
     NoSuchProcess { pid: i32 },
     #[error("process {pid}: permission denied reading {}: {hint}", path.display())]
     PermissionDenied { pid: i32, path: PathBuf, hint: String },
-    #[error("process {pid}: cannot read {}: {source}", path.display())]
+    #[error("process {pid}: cannot read {}: {error}", path.display())]
     Io {
         pid: i32,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("process {pid}: unexpected line {line} in /proc/{pid}/maps: {what}")]
     BadMaps { pid: i32, line: usize, what: String },
@@ -21,12 +23,12 @@ pub enum ProcessError {
     NoUsableThread { pid: i32, why: String },
     #[error("process {pid}, thread {tid}: ptrace not permitted: {hint}")]
     PtraceDenied { pid: i32, tid: i32, hint: String },
-    #[error("process {pid}, thread {tid}: ptrace {op} failed: {source}")]
+    #[error("process {pid}, thread {tid}: ptrace {op} failed: {error}")]
     Ptrace {
         pid: i32,
         tid: i32,
         op: &'static str,
-        source: nix::Error,
+        error: nix::Error,
     },
     #[error("process {pid}, thread {tid}: timed out after {after:?} {what}")]
     Timeout {
@@ -37,13 +39,13 @@ pub enum ProcessError {
     },
     #[error("process {pid}, thread {tid}: exited {during}")]
     Exited { pid: i32, tid: i32, during: String },
-    #[error("process {pid}: cannot {op} {len} bytes at {addr:#x} through /proc/{pid}/mem: {source}")]
+    #[error("process {pid}: cannot {op} {len} bytes at {addr:#x} through /proc/{pid}/mem: {error}")]
     Mem {
         pid: i32,
         op: &'static str,
         addr: u64,
         len: usize,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("process {pid}: at {addr:#x} expected bytes {expected} but found {found}; nothing written")]
     Mismatch {
@@ -63,11 +65,11 @@ pub enum ProcessError {
     CallFailed { pid: i32, what: String, detail: String },
     #[error("process {pid}: no {name:?} in {image}")]
     SymbolNotFound { pid: i32, name: String, image: String },
-    #[error("process {pid}: cannot read image {}: {source}", path.display())]
+    #[error("process {pid}: cannot read image {}: {error}", path.display())]
     Image {
         pid: i32,
         path: PathBuf,
-        source: Box<crate::image::ImageError>,
+        error: Box<crate::image::ImageError>,
     },
     #[error("process {pid}: {what}")]
     Unsupported { pid: i32, what: String },
@@ -84,7 +86,7 @@ impl ProcessError {
                 path,
                 hint: permission_hint(),
             },
-            _ => ProcessError::Io { pid, path, source: e },
+            _ => ProcessError::Io { pid, path, error: e },
         }
     }
 }

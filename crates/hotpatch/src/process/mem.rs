@@ -39,7 +39,7 @@ impl Mem {
             op,
             addr,
             len,
-            source,
+            error: source,
         }
     }
 

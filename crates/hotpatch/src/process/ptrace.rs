@@ -264,5 +264,10 @@ impl Backoff {
 }
 
 fn error(pid: i32, tid: i32, op: &'static str, source: Errno) -> ProcessError {
-    ProcessError::Ptrace { pid, tid, op, source }
+    ProcessError::Ptrace {
+        pid,
+        tid,
+        op,
+        error: source,
+    }
 }

@@ -163,7 +163,7 @@ impl TargetLibc {
         let symbols = DynSymbols::read(&libc.open_path).map_err(|e| ProcessError::Image {
             pid,
             path: libc.open_path.clone(),
-            source: Box::new(e),
+            error: Box::new(e),
         })?;
         Ok(TargetLibc {
             path: libc.path.clone(),
@@ -1367,7 +1367,7 @@ fn write_as_program(pid: i32, addr: u64, value: u64) -> Result<bool, ProcessErro
             op: "process_vm_writev",
             addr,
             len: 8,
-            source: e.into(),
+            error: e.into(),
         }),
     }
 }

@@ -147,7 +147,7 @@ pub fn thread_info(pid: i32, tid: i32) -> Result<ThreadInfo, ProcessError> {
     let state = parse_stat_state(&stat).ok_or_else(|| ProcessError::Io {
         pid,
         path: path.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no state field"),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, "no state field"),
     })?;
     let syscall = std::fs::read_to_string(task_path(pid, tid, "syscall"))
         .map(|t| parse_syscall(&t))
