@@ -1,0 +1,140 @@
+//! `hotpatch apply` SIGKILLed at random moments, many times, while workers
+//! call the functions it patches. Every time: the target survives, no
+//! thread is left stopped, each function is either old or new (the
+//! workers never see a third value), and `hotpatch revert --all` + `list`
+//! bring it back to a clean state — the original bytes, nothing listed —
+//! including from a patch recorded as incomplete.
+
+#[path = "common/live.rs"]
+mod live;
+
+use live::*;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+const ROUNDS: usize = 150;
+const WORKERS: usize = 6;
+
+#[test]
+fn sigkill_during_apply() {
+    let _serial = serial();
+    let t0 = Instant::now();
+    let mut rng = XorShift::seeded();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = build_target(dir.path(), "gcc", "target", TARGET_C, &["-fcf-protection=full"]);
+    let patch = build_patch(dir.path(), "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, WORKERS, None, Workers::Idle);
+    let pid = target.pid();
+    let original = target.code();
+    target.expect(-1);
+
+    // The apply window: how long a whole `hotpatch apply` takes here (the
+    // median of a few, after a first one that sets the process up).
+    let mut took = Vec::new();
+    for _ in 0..6 {
+        let run = hotpatch(&["apply", &pid.to_string(), patch.to_str().unwrap()]);
+        assert_eq!(run.code(), 0, "{run:?}");
+        took.push(run.took);
+        revert(pid, None);
+    }
+    took.sort();
+    let window = took[took.len() / 2];
+    let window_us = window.as_micros() as u64;
+    check_reverted(&target.code(), &original).expect("reverted");
+    // Where the entries are in the 14 bytes of `code_bytes`: the bytes
+    // from entry−6 on of `f` then of `g`; a flipped function has other
+    // entry bytes, a prepared-only one other padding bytes only.
+    let label = |code: &[u8], at: usize| {
+        let (o, c) = (&original[at..at + 14], &code[at..at + 14]);
+        if c == o {
+            "old"
+        } else if c[6..] != o[6..] {
+            "entry-flipped"
+        } else {
+            "padding-only"
+        }
+    };
+
+    let (mut nothing, mut incomplete, mut complete, mut finished) = (0, 0, 0, 0);
+    let mut states = std::collections::BTreeMap::<String, usize>::new();
+    let mut hi = window_us * 11 / 10;
+    for round in 0..ROUNDS {
+        // Anywhere in [0, hi), with `hi` following where applies end: it
+        // shrinks after an apply that finished before the kill and grows
+        // after one killed before it recorded anything (an apply that must
+        // map its call region again takes longer).
+        let delay = rng.below(hi);
+        let maps_before = maps(pid);
+        let mut cmd = hotpatch_command(&["apply", &pid.to_string(), patch.to_str().unwrap()]);
+        let (mut tool, output) = spawn_piped(&mut cmd);
+        std::thread::sleep(Duration::from_micros(delay));
+        let _ = tool.kill();
+        let status = tool.wait().expect("reap hotpatch");
+        let (_, stderr) = output();
+        if status.code().is_some() {
+            // It finished before the kill: then it must have succeeded.
+            assert_eq!(status.code(), Some(0), "round {round}: {stderr}");
+            finished += 1;
+            hi = (hi * 9 / 10).max(window_us / 2);
+        }
+
+        if let Ok(Some(died)) = target.proc.child.try_wait() {
+            panic!(
+                "round {round} (delay {delay} µs): the target died ({died:?}, signal {:?}); \
+                 the tool said {stderr:?}; its maps before the round:\n{maps_before}",
+                died.signal()
+            );
+        }
+        assert_no_thread_stopped(pid);
+        // Each function is old or new, as the main thread sees it...
+        let (fv, gv) = target.version();
+        assert!(fv <= 1 && gv <= 1, "round {round}: versions {fv} {gv}");
+        // ... and as every worker sees it.
+        let s = target.stats();
+        assert_eq!(s.bad, 0, "round {round} (delay {delay} µs): a third value: {s:?}");
+        let code = target.code();
+        *states
+            .entry(format!("f {} g {}", label(&code, 0), label(&code, 14)))
+            .or_default() += 1;
+
+        let state = list(pid);
+        match state["patches"].as_array().map(|p| p.as_slice()) {
+            Some([]) | None => {
+                nothing += 1;
+                hi = (hi * 11 / 10).min(window_us * 4);
+            }
+            Some([p]) if p["complete"] == false => incomplete += 1,
+            Some([p]) if p["complete"] == true => complete += 1,
+            other => panic!("round {round}: unexpected patches {other:?}"),
+        }
+        // Clean again.
+        let reverted = revert(pid, None);
+        assert!(reverted.is_array(), "{reverted}");
+        assert_eq!(
+            listed_ids(pid),
+            Vec::<u64>::new(),
+            "round {round}: list after revert --all"
+        );
+        if let Err(e) = check_reverted(&target.code(), &original) {
+            panic!("round {round} (delay {delay} µs): code bytes after revert --all: {e}");
+        }
+        assert_eq!(target.version(), (0, 0), "round {round}: after revert --all");
+    }
+    // The patch still applies and works after all that.
+    apply(pid, &patch, &[]);
+    target.expect(1);
+    target.expect(-1);
+    revert(pid, None);
+    target.expect(0);
+    let s = target.stats();
+    assert_eq!((s.bad, s.late), (0, 0), "{s:?}");
+    check_reverted(&target.code(), &original).expect("reverted");
+    assert_no_thread_stopped(pid);
+    eprintln!(
+        "{ROUNDS} kills over a {window:.1?} apply window: no record {nothing}, incomplete {incomplete}, \
+         complete {complete} (finished before the kill {finished}); code states {states:?}; \
+         {} calls, 0 bad; total {:.1?}",
+        s.calls,
+        t0.elapsed()
+    );
+}
