@@ -60,6 +60,7 @@ const RESTARTABLE: &[u64] = &[
     47,  // recvmsg
     61,  // wait4
     72,  // fcntl (F_SETLKW)
+    130, // rt_sigsuspend
     73,  // flock
     202, // futex
     230, // clock_nanosleep
@@ -69,19 +70,38 @@ const RESTARTABLE: &[u64] = &[
     288, // accept4
 ];
 
+/// Waits of a thread with nothing to do: the call costs the program nothing.
+const IDLE: &[u64] = &[
+    34,  // pause
+    61,  // wait4
+    130, // rt_sigsuspend
+    247, // waitid
+];
+
+/// Timed sleeps: a periodic thread whose deadline falls during the call
+/// wakes late by the call's length.
+const TIMERS: &[u64] = &[
+    35,  // nanosleep
+    230, // clock_nanosleep
+];
+
 impl ThreadInfo {
     /// How suitable the thread is for a remote call; lower is better,
-    /// `None` means never (stopped, traced, dead).
+    /// `None` means never (stopped, traced, dead). Idle waits first, then
+    /// other restartable waits (the event they wait for is delayed by the
+    /// call), then timed sleeps, then waits that would see `EINTR`.
     pub fn rank(&self) -> Option<u8> {
         match self.state {
             'S' => match self.syscall {
-                SyscallState::InSyscall { nr, .. } if RESTARTABLE.contains(&nr) => Some(0),
-                SyscallState::InSyscall { .. } => Some(1),
-                _ => Some(2),
+                SyscallState::InSyscall { nr, .. } if IDLE.contains(&nr) => Some(0),
+                SyscallState::InSyscall { nr, .. } if TIMERS.contains(&nr) => Some(2),
+                SyscallState::InSyscall { nr, .. } if RESTARTABLE.contains(&nr) => Some(1),
+                SyscallState::InSyscall { .. } => Some(3),
+                _ => Some(4),
             },
-            'R' => Some(3),
+            'R' => Some(5),
             // Uninterruptible sleep: the interrupt only lands when it ends.
-            'D' => Some(4),
+            'D' => Some(6),
             _ => None,
         }
     }
@@ -284,6 +304,28 @@ mod tests {
         assert_eq!(pick_rotating(&two, 0).map(|t| t.tid), Some(4));
         assert_eq!(pick_rotating(&two, 1).map(|t| t.tid), Some(5));
         assert_eq!(pick_rotating(&two, 2).map(|t| t.tid), Some(4));
+    }
+
+    #[test]
+    fn prefers_idle_threads_and_spares_timers() {
+        let sys = |nr| SyscallState::InSyscall { nr, sp: 0, pc: 0 };
+        let pause = t(1, 'S', sys(34));
+        let read = t(2, 'S', sys(0));
+        let clock = t(3, 'S', sys(230));
+        let epoll = t(4, 'S', sys(232));
+        let all = [epoll.clone(), clock.clone(), read.clone(), pause];
+        assert_eq!(pick(&all).map(|t| t.tid), Some(1), "an idle pause() first");
+        assert_eq!(
+            pick(&all[..3]).map(|t| t.tid),
+            Some(2),
+            "a restartable wait before a timer"
+        );
+        assert_eq!(
+            pick(&all[..2]).map(|t| t.tid),
+            Some(3),
+            "a timer before an EINTR wait"
+        );
+        assert_eq!(pick(&all[..1]).map(|t| t.tid), Some(4));
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! Section 2, apply and revert time: versus the number of functions in one
+//! patch and the number of threads in the target.
+
+use crate::Config;
+use crate::common::{Result, Target, Work, field, max, median, min, ms, num, progress, table};
+use hotpatch::engine::{self, ApplyOptions, FlipMode, Which};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const ANSWER: Duration = Duration::from_secs(30);
+
+/// A target with `k` prepared functions `f_i(x) = x + i` and threads that
+/// wake every millisecond to call one of them. Commands: `check` answers
+/// `sum S` with S = Σ f_i(0); `quit`.
+pub fn target_source(k: usize) -> String {
+    let mut s = String::from(
+        "#define _GNU_SOURCE\n#include <pthread.h>\n#include <stdio.h>\n#include <stdlib.h>\n\
+         #include <string.h>\n#include <time.h>\n\n",
+    );
+    for i in 0..k {
+        let _ = writeln!(
+            s,
+            "__attribute__((noinline)) long f_{i}(long x) {{ return x + {i}; }}"
+        );
+    }
+    s.push_str("\nstatic long (*const table[])(long) = {\n");
+    for i in 0..k {
+        let _ = writeln!(s, "    f_{i},");
+    }
+    let _ = write!(
+        s,
+        r#"}};
+#define K {k}
+static volatile long sink;
+static int started;
+
+static void *thread_main(void *arg)
+{{
+    unsigned long i = (unsigned long)arg;
+    __atomic_add_fetch(&started, 1, __ATOMIC_RELEASE);
+    for (;;) {{
+        struct timespec ms = {{0, 1000000}};
+        nanosleep(&ms, NULL);
+        sink += table[i++ % K](1);
+    }}
+    return NULL;
+}}
+
+int main(int argc, char **argv)
+{{
+    int n = argc > 1 ? atoi(argv[1]) : 1;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    for (int i = 0; i < n; i++) {{
+        pthread_t t;
+        if (pthread_create(&t, &attr, thread_main, (void *)(unsigned long)i))
+            return 1;
+    }}
+    while (__atomic_load_n(&started, __ATOMIC_ACQUIRE) < n) {{
+        struct timespec ms = {{0, 1000000}};
+        nanosleep(&ms, NULL);
+    }}
+    printf("ready\n");
+    fflush(stdout);
+    char line[256];
+    while (fgets(line, sizeof line, stdin)) {{
+        if (!strncmp(line, "check", 5)) {{
+            long s = 0;
+            for (int i = 0; i < K; i++)
+                s += table[i](0);
+            printf("sum %ld\n", s);
+        }} else if (!strncmp(line, "quit", 4)) {{
+            return 0;
+        }} else {{
+            printf("error unknown command\n");
+        }}
+        printf("end\n");
+        fflush(stdout);
+    }}
+    return 0;
+}}
+"#
+    );
+    s
+}
+
+/// The patch: `g_i(x) = x + i + 1` replaces every `f_i`.
+pub fn patch_source(k: usize, image: &str) -> String {
+    let mut s = format!("#include \"hotpatch.h\"\n\nHOTPATCH_TARGET(\"{image}\", \"\");\n\n");
+    for i in 0..k {
+        let _ = writeln!(s, "long g_{i}(long x) {{ return x + {i} + 1; }}");
+        let _ = writeln!(s, "HOTPATCH_REPLACE(f_{i}, g_{i});");
+    }
+    s
+}
+
+pub struct ManyBuild {
+    pub k: usize,
+    pub target: PathBuf,
+    pub patch: PathBuf,
+}
+
+pub fn build(work: &Work, k: usize) -> Result<ManyBuild> {
+    let name = format!("many{k}");
+    work.write(&format!("{name}.c"), &target_source(k))?;
+    work.write(&format!("{name}_patch.c"), &patch_source(k, &name))?;
+    work.gcc(&[
+        "-O2",
+        "-fpatchable-function-entry=8,6",
+        "-pthread",
+        "-o",
+        &name,
+        &format!("{name}.c"),
+    ])?;
+    work.gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-I.",
+        "-o",
+        &format!("{name}_patch.so"),
+        &format!("{name}_patch.c"),
+    ])?;
+    Ok(ManyBuild {
+        k,
+        target: work.path(&name),
+        patch: work.path(&format!("{name}_patch.so")),
+    })
+}
+
+pub fn start(b: &ManyBuild, threads: usize) -> Result<Target> {
+    Target::start(&b.target, &[threads.to_string()], Duration::from_secs(30))
+}
+
+fn sum(t: &mut Target) -> Result<i64> {
+    Ok(field(&t.command("check", ANSWER)?, "sum")? as i64)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyRow {
+    pub functions: usize,
+    pub threads: usize,
+    pub runs: usize,
+    pub apply_ms: Vec<f64>,
+    pub revert_ms: Vec<f64>,
+    pub apply_median_ms: f64,
+    pub revert_median_ms: f64,
+    /// The engine's own figure (`Applied::elapsed_us`), median, ms.
+    pub engine_elapsed_median_ms: f64,
+    /// How the functions went live (counts of live / stopped / superseded).
+    pub live: usize,
+    pub stopped: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyResult {
+    pub rows: Vec<ApplyRow>,
+    pub notes: Vec<String>,
+}
+
+/// One run on a fresh target: apply (checked), revert (checked).
+fn one_run(b: &ManyBuild, threads: usize) -> Result<(Duration, Duration, u64, usize, usize)> {
+    let mut t = start(b, threads)?;
+    let pid = t.pid();
+    let before = sum(&mut t)?;
+    let t0 = Instant::now();
+    let applied =
+        engine::apply(pid, &b.patch, &ApplyOptions::default()).map_err(|e| format!("apply: {e}"))?;
+    let apply = t0.elapsed();
+    let after = sum(&mut t)?;
+    if after != before + b.k as i64 {
+        return Err(format!(
+            "after apply Σf_i(0) = {after}, expected {} (patch not in effect)",
+            before + b.k as i64
+        ));
+    }
+    let live = applied
+        .functions
+        .iter()
+        .filter(|f| f.mode == FlipMode::Live)
+        .count();
+    let stopped = applied
+        .functions
+        .iter()
+        .filter(|f| matches!(f.mode, FlipMode::Stopped { .. }))
+        .count();
+    let t0 = Instant::now();
+    engine::revert(pid, Which::Patch(applied.patch.id)).map_err(|e| format!("revert: {e}"))?;
+    let revert = t0.elapsed();
+    let back = sum(&mut t)?;
+    if back != before {
+        return Err(format!("after revert Σf_i(0) = {back}, expected {before}"));
+    }
+    Ok((apply, revert, applied.elapsed_us, live, stopped))
+}
+
+fn measure(b: &ManyBuild, threads: usize, runs: usize) -> Result<ApplyRow> {
+    let mut apply = Vec::new();
+    let mut revert = Vec::new();
+    let mut engine_ms = Vec::new();
+    let (mut live, mut stopped) = (0, 0);
+    for _ in 0..runs {
+        let (a, r, e, l, s) = one_run(b, threads)?;
+        apply.push(ms(a));
+        revert.push(ms(r));
+        engine_ms.push(e as f64 / 1e3);
+        live = l;
+        stopped = s;
+    }
+    Ok(ApplyRow {
+        functions: b.k,
+        threads,
+        runs,
+        apply_median_ms: median(&apply),
+        revert_median_ms: median(&revert),
+        engine_elapsed_median_ms: median(&engine_ms),
+        apply_ms: apply,
+        revert_ms: revert,
+        live,
+        stopped,
+    })
+}
+
+pub fn run(cfg: &Config, work: &Work) -> Result<ApplyResult> {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for &k in &cfg.apply_functions {
+        progress(&format!("apply: building {k} functions"));
+        let b = build(work, k)?;
+        for &threads in &cfg.apply_threads {
+            progress(&format!("apply: {k} functions, {threads} threads"));
+            rows.push(measure(&b, threads, cfg.apply_runs)?);
+        }
+    }
+    if let Some(big) = cfg.apply_big {
+        // Only if the largest size measured so far says it fits the time box.
+        let largest = rows
+            .iter()
+            .filter(|r| r.threads == 1)
+            .max_by_key(|r| r.functions)
+            .map(|r| (r.functions, r.apply_median_ms + r.revert_median_ms));
+        let runs = cfg.apply_big_runs;
+        let predicted_s = largest.map_or(f64::INFINITY, |(k, t)| {
+            t * (big as f64 / k as f64) * runs as f64 / 1e3
+        });
+        if predicted_s <= cfg.apply_big_budget.as_secs_f64() {
+            progress(&format!("apply: building {big} functions"));
+            let b = build(work, big)?;
+            progress(&format!("apply: {big} functions, 1 thread"));
+            rows.push(measure(&b, 1, runs)?);
+        } else {
+            notes.push(format!(
+                "{big} functions skipped: predicted {predicted_s:.0} s from the largest size measured, over \
+                 the budget of {} s",
+                cfg.apply_big_budget.as_secs()
+            ));
+        }
+    }
+    Ok(ApplyResult { rows, notes })
+}
+
+pub fn render(r: &ApplyResult) -> String {
+    let rows: Vec<Vec<String>> = r
+        .rows
+        .iter()
+        .map(|row| {
+            vec![
+                row.functions.to_string(),
+                row.threads.to_string(),
+                row.runs.to_string(),
+                num(row.apply_median_ms),
+                format!("{}–{}", num(min(&row.apply_ms)), num(max(&row.apply_ms))),
+                num(row.engine_elapsed_median_ms),
+                num(row.revert_median_ms),
+                format!("{}–{}", num(min(&row.revert_ms)), num(max(&row.revert_ms))),
+                format!("{} live / {} stopped", row.live, row.stopped),
+            ]
+        })
+        .collect();
+    let mut s = table(
+        "Apply and revert time (ms; each run on a fresh target, library calls `engine::apply` / `engine::revert`)",
+        &[
+            "functions",
+            "threads",
+            "runs",
+            "apply median",
+            "apply min–max",
+            "engine elapsed_us median",
+            "revert median",
+            "revert min–max",
+            "flips",
+        ],
+        &rows,
+    );
+    for n in &r.notes {
+        s.push_str(&format!("\nNote: {n}\n"));
+    }
+    s
+}
