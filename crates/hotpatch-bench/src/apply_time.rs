@@ -148,6 +148,11 @@ pub struct ApplyRow {
     pub revert_ms: Vec<f64>,
     pub apply_median_ms: f64,
     pub revert_median_ms: f64,
+    /// A second apply / revert on the same process: the call region is
+    /// reused, membarrier is registered, the functions' routes are revived.
+    pub warm_apply_ms: Vec<f64>,
+    pub warm_apply_median_ms: f64,
+    pub warm_revert_median_ms: f64,
     /// The engine's own figure (`Applied::elapsed_us`), median, ms.
     pub engine_elapsed_median_ms: f64,
     /// How the functions went live (counts of live / stopped / superseded).
@@ -161,16 +166,42 @@ pub struct ApplyResult {
     pub notes: Vec<String>,
 }
 
-/// One run on a fresh target: apply (checked), revert (checked).
-fn one_run(b: &ManyBuild, threads: usize) -> Result<(Duration, Duration, u64, usize, usize)> {
+/// Times of one run.
+struct RunTimes {
+    apply: Duration,
+    revert: Duration,
+    engine_us: u64,
+    warm_apply: Duration,
+    warm_revert: Duration,
+    live: usize,
+    stopped: usize,
+}
+
+/// One run on a fresh target: apply and revert (checked), then the same
+/// again on the same process (warm).
+fn one_run(b: &ManyBuild, threads: usize) -> Result<RunTimes> {
     let mut t = start(b, threads)?;
+    let (apply, revert, engine_us, live, stopped) = apply_revert(b, &mut t)?;
+    let (warm_apply, warm_revert, ..) = apply_revert(b, &mut t)?;
+    Ok(RunTimes {
+        apply,
+        revert,
+        engine_us,
+        warm_apply,
+        warm_revert,
+        live,
+        stopped,
+    })
+}
+
+fn apply_revert(b: &ManyBuild, t: &mut Target) -> Result<(Duration, Duration, u64, usize, usize)> {
     let pid = t.pid();
-    let before = sum(&mut t)?;
+    let before = sum(t)?;
     let t0 = Instant::now();
     let applied =
         engine::apply(pid, &b.patch, &ApplyOptions::default()).map_err(|e| format!("apply: {e}"))?;
     let apply = t0.elapsed();
-    let after = sum(&mut t)?;
+    let after = sum(t)?;
     if after != before + b.k as i64 {
         return Err(format!(
             "after apply Σf_i(0) = {after}, expected {} (patch not in effect)",
@@ -190,7 +221,7 @@ fn one_run(b: &ManyBuild, threads: usize) -> Result<(Duration, Duration, u64, us
     let t0 = Instant::now();
     engine::revert(pid, Which::Patch(applied.patch.id)).map_err(|e| format!("revert: {e}"))?;
     let revert = t0.elapsed();
-    let back = sum(&mut t)?;
+    let back = sum(t)?;
     if back != before {
         return Err(format!("after revert Σf_i(0) = {back}, expected {before}"));
     }
@@ -201,14 +232,18 @@ fn measure(b: &ManyBuild, threads: usize, runs: usize) -> Result<ApplyRow> {
     let mut apply = Vec::new();
     let mut revert = Vec::new();
     let mut engine_ms = Vec::new();
+    let mut warm_apply = Vec::new();
+    let mut warm_revert = Vec::new();
     let (mut live, mut stopped) = (0, 0);
     for _ in 0..runs {
-        let (a, r, e, l, s) = one_run(b, threads)?;
-        apply.push(ms(a));
-        revert.push(ms(r));
-        engine_ms.push(e as f64 / 1e3);
-        live = l;
-        stopped = s;
+        let r = one_run(b, threads)?;
+        apply.push(ms(r.apply));
+        revert.push(ms(r.revert));
+        engine_ms.push(r.engine_us as f64 / 1e3);
+        warm_apply.push(ms(r.warm_apply));
+        warm_revert.push(ms(r.warm_revert));
+        live = r.live;
+        stopped = r.stopped;
     }
     Ok(ApplyRow {
         functions: b.k,
@@ -217,6 +252,9 @@ fn measure(b: &ManyBuild, threads: usize, runs: usize) -> Result<ApplyRow> {
         apply_median_ms: median(&apply),
         revert_median_ms: median(&revert),
         engine_elapsed_median_ms: median(&engine_ms),
+        warm_apply_median_ms: median(&warm_apply),
+        warm_revert_median_ms: median(&warm_revert),
+        warm_apply_ms: warm_apply,
         apply_ms: apply,
         revert_ms: revert,
         live,
@@ -276,21 +314,33 @@ pub fn render(r: &ApplyResult) -> String {
                 num(row.engine_elapsed_median_ms),
                 num(row.revert_median_ms),
                 format!("{}–{}", num(min(&row.revert_ms)), num(max(&row.revert_ms))),
+                num(row.warm_apply_median_ms),
+                format!(
+                    "{}–{}",
+                    num(min(&row.warm_apply_ms)),
+                    num(max(&row.warm_apply_ms))
+                ),
+                num(row.warm_revert_median_ms),
                 format!("{} live / {} stopped", row.live, row.stopped),
             ]
         })
         .collect();
     let mut s = table(
-        "Apply and revert time (ms; each run on a fresh target, library calls `engine::apply` / `engine::revert`)",
+        "Apply and revert time (ms; library calls `engine::apply` / `engine::revert`; first = the first \
+         apply to a fresh process, which maps the state and call regions and registers membarrier; \
+         warm = a second apply / revert on the same process)",
         &[
             "functions",
             "threads",
             "runs",
-            "apply median",
-            "apply min–max",
+            "first apply median",
+            "first apply min–max",
             "engine elapsed_us median",
             "revert median",
             "revert min–max",
+            "warm apply median",
+            "warm apply min–max",
+            "warm revert median",
             "flips",
         ],
         &rows,

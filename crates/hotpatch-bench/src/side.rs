@@ -172,8 +172,10 @@ pub fn run(cfg: &Config, work: &Work) -> Result<SideResult> {
             add(&mut apply, &win);
             engine::revert(pid, Which::All).map_err(|err| format!("revert: {err}"))?;
 
-            // The same flip by each method, to work_alt through the padding.
-            mem.write_expecting(entry - 5, &[0x90; 5], &jump).map_err(e)?;
+            // The same flip by each method, to work_alt through the padding
+            // (which now holds the route the revert left dormant).
+            let padding = mem.read(entry - 5, 5).map_err(e)?;
+            mem.write_expecting(entry - 5, &padding, &jump).map_err(e)?;
             let alt_before = alt_calls(&mut t)?;
             let mut ops: Vec<Op<'_>> = vec![
                 (
@@ -208,7 +210,7 @@ pub fn run(cfg: &Config, work: &Work) -> Result<SideResult> {
             if alt_after <= alt_before {
                 return Err("the flips did not send calls to work_alt".into());
             }
-            mem.write_expecting(entry - 5, &jump, &[0x90; 5]).map_err(e)?;
+            mem.write_expecting(entry - 5, &jump, &padding).map_err(e)?;
             std::thread::sleep(Duration::from_millis(50));
         }
         rows.push(SideRow {
