@@ -68,7 +68,7 @@ pub enum PlanError {
     #[error("{image}: `{name}` is a variable, not a function")]
     NotAFunction { image: String, name: String },
     #[error(
-        "{image}: `{name}` is not prepared ({detail}); rebuild it with -fpatchable-function-entry=8,6, or patch it as unprepared code (the detour fallback)"
+        "{image}: `{name}` is not prepared ({detail}); rebuild it with -fpatchable-function-entry=8,6 (`hotpatch check` shows whether the detour fallback for unprepared code could patch it; apply does not use that fallback yet)"
     )]
     NotPrepared {
         image: String,

@@ -324,12 +324,29 @@ fn apply_in(
         return Err(e);
     }
 
-    // 3. The flips.
+    // 3. The flips. Live slots first (revived routes get their new code
+    // before their entries flip; superseded functions switch here), all in
+    // one batch of atomic stores; then the entries.
     let mut applied = Vec::new();
     let mut flipped: Vec<(Vec<Write>, u64, bool)> = Vec::new();
     let mut stored: Vec<(u64, u64)> = Vec::new();
     let outcome: Result<(), EngineError> = (|| {
+        let mut stores = Vec::new();
         for step in &steps {
+            if let Step::Revive {
+                slot, replacement, ..
+            }
+            | Step::Supersede {
+                slot, replacement, ..
+            } = step
+            {
+                stored.push((*slot, mem.read_u64(*slot)?));
+                stores.push((*slot, *replacement));
+            }
+        }
+        target::store_slots(state, remote, &stores)?;
+        for step in &steps {
+            let name_of = |entry: u64| state.function(entry).map(|f| f.name.clone()).unwrap_or_default();
             let (entry, replacement, mode, name) = match step {
                 Step::New { entry, flip } => {
                     let mode = write_entry(pid, &mem, &flip.entry_bytes, flip.entry, flip.live_safe)?;
@@ -338,31 +355,19 @@ fn apply_in(
                 }
                 Step::Revive {
                     entry,
-                    slot,
                     replacement,
                     entry_bytes,
                     live_safe,
+                    ..
                 } => {
-                    let old = mem.read_u64(*slot)?;
-                    target::store_slot(state, remote, *slot, *replacement)?;
-                    stored.push((*slot, old));
                     let at = entry_bytes.iter().map(|w| w.address).min().unwrap_or(*entry);
                     let mode = write_entry(pid, &mem, entry_bytes, at, *live_safe)?;
                     flipped.push((entry_bytes.clone(), at, *live_safe));
-                    let name = state.function(*entry).map(|f| f.name.clone()).unwrap_or_default();
-                    (*entry, *replacement, mode, name)
+                    (*entry, *replacement, mode, name_of(*entry))
                 }
                 Step::Supersede {
-                    entry,
-                    slot,
-                    replacement,
-                } => {
-                    let old = mem.read_u64(*slot)?;
-                    target::store_slot(state, remote, *slot, *replacement)?;
-                    stored.push((*slot, old));
-                    let name = state.function(*entry).map(|f| f.name.clone()).unwrap_or_default();
-                    (*entry, *replacement, FlipMode::Superseded, name)
-                }
+                    entry, replacement, ..
+                } => (*entry, *replacement, FlipMode::Superseded, name_of(*entry)),
             };
             applied.push(AppliedFunction {
                 name,
@@ -383,10 +388,8 @@ fn apply_in(
                 tracing::error!("rollback of the entry at {at:#x} failed: {u}");
             }
         }
-        for (slot, old) in stored.iter().rev() {
-            if let Err(u) = target::store_slot(state, remote, *slot, *old) {
-                tracing::error!("rollback of the slot at {slot:#x} failed: {u}");
-            }
+        if let Err(u) = target::store_slots(state, remote, &stored) {
+            tracing::error!("rollback of {} live slots failed: {u}", stored.len());
         }
         target::sync_cores(remote);
         for f in &mut state.functions {

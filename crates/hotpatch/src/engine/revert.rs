@@ -107,6 +107,8 @@ fn revert_one(
         restored: Vec::new(),
         stepped_back: Vec::new(),
     };
+    // Live slots that step back to an older version: one batch at the end.
+    let mut stores = Vec::new();
     for entry in &patch.functions {
         let Some(index) = state.functions.iter().position(|f| f.entry == *entry) else {
             continue;
@@ -135,12 +137,13 @@ fn revert_one(
             reverted.restored.push(f.name.clone());
         } else {
             if was_live && let Some(top) = remaining.last() {
-                target::store_slot(state, remote, f.slot, top.replacement)?;
+                stores.push((f.slot, top.replacement));
             }
             state.functions[index].versions = remaining;
             reverted.stepped_back.push(f.name.clone());
         }
     }
+    target::store_slots(state, remote, &stores)?;
     state.patches.retain(|p| p.id != id);
     Ok(reverted)
 }

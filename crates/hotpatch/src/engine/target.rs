@@ -30,8 +30,21 @@ const CODE_SCRATCH: u64 = 4096;
 /// `mov [rdi], rsi; ret`: the one aligned 8-byte store that changes a live
 /// slot, run inside the target.
 pub const STORE64: [u8; 4] = [0x48, 0x89, 0x37, 0xc3];
-/// Code pages start with [`STORE64`], padded with int3.
-const CODE_HEADER: u64 = 16;
+/// `store64_many(pairs, n)`: for each of `n` (address, value) pairs at
+/// `pairs`, one aligned 8-byte store — many live slots in one remote call.
+/// ```text
+/// l: mov rax,[rdi]; mov rdx,[rdi+8]; mov [rax],rdx; add rdi,16; dec rsi; jnz l; ret
+/// ```
+pub const STORE64_MANY: [u8; 20] = [
+    0x48, 0x8b, 0x07, 0x48, 0x8b, 0x57, 0x08, 0x48, 0x89, 0x10, 0x48, 0x83, 0xc7, 0x10, 0x48, 0xff, 0xce,
+    0x75, 0xed, 0xc3,
+];
+const STORE64_MANY_AT: u64 = 16;
+/// Code pages start with [`STORE64`] and [`STORE64_MANY`], padded with int3.
+const CODE_HEADER: u64 = 48;
+/// (address, value) pairs per `store64_many` call: what fits the call
+/// region's scratch.
+const PAIRS_PER_CALL: usize = 256;
 /// Keep scratch this far inside the ±2 GiB reach.
 const REACH: u64 = (1 << 31) - (1 << 24);
 
@@ -244,6 +257,8 @@ pub fn scratch(
         let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
         let mut header = vec![0xcc; CODE_HEADER as usize];
         header[..STORE64.len()].copy_from_slice(&STORE64);
+        let many = STORE64_MANY_AT as usize;
+        header[many..many + STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
         remote.mem().write(base, &header)?;
         remote.syscall_ok(
             "mprotect of the trampoline page",
@@ -290,10 +305,21 @@ pub fn store64(state: &mut State, remote: &mut Remote, near: u64) -> Result<u64,
     Ok(at - CODE_HEADER)
 }
 
-/// Change a live slot with one aligned 8-byte store inside the process.
-pub fn store_slot(state: &mut State, remote: &mut Remote, slot: u64, value: u64) -> Result<(), EngineError> {
-    let f = store64(state, remote, slot)?;
-    remote.call(f, &[slot, value])?;
+/// Change live slots, each with one aligned 8-byte store inside the
+/// process: [`PAIRS_PER_CALL`] slots per remote call.
+pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]) -> Result<(), EngineError> {
+    let Some(&(first, _)) = stores.first() else {
+        return Ok(());
+    };
+    let routine = store64(state, remote, first)? + STORE64_MANY_AT;
+    for chunk in stores.chunks(PAIRS_PER_CALL) {
+        let pairs: Vec<u8> = chunk
+            .iter()
+            .flat_map(|(slot, value)| slot.to_le_bytes().into_iter().chain(value.to_le_bytes()))
+            .collect();
+        let at = remote.write_scratch(&pairs)?;
+        remote.call(routine, &[at, chunk.len() as u64])?;
+    }
     Ok(())
 }
 
@@ -328,4 +354,31 @@ pub fn sync_cores(remote: &mut Remote) {
 /// The absolute path the target should `dlopen`.
 pub fn patch_path(path: &std::path::Path) -> Result<PathBuf, std::io::Error> {
     std::fs::canonicalize(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::format_instruction;
+
+    #[test]
+    fn store_routines_decode_as_documented() {
+        let text = |code: &[u8]| -> Vec<String> {
+            let mut d = iced_x86::Decoder::with_ip(64, code, 0, 0);
+            (&mut d).into_iter().map(|i| format_instruction(&i)).collect()
+        };
+        assert_eq!(text(&STORE64), ["mov [rdi],rsi", "ret"]);
+        assert_eq!(
+            text(&STORE64_MANY),
+            [
+                "mov rax,[rdi]",
+                "mov rdx,[rdi+8]",
+                "mov [rax],rdx",
+                "add rdi,10h",
+                "dec rsi",
+                "jne short 0", // back to the start
+                "ret"
+            ]
+        );
+    }
 }
