@@ -83,8 +83,16 @@ fn thousand_apply_revert_cycles_under_load() {
     // by the next apply, so 1,000 cycles use one slot per function.
     assert!(state.patches.is_empty(), "{state:?}");
     assert!(state.functions.iter().all(|f| f.versions.is_empty()), "{state:?}");
-    let slots: u64 = state.scratch.iter().filter(|r| !r.executable).map(|r| r.used).sum();
-    assert!(slots <= 8 * state.functions.len() as u64, "scratch grew: {state:?}");
+    let slots: u64 = state
+        .scratch
+        .iter()
+        .filter(|r| !r.executable)
+        .map(|r| r.used)
+        .sum();
+    assert!(
+        slots <= 8 * state.functions.len() as u64,
+        "scratch grew: {state:?}"
+    );
     eprintln!(
         "{cycles} cycles with {WORKERS} {mode:?} workers: apply {:.1?} + revert {:.1?} per cycle \
          (slowest cycle {slowest:.1?}); {} calls, {} old, {} new, 0 bad; total {:.1?}",
