@@ -146,9 +146,10 @@ struct Load {
     failed: AtomicU64,
     /// Answers that are neither the buggy nor the fixed fee.
     wrong: AtomicU64,
-    /// Requests sent after the apply returned that got the buggy answer
-    /// (and after the revert returned that got the fixed one).
-    stale: AtomicU64,
+    /// Requests sent after the apply returned that got the buggy answer.
+    stale_after_apply: AtomicU64,
+    /// Requests sent after the revert returned that got the fixed answer.
+    stale_after_revert: AtomicU64,
     /// Worst request round trip since the last reset, in µs.
     worst_rtt_us: AtomicU64,
     /// 0 = buggy expected, 1 = fixed expected, 2 = either (in transition).
@@ -177,12 +178,21 @@ fn client(port: u16, load: &Load, seed: usize) {
             let rtt = sent.elapsed().as_micros() as u64;
             load.worst_rtt_us.fetch_max(rtt, Ordering::Relaxed);
             load.requests.fetch_add(1, Ordering::Relaxed);
+            // A request proves something only if no transition (apply or
+            // revert) started between its sending and its answer.
+            let phase = if load.phase.load(Ordering::SeqCst) == phase {
+                phase
+            } else {
+                2
+            };
             let fee: i64 = line.trim().parse().unwrap_or(i64::MIN);
             let (old, new) = (buggy_fee(amount), fixed_fee(amount));
             if fee != old && fee != new {
                 load.wrong.fetch_add(1, Ordering::Relaxed);
-            } else if (phase == 0 && fee != old) || (phase == 1 && fee != new) {
-                load.stale.fetch_add(1, Ordering::Relaxed);
+            } else if phase == 1 && fee != new {
+                load.stale_after_apply.fetch_add(1, Ordering::Relaxed);
+            } else if phase == 0 && fee != old {
+                load.stale_after_revert.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -311,9 +321,12 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     let requests = load.requests.load(Ordering::Relaxed);
     let failed = load.failed.load(Ordering::Relaxed);
     let wrong = load.wrong.load(Ordering::Relaxed);
-    let stale = load.stale.load(Ordering::Relaxed);
+    let stale_apply = load.stale_after_apply.load(Ordering::Relaxed);
+    let stale_revert = load.stale_after_revert.load(Ordering::Relaxed);
+    let stale = stale_apply + stale_revert;
     println!(
-        "== {requests} requests: {failed} failed, {wrong} wrong answers, {stale} old answers after apply returned"
+        "== {requests} requests: {failed} failed, {wrong} wrong answers, {stale_apply} old answers after apply \
+         returned, {stale_revert} new answers after revert returned"
     );
     println!(
         "   worst stall, {} ms window      without patching   with apply",
