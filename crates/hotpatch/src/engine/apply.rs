@@ -391,7 +391,7 @@ fn apply_in(
         if let Err(u) = target::store_slots(state, remote, &stored) {
             tracing::error!("rollback of {} live slots failed: {u}", stored.len());
         }
-        target::sync_cores(remote);
+        target::sync_cores(remote, state);
         for f in &mut state.functions {
             f.versions.retain(|v| v.patch != id);
         }
@@ -403,7 +403,7 @@ fn apply_in(
         }
         return Err(e);
     }
-    target::sync_cores(remote);
+    target::sync_cores(remote, state);
     record.complete = true;
     if let Some(p) = state.patches.iter_mut().find(|p| p.id == id) {
         p.complete = true;

@@ -76,7 +76,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
             }
         }
     }
-    target::sync_cores(&mut remote);
+    target::sync_cores(&mut remote, &state);
     // The call region stays mapped for the next run of the tool.
     drop(remote);
     result.map(|()| out)

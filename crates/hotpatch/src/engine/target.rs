@@ -22,7 +22,6 @@ const NR_FTRUNCATE: u64 = 77;
 const NR_MEMFD_CREATE: u64 = 319;
 const NR_MEMBARRIER: u64 = 324;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 32;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 64;
 
 /// Slots per data page set, trampolines per code page.
 const DATA_SCRATCH: u64 = 64 * 1024;
@@ -323,31 +322,39 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
     Ok(())
 }
 
-/// Serialise every core running the process after code changed
-/// (`membarrier` SYNC_CORE). Kernels without it: the flip still happened;
-/// a core may run the old bytes until its next serialising event.
-pub fn sync_cores(remote: &mut Remote) {
+/// Serialise every core running the process after code changed, so that
+/// from now on every call runs the new bytes.
+///
+/// `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` where the process is
+/// registered for it. Registering blocks on an RCU grace period, measured
+/// here from 25 ms to over 10 s on a loaded 2-core machine, so it is never
+/// done: instead, revoking write access to one of our scratch pages (and
+/// giving it back) makes the kernel shoot down that page's TLB entries with
+/// an IPI to every CPU running the process, and the `iret` back to user
+/// mode serialises each of them — the mechanism membarrier replaced. A
+/// thread not running now passes through a context switch (a CR3 write,
+/// serialising) before it runs again. If neither works, the flip still
+/// happened; a core may run the old bytes until its next serialising event.
+pub fn sync_cores(remote: &mut Remote, state: &State) {
     const EPERM: i64 = 1;
-    let sync = |remote: &mut Remote| {
-        remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0])
-    };
-    // Registered once per process (an earlier run may have done it):
-    // `EPERM` means not yet.
-    let r = sync(remote).and_then(|r| {
-        if r != -EPERM {
-            return Ok(r);
+    match remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0]) {
+        Ok(0) => return,
+        Ok(r) if r == -EPERM => {}
+        Ok(r) => tracing::debug!("membarrier(SYNC_CORE) returned {r}; using a TLB shootdown"),
+        Err(e) => {
+            tracing::warn!("membarrier(SYNC_CORE) failed: {e}");
+            return;
         }
-        remote
-            .syscall(
-                NR_MEMBARRIER,
-                &[MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0],
-            )
-            .and_then(|_| sync(remote))
-    });
-    match r {
-        Ok(0) => {}
-        Ok(e) => tracing::warn!("membarrier(SYNC_CORE) returned {e}"),
-        Err(e) => tracing::warn!("membarrier(SYNC_CORE) failed: {e}"),
+    }
+    let Some(page) = state.scratch.iter().find(|r| !r.executable).map(|r| r.base) else {
+        tracing::warn!("no scratch page for a TLB shootdown; cores not serialised");
+        return;
+    };
+    for prot in [PROT_READ, PROT_READ | PROT_WRITE] {
+        if let Err(e) = remote.syscall_ok("mprotect for a TLB shootdown", NR_MPROTECT, &[page, 4096, prot]) {
+            tracing::warn!("{e}; cores not serialised");
+            return;
+        }
     }
 }
 
