@@ -123,3 +123,46 @@ fn stacking_and_revert_order() {
     assert!(s.a > 0 && s.b > 0, "{s:?}");
     assert_no_thread_stopped(pid);
 }
+
+/// A reverted function's route is revived by the next apply only if it is
+/// still exactly what was written: the entry is about to jump into it.
+#[test]
+fn a_changed_dormant_route_is_refused() {
+    use std::os::unix::fs::FileExt;
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = build_target(dir.path(), "gcc", "target", TARGET_C, &[]);
+    let a = build_patch(dir.path(), "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let pid = target.pid();
+    apply(pid, &a, &[]);
+    target.expect(1);
+    revert(pid, None);
+    target.expect(0);
+    // Overwrite f's dormant padding jump with nops, as something else might.
+    let state = list(pid);
+    let f = state["functions"]
+        .as_array()
+        .expect("functions[]")
+        .iter()
+        .find(|f| f["name"] == "f")
+        .expect("f is recorded");
+    let padding = &f["undo"][2];
+    let at = padding["address"].as_u64().expect("address");
+    let len = padding["expected"].as_array().expect("expected").len();
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open /proc/PID/mem");
+    mem.write_all_at(&vec![0x90; len], at).expect("write the padding");
+    let before = target.code();
+    let run = hotpatch(&["apply".to_string(), pid.to_string(), a.display().to_string()]);
+    let line = run.failure();
+    assert!(
+        line.contains("dormant route") && line.contains("nothing written"),
+        "{line}"
+    );
+    assert_eq!(target.code(), before, "no byte may change");
+    target.expect(0);
+    assert_eq!(listed_ids(pid), Vec::<u64>::new());
+}

@@ -449,6 +449,20 @@ fn stage(
         let entry = input.bias.wrapping_add(p.entry);
         if let Some(existing) = state.function(entry) {
             if existing.versions.is_empty() {
+                // The route must still be exactly what was written: the
+                // entry will jump into it.
+                for w in existing.undo.iter().skip(2) {
+                    let found = log.mem.read(w.address, w.expected.len())?;
+                    if found != w.expected {
+                        return Err(EngineError::Failed {
+                            pid: input.pid,
+                            what: format!(
+                                "the dormant route of `{}` at {:#x} was changed (expected {:02x?}, found {found:02x?}); nothing written",
+                                existing.name, w.address, w.expected
+                            ),
+                        });
+                    }
+                }
                 steps.push(Step::Revive {
                     entry,
                     slot: existing.slot,
