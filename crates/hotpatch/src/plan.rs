@@ -167,12 +167,6 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Resolve `name` in `image` to a prepared function and its flip plan, in
-/// file addresses. (One lookup; for many, use a [`Planner`].)
-pub fn prepared_function(image: &Image, name: &str) -> Result<(u64, FlipPlan), PlanError> {
-    Planner::new(image).prepared_function(name)
-}
-
 /// The writes that make `flip` (file addresses of `image_name`, loaded at `bias`)
 /// jump to `replacement` through `scratch`. `slot_live` says the slot
 /// already holds a live pointer (then it is not written here: a live slot

@@ -505,7 +505,7 @@ fn stage(
         .find(|s| !matches!(s, Step::New { .. }))
         .map(Step::entry)
     {
-        target::store64(state, remote, near)?;
+        target::store64_many(state, remote, near)?;
     }
     Ok(steps)
 }

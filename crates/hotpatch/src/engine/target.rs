@@ -26,9 +26,6 @@ const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 32;
 /// Slots per data page set, trampolines per code page.
 const DATA_SCRATCH: u64 = 64 * 1024;
 const CODE_SCRATCH: u64 = 4096;
-/// `mov [rdi], rsi; ret`: the one aligned 8-byte store that changes a live
-/// slot, run inside the target.
-pub const STORE64: [u8; 4] = [0x48, 0x89, 0x37, 0xc3];
 /// `store64_many(pairs, n)`: for each of `n` (address, value) pairs at
 /// `pairs`, one aligned 8-byte store — many live slots in one remote call.
 /// ```text
@@ -38,9 +35,8 @@ pub const STORE64_MANY: [u8; 20] = [
     0x48, 0x8b, 0x07, 0x48, 0x8b, 0x57, 0x08, 0x48, 0x89, 0x10, 0x48, 0x83, 0xc7, 0x10, 0x48, 0xff, 0xce,
     0x75, 0xed, 0xc3,
 ];
-const STORE64_MANY_AT: u64 = 16;
-/// Code pages start with [`STORE64`] and [`STORE64_MANY`], padded with int3.
-const CODE_HEADER: u64 = 48;
+/// Code pages start with [`STORE64_MANY`], padded with int3.
+const CODE_HEADER: u64 = 32;
 /// (address, value) pairs per `store64_many` call: what fits the call
 /// region's scratch.
 const PAIRS_PER_CALL: usize = 256;
@@ -255,9 +251,7 @@ pub fn scratch(
     let record = if executable {
         let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
         let mut header = vec![0xcc; CODE_HEADER as usize];
-        header[..STORE64.len()].copy_from_slice(&STORE64);
-        let many = STORE64_MANY_AT as usize;
-        header[many..many + STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
+        header[..STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
         remote.mem().write(base, &header)?;
         remote.syscall_ok(
             "mprotect of the trampoline page",
@@ -295,8 +289,8 @@ pub fn scratch(
     Ok(at)
 }
 
-/// The [`STORE64`] routine in the process, mapping a code page if needed.
-pub fn store64(state: &mut State, remote: &mut Remote, near: u64) -> Result<u64, EngineError> {
+/// The [`STORE64_MANY`] routine in the process, mapping a code page if needed.
+pub fn store64_many(state: &mut State, remote: &mut Remote, near: u64) -> Result<u64, EngineError> {
     if let Some(r) = state.scratch.iter().find(|r| r.executable) {
         return Ok(r.base);
     }
@@ -310,7 +304,7 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
     let Some(&(first, _)) = stores.first() else {
         return Ok(());
     };
-    let routine = store64(state, remote, first)? + STORE64_MANY_AT;
+    let routine = store64_many(state, remote, first)?;
     for chunk in stores.chunks(PAIRS_PER_CALL) {
         let pairs: Vec<u8> = chunk
             .iter()
@@ -369,12 +363,11 @@ mod tests {
     use crate::arch::x86_64::format_instruction;
 
     #[test]
-    fn store_routines_decode_as_documented() {
+    fn store_routine_decodes_as_documented() {
         let text = |code: &[u8]| -> Vec<String> {
             let mut d = iced_x86::Decoder::with_ip(64, code, 0, 0);
             (&mut d).into_iter().map(|i| format_instruction(&i)).collect()
         };
-        assert_eq!(text(&STORE64), ["mov [rdi],rsi", "ret"]);
         assert_eq!(
             text(&STORE64_MANY),
             [
