@@ -84,10 +84,9 @@ pub(crate) fn in_process<T>(
 /// The process no longer exists, or is a zombie (exited, not yet reaped).
 fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x')),
+        Ok(stat) => {
+            crate::process::threads::parse_stat_state(&stat).is_some_and(|s| matches!(s, 'Z' | 'X' | 'x'))
+        }
         Err(_) => true,
     }
 }
