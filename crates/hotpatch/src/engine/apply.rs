@@ -1,12 +1,13 @@
 //! `hotpatch apply PID PATCH.so`.
 
 use super::EngineError;
+use super::stopped::{self, Overwrite};
 use super::target::{self, Lock, StateRegion};
 use crate::patchfile::{CommandLineRecords, PatchSpec, RefKind};
 use crate::plan::{self, FunctionFlip, Planner, Scratch, Write};
-use crate::process::{AllStopped, Mem, Placement, Process, ProcessError, Remote};
+use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const RTLD_NOW: i32 = 2;
 
@@ -510,10 +511,10 @@ fn stage(
     Ok(steps)
 }
 
-/// How many times to let a thread move on when it sits inside the bytes.
-const STOP_RETRIES: usize = 50;
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
+/// Write the two entry bytes: one at a time with threads running where the
+/// order is proven safe, else with every thread stopped and none able to
+/// resume between them (its rip, or a return address or signal context on
+/// its stack).
 pub(super) fn write_entry(
     pid: i32,
     mem: &Mem,
@@ -527,28 +528,9 @@ pub(super) fn write_entry(
         }
         return Ok(FlipMode::Live);
     }
-    let inside = |rip: u64| rip > at && rip < at + 2;
-    for _ in 0..STOP_RETRIES {
-        let stopped = AllStopped::stop(pid, STOP_TIMEOUT)?;
-        if stopped.rips()?.iter().any(|&(_, rip)| inside(rip)) {
-            drop(stopped);
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
-        }
-        for w in writes {
-            mem.write_expecting(w.address, &w.expected, &w.new)?;
-        }
-        let took = stopped.took;
-        drop(stopped);
-        return Ok(FlipMode::Stopped {
-            stopped_us: took.as_micros() as u64,
-        });
-    }
-    Err(ProcessError::Timeout {
-        pid,
-        tid: pid,
-        what: format!("a thread stays between the entry bytes at {at:#x}"),
-        after: STOP_TIMEOUT,
-    }
-    .into())
+    let maps = Process::open(pid)?.maps()?;
+    let took = stopped::write_stopped(pid, mem, &maps, writes, &[Overwrite { start: at, len: 2 }])?;
+    Ok(FlipMode::Stopped {
+        stopped_us: took.as_micros() as u64,
+    })
 }

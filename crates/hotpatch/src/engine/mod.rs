@@ -33,9 +33,9 @@
 //!   expects; a mismatch stops with an error naming the address.
 
 mod apply;
-pub mod detour;
 mod error;
 mod revert;
+pub mod stopped;
 mod target;
 
 pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply};

@@ -1,6 +1,7 @@
-//! Writing a detour's 5-byte jump into code that threads may be running:
-//! only with every thread stopped, and only when no thread can ever resume
-//! inside the bytes being overwritten (DESIGN.md §3).
+//! Writing bytes that threads may be running — a detour's 5-byte jump, or
+//! the entry of a prepared function whose byte-by-byte flip is not proven
+//! safe — only with every thread stopped, and only when no thread can ever
+//! resume inside the bytes being overwritten (DESIGN.md §2, §3).
 
 use super::EngineError;
 use crate::plan::Write;

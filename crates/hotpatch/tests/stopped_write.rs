@@ -2,7 +2,7 @@
 //! resume inside the overwritten bytes (its rip, or a return address or
 //! signal context on its stack).
 
-use hotpatch::engine::detour::{Overwrite, write_stopped};
+use hotpatch::engine::stopped::{Overwrite, write_stopped};
 use hotpatch::plan::Write;
 use hotpatch::process::{Mem, Process};
 use std::io::{BufRead, BufReader, Write as _};
