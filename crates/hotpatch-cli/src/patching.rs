@@ -23,6 +23,11 @@ pub struct ApplyArgs {
     /// Apply even if the patch was made for another build-id of the image.
     #[arg(long)]
     force: bool,
+    /// Detour unprepared functions that code of their own image calls
+    /// directly (its callers may rely on registers the ABI does not
+    /// promise; see `hotpatch check --functions`).
+    #[arg(long)]
+    allow_direct_calls: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -51,6 +56,7 @@ pub struct RevertArgs {
 pub fn apply(args: ApplyArgs) -> Result<()> {
     let options = ApplyOptions {
         force: args.force,
+        allow_direct_calls: args.allow_direct_calls,
         records: CommandLineRecords {
             replace: args.replace,
             refs: args.refs,
@@ -75,7 +81,10 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
             FlipMode::Stopped { stopped_us } => format!("threads stopped for {stopped_us} µs"),
             FlipMode::Superseded => "supersedes the previous patch".to_string(),
         };
-        println!("  {} at {:#x} -> {:#x} ({how})", f.name, f.entry, f.replacement);
+        println!(
+            "  {} at {:#x} -> {:#x} ({}, {how})",
+            f.name, f.entry, f.replacement, f.route
+        );
     }
     Ok(())
 }

@@ -38,25 +38,91 @@ pub struct Scratch {
     pub trampoline: Option<u64>,
 }
 
-/// How one prepared function is flipped to its replacement.
+/// A byte range an entry flip overwrites. A thread may be at its start
+/// (the new jump is there) but never strictly inside it when the bytes
+/// change: it would resume in the middle of the new instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Overwrite {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Overwrite {
+    pub fn contains(&self, address: u64) -> bool {
+        address > self.start && address < self.start.saturating_add(self.len)
+    }
+}
+
+/// How a function's calls reach its replacement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Route {
+    /// Built with padding: a 2-byte short jump into a long jump before the
+    /// entry (DESIGN.md §2).
+    #[default]
+    Prepared,
+    /// Unprepared: a 5-byte jump at `patch_at` over `displaced` bytes of
+    /// whole instructions, which a trampoline runs instead (DESIGN.md §3).
+    Detour { patch_at: u64, displaced: u64 },
+}
+
+impl Route {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Prepared => "prepared",
+            Route::Detour { .. } => "detour",
+        }
+    }
+
+    /// How many writes change the entry: two single bytes, or one jump.
+    pub fn entry_writes(&self) -> usize {
+        match self {
+            Route::Prepared => 2,
+            Route::Detour { .. } => 1,
+        }
+    }
+}
+
+/// The writes that switch a function's entry, and how they may be done.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryFlip {
+    /// In order: two single bytes (prepared) or one 5-byte jump (detour).
+    pub writes: Vec<Write>,
+    /// Where no thread may resume when the writes are done stopped.
+    pub overwrite: Overwrite,
+    /// Whether the writes are proven safe with threads running, one at a
+    /// time; else every thread is stopped for them.
+    pub live_safe: bool,
+}
+
+impl EntryFlip {
+    /// The flip undone: the inverse writes, in reverse order.
+    pub fn inverse(&self) -> EntryFlip {
+        EntryFlip {
+            writes: self.writes.iter().rev().map(Write::inverse).collect(),
+            overwrite: self.overwrite,
+            live_safe: self.live_safe,
+        }
+    }
+}
+
+/// How one function is flipped to its replacement.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionFlip {
     /// The target function's name, as the patch named it.
     pub name: String,
     /// Its entry in the process.
     pub entry: u64,
+    pub route: Route,
     pub slot: u64,
     /// The replacement's address in the process, stored in the slot.
     pub replacement: u64,
-    /// Writes before the entry flips: slot (only when it was never live),
-    /// trampoline, padding.
+    /// Writes before the entry flips, into memory no thread runs yet: the
+    /// slot first, then trampoline, dispatcher or padding.
     pub prepare: Vec<Write>,
-    /// The two single-byte entry writes, in order.
-    pub entry_bytes: Vec<Write>,
-    /// Whether the entry writes are proven safe with threads running.
-    pub live_safe: bool,
-    /// Where the original body can be called while the function is patched
-    /// (just past the entry nops, which do nothing).
+    pub entry_flip: EntryFlip,
+    /// Where the original code can be called while the function is patched:
+    /// just past the entry nops (prepared), or the trampoline (detour).
     pub original: u64,
 }
 
@@ -67,14 +133,6 @@ pub enum PlanError {
     Lookup(#[from] LookupError),
     #[error("{image}: `{name}` is a variable, not a function")]
     NotAFunction { image: String, name: String },
-    #[error(
-        "{image}: `{name}` is not prepared ({detail}); rebuild it with -fpatchable-function-entry=8,6 (`hotpatch check` shows whether the detour fallback for unprepared code could patch it; apply does not use that fallback yet)"
-    )]
-    NotPrepared {
-        image: String,
-        name: String,
-        detail: String,
-    },
     #[error("{image}: `{name}` cannot be patched: {detail}")]
     NotPatchable {
         image: String,
@@ -145,19 +203,33 @@ impl<'a> Planner<'a> {
         Ok((sym.address, class))
     }
 
-    /// Resolve `name` to a prepared function and its flip plan (file
-    /// addresses).
-    pub fn prepared_function(&self, name: &str) -> Result<(u64, FlipPlan), PlanError> {
+    /// Resolve `name` to a function and how to patch it (file addresses).
+    pub fn method(&self, name: &str) -> Result<(u64, Method), PlanError> {
         let (address, class) = self.function(name)?;
         match class {
-            Class::Prepared { flip, .. } => Ok((address, flip.clone())),
-            Class::Detourable { note, .. } => Err(PlanError::NotPrepared {
-                image: self.image_name(),
-                name: name.to_string(),
-                detail: note
-                    .clone()
-                    .unwrap_or_else(|| "no padding before its entry".to_string()),
-            }),
+            Class::Prepared { flip, .. } => Ok((address, Method::Prepared(flip.clone()))),
+            Class::Detourable {
+                detour, direct_calls, ..
+            } => {
+                let len = detour.patch_at - address + detour.displaced;
+                let code = self
+                    .image
+                    .bytes_at(address, len)
+                    .ok_or_else(|| PlanError::NotPatchable {
+                        image: self.image_name(),
+                        name: name.to_string(),
+                        detail: format!("{len} bytes at {address:#x} are not in the file"),
+                    })?
+                    .to_vec();
+                Ok((
+                    address,
+                    Method::Detour {
+                        detour: detour.clone(),
+                        code,
+                        direct_calls: *direct_calls,
+                    },
+                ))
+            }
             Class::NotPatchable { detail, .. } => Err(PlanError::NotPatchable {
                 image: self.image_name(),
                 name: name.to_string(),
@@ -165,6 +237,23 @@ impl<'a> Planner<'a> {
             }),
         }
     }
+}
+
+/// How one function of an image is patched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// Through its padding.
+    Prepared(FlipPlan),
+    /// With a detour.
+    Detour {
+        detour: crate::arch::x86_64::Detour,
+        /// The function's bytes from its entry to the end of the displaced
+        /// instructions, as in the file.
+        code: Vec<u8>,
+        /// Direct calls and jumps to it from its own image (the
+        /// register-allocation hazard; see [`Class::Detourable`]).
+        direct_calls: usize,
+    },
 }
 
 /// The writes that make `flip` (file addresses of `image_name`, loaded at `bias`)
@@ -218,7 +307,7 @@ pub fn flip_writes(
     });
     let first = flip.first_byte;
     let second = 1 - first;
-    let entry_bytes = [first, second]
+    let writes = [first, second]
         .iter()
         .map(|&i| Write {
             address: short_jump_at + i as u64,
@@ -229,11 +318,18 @@ pub fn flip_writes(
     Ok(FunctionFlip {
         name: name.to_string(),
         entry: short_jump_at,
+        route: Route::Prepared,
         slot: scratch.slot,
         replacement,
         prepare,
-        entry_bytes,
-        live_safe: flip.live_safe(),
+        entry_flip: EntryFlip {
+            writes,
+            overwrite: Overwrite {
+                start: short_jump_at,
+                len: 2,
+            },
+            live_safe: flip.live_safe(),
+        },
         original: short_jump_at + 2,
     })
 }
@@ -247,28 +343,6 @@ pub struct DetourScratch {
     pub dispatcher: u64,
     /// [`relocate::TRAMPOLINE_SIZE`] bytes of code for the moved instructions.
     pub trampoline: u64,
-}
-
-/// How one unprepared function is detoured to its replacement.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DetourFlip {
-    pub name: String,
-    /// The function's entry in the process.
-    pub entry: u64,
-    /// Where the 5-byte jump goes (the entry, or after `endbr64`).
-    pub patch_at: u64,
-    /// Bytes of whole instructions the jump covers; no thread may be
-    /// strictly inside them when it is written.
-    pub displaced: u64,
-    pub slot: u64,
-    pub replacement: u64,
-    /// Slot, dispatcher and trampoline: code nobody runs yet.
-    pub prepare: Vec<Write>,
-    /// The 5-byte jump: written with every thread stopped.
-    pub entry_jump: Write,
-    /// The original function, callable while detoured: the trampoline
-    /// (the moved instructions, then a jump back).
-    pub original: u64,
 }
 
 /// A function of an image loaded at `bias`, as the patch names it.
@@ -290,7 +364,7 @@ pub fn detour_writes(
     code: &[u8],
     replacement: u64,
     scratch: DetourScratch,
-) -> Result<DetourFlip, PlanError> {
+) -> Result<FunctionFlip, PlanError> {
     let Subject {
         name,
         image: image_name,
@@ -311,11 +385,13 @@ pub fn detour_writes(
         relocate::relocate(patch_at, moved, scratch.trampoline).map_err(|e| fail(e.to_string()))?;
     let dispatcher = jump::slot_jump(scratch.dispatcher, scratch.slot).map_err(|e| fail(e.to_string()))?;
     let jump = jump::near_jump(patch_at, scratch.dispatcher).map_err(|e| fail(e.to_string()))?;
-    Ok(DetourFlip {
+    Ok(FunctionFlip {
         name: name.to_string(),
         entry: entry.wrapping_add(bias),
-        patch_at,
-        displaced: detour.displaced,
+        route: Route::Detour {
+            patch_at,
+            displaced: detour.displaced,
+        },
         slot: scratch.slot,
         replacement,
         prepare: vec![
@@ -335,10 +411,17 @@ pub fn detour_writes(
                 new: trampoline,
             },
         ],
-        entry_jump: Write {
-            address: patch_at,
-            expected: moved[..jump.len()].to_vec(),
-            new: jump.to_vec(),
+        entry_flip: EntryFlip {
+            writes: vec![Write {
+                address: patch_at,
+                expected: moved[..jump.len()].to_vec(),
+                new: jump.to_vec(),
+            }],
+            overwrite: Overwrite {
+                start: patch_at,
+                len: detour.displaced,
+            },
+            live_safe: false,
         },
         original: scratch.trampoline,
     })
@@ -392,7 +475,7 @@ mod tests {
         for (i, b) in flip.original.iter().enumerate() {
             mem.insert(f.entry + i as u64, *b);
         }
-        for w in f.prepare.iter().chain(&f.entry_bytes) {
+        for w in f.prepare.iter().chain(&f.entry_flip.writes) {
             apply(&mut mem, w);
         }
         let read = |mem: &std::collections::HashMap<u64, u8>, a: u64| -> Vec<u8> {
@@ -475,9 +558,20 @@ mod tests {
             entry: 0x1000,
         };
         let f = detour_writes(subject, &d, &code, 0x7f00_0000_1234, scratch).unwrap();
-        assert_eq!(f.entry_jump.address, bias + 0x1004);
-        assert_eq!(f.entry_jump.expected, code[4..9].to_vec());
-        let jmp = decode_one(&f.entry_jump.new, f.entry_jump.address);
+        let entry_jump = &f.entry_flip.writes[0];
+        assert_eq!(entry_jump.address, bias + 0x1004);
+        assert_eq!(entry_jump.expected, code[4..9].to_vec());
+        assert_eq!(
+            (f.entry_flip.overwrite, f.entry_flip.live_safe),
+            (
+                Overwrite {
+                    start: bias + 0x1004,
+                    len: 10
+                },
+                false
+            )
+        );
+        let jmp = decode_one(&entry_jump.new, entry_jump.address);
         assert_eq!(
             (jmp.mnemonic(), jmp.near_branch_target()),
             (Mnemonic::Jmp, scratch.dispatcher)

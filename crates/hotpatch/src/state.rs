@@ -17,6 +17,7 @@
 //! "active" byte: a tool killed mid-update leaves the previous state
 //! intact. This module only encodes and decodes; the engine does the I/O.
 
+use crate::plan::{EntryFlip, Overwrite, Route, Write};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"HOTPATCH";
@@ -43,10 +44,14 @@ pub struct FunctionRecord {
     /// The function's entry in the process.
     pub entry: u64,
     pub slot: u64,
-    /// Writes that undo the flip: first the two entry bytes (what `revert`
-    /// writes), then padding and trampoline (never undone once an entry
-    /// was live: the route stays, dormant; see `engine`).
-    pub undo: Vec<crate::plan::Write>,
+    /// How calls reach the replacement (records without it are prepared).
+    #[serde(default)]
+    pub route: Route,
+    /// Writes that undo the flip: first the entry's (what `revert`
+    /// writes; see [`FunctionRecord::entry_undo`]), then the route's:
+    /// padding, trampoline, dispatcher (never undone once an entry was
+    /// live: the route stays, dormant; see `engine`).
+    pub undo: Vec<Write>,
     /// Whether the entry bytes may change with threads running.
     pub live_safe: bool,
     /// Oldest first; the last is live. Empty: the function is original
@@ -110,6 +115,39 @@ pub enum StateError {
     TooSmall { size: usize, need: usize },
     #[error("the state record is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl FunctionRecord {
+    /// The writes that put the original entry back, in order.
+    pub fn entry_undo(&self) -> &[Write] {
+        &self.undo[..self.route.entry_writes().min(self.undo.len())]
+    }
+
+    /// The undo of the route behind the entry: what a dormant route must
+    /// still hold (each write's `expected`) before it is used again.
+    pub fn route_undo(&self) -> &[Write] {
+        &self.undo[self.route.entry_writes().min(self.undo.len())..]
+    }
+
+    /// The entry's flip back to its original bytes.
+    pub fn entry_restore(&self) -> EntryFlip {
+        let writes = self.entry_undo().to_vec();
+        let overwrite = match self.route {
+            Route::Prepared => Overwrite {
+                start: writes.iter().map(|w| w.address).min().unwrap_or(self.entry),
+                len: 2,
+            },
+            Route::Detour { patch_at, displaced } => Overwrite {
+                start: patch_at,
+                len: displaced,
+            },
+        };
+        EntryFlip {
+            writes,
+            overwrite,
+            live_safe: self.live_safe,
+        }
+    }
 }
 
 impl State {
@@ -271,8 +309,12 @@ mod tests {
                 name: "compute_fee".into(),
                 entry: 0x5555_0000_1446,
                 slot: 0x5555_1000_0000,
+                route: Route::Detour {
+                    patch_at: 0x5555_0000_1446,
+                    displaced: 6,
+                },
                 undo: vec![],
-                live_safe: true,
+                live_safe: false,
                 versions: vec![Version {
                     patch: 1,
                     replacement: 0x7f00_0000_1100,
@@ -301,6 +343,38 @@ mod tests {
         assert_eq!((next.generation, next.active), (2, 1));
         apply(&mut region, &w);
         assert_eq!(decode(&region).unwrap(), (sample(), next));
+    }
+
+    #[test]
+    fn records_without_a_route_are_prepared() {
+        let mut json = serde_json::to_value(&sample().functions[0]).unwrap();
+        json.as_object_mut().unwrap().remove("route");
+        let f: FunctionRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(f.route, Route::Prepared);
+    }
+
+    #[test]
+    fn entry_restore_covers_what_the_route_overwrote() {
+        let w = |address: u64, len: usize| Write {
+            address,
+            expected: vec![1; len],
+            new: vec![2; len],
+        };
+        let mut f = sample().functions[0].clone();
+        f.undo = vec![w(0x5555_0000_1446, 5), w(0x7000, 16), w(0x7010, 8)];
+        let restore = f.entry_restore();
+        assert_eq!(restore.writes, vec![w(0x5555_0000_1446, 5)]);
+        assert_eq!(f.route_undo().len(), 2);
+        assert_eq!(
+            (restore.overwrite.start, restore.overwrite.len, restore.live_safe),
+            (0x5555_0000_1446, 6, false)
+        );
+        f.route = Route::Prepared;
+        f.undo = vec![w(0x1447, 1), w(0x1446, 1), w(0x1440, 6)];
+        let restore = f.entry_restore();
+        assert_eq!(restore.writes.len(), 2);
+        assert_eq!((restore.overwrite.start, restore.overwrite.len), (0x1446, 2));
+        assert_eq!(f.route_undo(), &[w(0x1440, 6)]);
     }
 
     /// A tool killed after any prefix of an update's writes leaves either

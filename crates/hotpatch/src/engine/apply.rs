@@ -1,10 +1,11 @@
 //! `hotpatch apply PID PATCH.so`.
 
 use super::EngineError;
-use super::stopped::{self, Overwrite};
+use super::stopped;
 use super::target::{self, Lock, StateRegion};
+use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
 use crate::patchfile::{CommandLineRecords, PatchSpec, RefKind};
-use crate::plan::{self, FunctionFlip, Planner, Scratch, Write};
+use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
 use std::time::Instant;
@@ -15,6 +16,9 @@ const RTLD_NOW: i32 = 2;
 pub struct ApplyOptions {
     /// Apply even if the patch was made for another build of the image.
     pub force: bool,
+    /// Detour unprepared functions even where code of their own image
+    /// calls them directly (the register-allocation hazard, DESIGN.md §1).
+    pub allow_direct_calls: bool,
     /// Records for a patch without a `.hotpatch` section.
     pub records: CommandLineRecords,
 }
@@ -36,6 +40,8 @@ pub struct AppliedFunction {
     pub name: String,
     pub entry: u64,
     pub replacement: u64,
+    /// "prepared" or "detour".
+    pub route: &'static str,
     #[serde(flatten)]
     pub mode: FlipMode,
 }
@@ -53,9 +59,24 @@ pub struct Applied {
 /// A planned function: everything but the process-dependent addresses.
 struct Planned {
     name: String,
+    /// Its entry, as a file address.
     entry: u64,
-    flip: crate::arch::x86_64::FlipPlan,
+    method: Method,
     replacement_symbol: String,
+}
+
+/// What a pointer of the patch gets.
+enum PointerValue {
+    /// A target symbol's address in the process.
+    Address(u64),
+    /// The original code of the function `name` whose entry (in the
+    /// process) is `entry`: known from the image for a prepared function
+    /// (`prepared`), from its route for a detoured one.
+    Original {
+        name: String,
+        entry: u64,
+        prepared: Option<u64>,
+    },
 }
 
 /// Compare-and-swap writes done so far, undone in reverse on failure.
@@ -108,7 +129,7 @@ fn apply_to(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<
     let planner = Planner::new(&target.image);
     let mut planned: Vec<Planned> = Vec::new();
     for r in &spec.replacements {
-        let (entry, flip) = planner.prepared_function(&r.target)?;
+        let (entry, method) = planner.method(&r.target)?;
         if let Some(other) = planned.iter().find(|p| p.entry == entry) {
             return Err(EngineError::Failed {
                 pid,
@@ -118,18 +139,48 @@ fn apply_to(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<
         planned.push(Planned {
             name: r.target.clone(),
             entry,
-            flip,
+            method,
             replacement_symbol: r.replacement.clone(),
         });
     }
-    let mut pointers: Vec<(String, u64)> = Vec::new();
+    let hazards: Vec<String> = planned
+        .iter()
+        .filter_map(|p| match p.method {
+            Method::Detour { direct_calls, .. } if direct_calls > 0 => Some(format!(
+                "`{}` ({direct_calls} direct call{})",
+                p.name,
+                if direct_calls == 1 { "" } else { "s" }
+            )),
+            _ => None,
+        })
+        .collect();
+    if !hazards.is_empty() && !options.allow_direct_calls {
+        return Err(EngineError::DirectCalls {
+            pid,
+            image: image_name,
+            functions: hazards.join(", "),
+        });
+    }
+    let mut pointers: Vec<(String, PointerValue)> = Vec::new();
     for r in &spec.references {
         let value = match r.kind {
-            RefKind::Symbol => planner.symbol(&r.symbol)?.address,
-            // The original body: just past the entry nops, which do nothing.
-            RefKind::Original => planner.prepared_function(&r.symbol)?.1.short_jump_at + 2,
+            RefKind::Symbol => {
+                PointerValue::Address(target.bias.wrapping_add(planner.symbol(&r.symbol)?.address))
+            }
+            RefKind::Original => {
+                let (entry, method) = planner.method(&r.symbol)?;
+                PointerValue::Original {
+                    name: r.symbol.clone(),
+                    entry: target.bias.wrapping_add(entry),
+                    // Just past the entry nops, which do nothing.
+                    prepared: match method {
+                        Method::Prepared(flip) => Some(target.bias.wrapping_add(flip.short_jump_at + 2)),
+                        Method::Detour { .. } => None,
+                    },
+                }
+            }
         };
-        pointers.push((r.pointer.clone(), target.bias.wrapping_add(value)));
+        pointers.push((r.pointer.clone(), value));
     }
     let dl_path = target::patch_path(path).map_err(|e| crate::image::ImageError::Io {
         path: path.to_path_buf(),
@@ -178,23 +229,23 @@ struct ApplyInput<'a> {
     image_name: &'a str,
     bias: u64,
     planned: &'a [Planned],
-    pointers: &'a [(String, u64)],
+    pointers: &'a [(String, PointerValue)],
     dl_path: &'a str,
     build_id: Option<String>,
 }
 
 /// What one function of the patch needs.
 enum Step {
-    /// Never patched: slot, trampoline and padding to write, then the entry.
+    /// Never patched: its route to write, then the entry.
     New { entry: u64, flip: FunctionFlip },
-    /// Patched before and reverted: its route (padding, slot, trampoline)
-    /// is still in place; the slot gets the new code, then the entry flips.
+    /// Patched before and reverted: its route (padding or dispatcher,
+    /// slot, trampoline) is still in place; the slot gets the new code,
+    /// then the entry flips again.
     Revive {
         entry: u64,
         slot: u64,
         replacement: u64,
-        entry_bytes: Vec<Write>,
-        live_safe: bool,
+        flip: EntryFlip,
     },
     /// Patched now: its live slot changes with one atomic store.
     Supersede { entry: u64, slot: u64, replacement: u64 },
@@ -204,6 +255,15 @@ impl Step {
     fn entry(&self) -> u64 {
         match self {
             Step::New { entry, .. } | Step::Revive { entry, .. } | Step::Supersede { entry, .. } => *entry,
+        }
+    }
+
+    /// The entry flip it makes, if any.
+    fn entry_flip(&self) -> Option<&EntryFlip> {
+        match self {
+            Step::New { flip, .. } => Some(&flip.entry_flip),
+            Step::Revive { flip, .. } => Some(flip),
+            Step::Supersede { .. } => None,
         }
     }
 }
@@ -267,15 +327,19 @@ fn apply_in(
     for step in &steps {
         match step {
             Step::New { entry, flip } => {
-                let mut undo: Vec<Write> = flip.entry_bytes.iter().rev().map(Write::inverse).collect();
+                // The entry's undo first (what revert writes), then the
+                // route's (the slot is not undone: it only ever holds a
+                // pointer).
+                let mut undo = flip.entry_flip.inverse().writes;
                 undo.extend(flip.prepare.iter().skip(1).rev().map(Write::inverse));
                 state.functions.push(FunctionRecord {
                     image: input.image_name.to_string(),
                     name: flip.name.clone(),
                     entry: *entry,
                     slot: flip.slot,
+                    route: flip.route,
                     undo,
-                    live_safe: flip.live_safe,
+                    live_safe: flip.entry_flip.live_safe,
                     versions: vec![Version {
                         patch: id,
                         replacement: flip.replacement,
@@ -328,10 +392,10 @@ fn apply_in(
     // 3. The flips. Live slots first (revived routes get their new code
     // before their entries flip; superseded functions switch here), all in
     // one batch of atomic stores; then the entries.
-    let mut applied = Vec::new();
-    let mut flipped: Vec<(Vec<Write>, u64, bool)> = Vec::new();
+    let flips: Vec<EntryFlip> = steps.iter().filter_map(Step::entry_flip).cloned().collect();
+    let mut flipped: Vec<usize> = Vec::new();
     let mut stored: Vec<(u64, u64)> = Vec::new();
-    let outcome: Result<(), EngineError> = (|| {
+    let outcome: Result<Vec<FlipMode>, EngineError> = (|| {
         let mut stores = Vec::new();
         for step in &steps {
             if let Step::Revive {
@@ -346,65 +410,52 @@ fn apply_in(
             }
         }
         target::store_slots(state, remote, &stores)?;
-        for step in &steps {
-            let name_of = |entry: u64| state.function(entry).map(|f| f.name.clone()).unwrap_or_default();
-            let (entry, replacement, mode, name) = match step {
-                Step::New { entry, flip } => {
-                    let mode = write_entry(pid, &mem, &flip.entry_bytes, flip.entry, flip.live_safe)?;
-                    flipped.push((flip.entry_bytes.clone(), flip.entry, flip.live_safe));
-                    (*entry, flip.replacement, mode, flip.name.clone())
-                }
-                Step::Revive {
-                    entry,
-                    replacement,
-                    entry_bytes,
-                    live_safe,
-                    ..
-                } => {
-                    let at = entry_bytes.iter().map(|w| w.address).min().unwrap_or(*entry);
-                    let mode = write_entry(pid, &mem, entry_bytes, at, *live_safe)?;
-                    flipped.push((entry_bytes.clone(), at, *live_safe));
-                    (*entry, *replacement, mode, name_of(*entry))
-                }
-                Step::Supersede {
-                    entry, replacement, ..
-                } => (*entry, *replacement, FlipMode::Superseded, name_of(*entry)),
-            };
-            applied.push(AppliedFunction {
-                name,
-                entry,
-                replacement,
-                mode,
-            });
-        }
-        Ok(())
+        write_entries(pid, &mem, &flips, &mut flipped)
     })();
-    if let Err(e) = outcome {
-        // Entries back first, then live slots back. The routes stay, dormant:
-        // a thread may be on its way through one, so they are never torn
-        // down under it; a later apply reuses them.
-        for (writes, at, live_safe) in flipped.iter().rev() {
-            let undo: Vec<Write> = writes.iter().rev().map(Write::inverse).collect();
-            if let Err(u) = write_entry(pid, &mem, &undo, *at, *live_safe) {
-                tracing::error!("rollback of the entry at {at:#x} failed: {u}");
+    let modes = match outcome {
+        Ok(modes) => modes,
+        Err(e) => {
+            // Entries back first, then live slots back. The routes stay,
+            // dormant: a thread may be on its way through one, so they are
+            // never torn down under it; a later apply reuses them.
+            let undo: Vec<EntryFlip> = flipped.iter().rev().map(|&i| flips[i].inverse()).collect();
+            if let Err(u) = write_entries(pid, &mem, &undo, &mut Vec::new()) {
+                tracing::error!("rollback of {} entries failed: {u}", undo.len());
             }
+            if let Err(u) = target::store_slots(state, remote, &stored) {
+                tracing::error!("rollback of {} live slots failed: {u}", stored.len());
+            }
+            target::sync_cores(remote, state);
+            for f in &mut state.functions {
+                f.versions.retain(|v| v.patch != id);
+            }
+            state.patches.retain(|p| p.id != id);
+            let _ = region.write(&mem, state);
+            // Code of the patch may be running (a route was live): it stays loaded.
+            if flipped.is_empty() && stored.is_empty() {
+                dlclose(remote, handle);
+            }
+            return Err(e);
         }
-        if let Err(u) = target::store_slots(state, remote, &stored) {
-            tracing::error!("rollback of {} live slots failed: {u}", stored.len());
-        }
-        target::sync_cores(remote, state);
-        for f in &mut state.functions {
-            f.versions.retain(|v| v.patch != id);
-        }
-        state.patches.retain(|p| p.id != id);
-        let _ = region.write(&mem, state);
-        // Code of the patch may be running (a route was live): it stays loaded.
-        if flipped.is_empty() && stored.is_empty() {
-            dlclose(remote, handle);
-        }
-        return Err(e);
-    }
+    };
     target::sync_cores(remote, state);
+    let mut modes = modes.into_iter();
+    let mut applied = Vec::new();
+    for step in &steps {
+        let f = state.function(step.entry());
+        let (replacement, mode) = match step {
+            Step::New { flip, .. } => (flip.replacement, modes.next()),
+            Step::Revive { replacement, .. } => (*replacement, modes.next()),
+            Step::Supersede { replacement, .. } => (*replacement, Some(FlipMode::Superseded)),
+        };
+        applied.push(AppliedFunction {
+            name: f.map(|f| f.name.clone()).unwrap_or_default(),
+            entry: step.entry(),
+            replacement,
+            route: f.map_or("prepared", |f| f.route.name()),
+            mode: mode.unwrap_or(FlipMode::Superseded),
+        });
+    }
     record.complete = true;
     if let Some(p) = state.patches.iter_mut().find(|p| p.id == id) {
         p.complete = true;
@@ -434,14 +485,6 @@ fn stage(
         .collect();
     let addresses = remote.dlsym_many(handle, &names)?;
     let (pointer_at, replacements) = addresses.split_at(input.pointers.len());
-    for ((_, value), &at) in input.pointers.iter().zip(pointer_at) {
-        let current = log.mem.read(at, 8)?;
-        log.write(&Write {
-            address: at,
-            expected: current,
-            new: value.to_le_bytes().to_vec(),
-        })?;
-    }
     if region.is_none() {
         *region = Some(StateRegion::create(remote)?);
     }
@@ -452,7 +495,7 @@ fn stage(
             if existing.versions.is_empty() {
                 // The route must still be exactly what was written: the
                 // entry will jump into it.
-                for w in existing.undo.iter().skip(2) {
+                for w in existing.route_undo() {
                     let found = log.mem.read(w.address, w.expected.len())?;
                     if found != w.expected {
                         return Err(EngineError::Failed {
@@ -468,10 +511,7 @@ fn stage(
                     entry,
                     slot: existing.slot,
                     replacement,
-                    // The recorded undo starts with the entry bytes, in
-                    // revert order: their inverses, reversed, flip it again.
-                    entry_bytes: existing.undo.iter().take(2).rev().map(Write::inverse).collect(),
-                    live_safe: existing.live_safe,
+                    flip: existing.entry_restore().inverse(),
                 });
             } else {
                 steps.push(Step::Supersede {
@@ -483,21 +523,68 @@ fn stage(
             continue;
         }
         let slot = target::scratch(state, remote, entry, false, 8)?;
-        let trampoline = match p.flip.long_jump {
-            crate::arch::x86_64::LongJump::Trampoline => {
-                Some(target::scratch(state, remote, entry, true, 8)?)
+        let flip = match &p.method {
+            Method::Prepared(flip) => {
+                let trampoline = match flip.long_jump {
+                    LongJump::Trampoline => Some(target::scratch(state, remote, entry, true, 8)?),
+                    LongJump::Slot => None,
+                };
+                plan::flip_writes(
+                    &p.name,
+                    input.image_name,
+                    input.bias,
+                    flip,
+                    replacement,
+                    Scratch { slot, trampoline },
+                )?
             }
-            crate::arch::x86_64::LongJump::Slot => None,
+            Method::Detour { detour, code, .. } => {
+                // The dispatcher, then the trampoline 16-aligned after it.
+                let dispatcher = target::scratch(state, remote, entry, true, 16 + TRAMPOLINE_SIZE)?;
+                plan::detour_writes(
+                    Subject {
+                        name: &p.name,
+                        image: input.image_name,
+                        bias: input.bias,
+                        entry: p.entry,
+                    },
+                    detour,
+                    code,
+                    replacement,
+                    DetourScratch {
+                        slot,
+                        dispatcher,
+                        trampoline: dispatcher + 16,
+                    },
+                )?
+            }
         };
-        let flip = plan::flip_writes(
-            &p.name,
-            input.image_name,
-            input.bias,
-            &p.flip,
-            replacement,
-            Scratch { slot, trampoline },
-        )?;
         steps.push(Step::New { entry, flip });
+    }
+    // The patch's pointers, now that every original is known. Nothing of
+    // the patch runs yet.
+    for ((_, value), &at) in input.pointers.iter().zip(pointer_at) {
+        let value = match value {
+            PointerValue::Address(address) => *address,
+            PointerValue::Original {
+                name,
+                entry,
+                prepared,
+            } => original_of(&steps, state, *entry)
+                .or(*prepared)
+                .ok_or_else(|| EngineError::Failed {
+                    pid: input.pid,
+                    what: format!(
+                        "`orig` of `{name}`: an unprepared function has callable original code only once it is detoured, and neither this patch nor an earlier one replaces it (use `ref` to call it as it is); nothing written"
+                    ),
+                })?,
+        };
+        let current = log.mem.read(at, 8)?;
+        log.write(&Write {
+            address: at,
+            expected: current,
+            new: value.to_le_bytes().to_vec(),
+        })?;
     }
     // The routine that changes live slots, mapped now so that a later
     // failure cannot come from mapping it.
@@ -511,26 +598,57 @@ fn stage(
     Ok(steps)
 }
 
-/// Write the two entry bytes: one at a time with threads running where the
-/// order is proven safe, else with every thread stopped and none able to
-/// resume between them (its rip, or a return address or signal context on
-/// its stack).
-pub(super) fn write_entry(
+/// Where the original code of the function at `entry` is: its route's, if
+/// this patch or an earlier one made one.
+fn original_of(steps: &[Step], state: &State, entry: u64) -> Option<u64> {
+    steps
+        .iter()
+        .find_map(|s| match s {
+            Step::New { entry: e, flip } if *e == entry => Some(flip.original),
+            _ => None,
+        })
+        .or_else(|| state.function(entry).map(|f| f.original))
+}
+
+/// Write entry flips: the live-safe ones byte by byte with threads running
+/// (each proven harmless in every intermediate state), all the others in
+/// one stop of every thread, none able to resume inside the bytes (its
+/// rip, or a return address or signal context on its stack). Pushes onto
+/// `done` the index of each flip completed; a flip that fails is undone
+/// before the error returns. Returns each flip's mode, in order.
+pub(super) fn write_entries(
     pid: i32,
     mem: &Mem,
-    writes: &[Write],
-    at: u64,
-    live_safe: bool,
-) -> Result<FlipMode, EngineError> {
-    if live_safe {
-        for w in writes {
-            mem.write_expecting(w.address, &w.expected, &w.new)?;
+    flips: &[EntryFlip],
+    done: &mut Vec<usize>,
+) -> Result<Vec<FlipMode>, EngineError> {
+    let mut modes = vec![FlipMode::Live; flips.len()];
+    let stopped: Vec<usize> = (0..flips.len()).filter(|&i| !flips[i].live_safe).collect();
+    if !stopped.is_empty() {
+        let writes: Vec<Write> = stopped.iter().flat_map(|&i| flips[i].writes.clone()).collect();
+        let ranges: Vec<_> = stopped.iter().map(|&i| flips[i].overwrite).collect();
+        let maps = Process::open(pid)?.maps()?;
+        let took = stopped::write_stopped(pid, mem, &maps, &writes, &ranges)?;
+        for &i in &stopped {
+            modes[i] = FlipMode::Stopped {
+                stopped_us: took.as_micros() as u64,
+            };
+            done.push(i);
         }
-        return Ok(FlipMode::Live);
     }
-    let maps = Process::open(pid)?.maps()?;
-    let took = stopped::write_stopped(pid, mem, &maps, writes, &[Overwrite { start: at, len: 2 }])?;
-    Ok(FlipMode::Stopped {
-        stopped_us: took.as_micros() as u64,
-    })
+    for (i, flip) in flips.iter().enumerate().filter(|(_, f)| f.live_safe) {
+        for (k, w) in flip.writes.iter().enumerate() {
+            if let Err(e) = mem.write_expecting(w.address, &w.expected, &w.new) {
+                for w in flip.writes[..k].iter().rev() {
+                    let inv = w.inverse();
+                    if let Err(u) = mem.write_expecting(inv.address, &inv.expected, &inv.new) {
+                        tracing::error!("undoing the entry byte at {:#x} failed: {u}", inv.address);
+                    }
+                }
+                return Err(e.into());
+            }
+        }
+        done.push(i);
+    }
+    Ok(modes)
 }

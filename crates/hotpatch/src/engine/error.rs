@@ -32,6 +32,14 @@ pub enum EngineError {
         wanted: String,
         found: String,
     },
+    #[error(
+        "process {pid}: {functions} in {image}: built without padding and called directly from code of the same image. With gcc's interprocedural register allocation (-fipa-ra, on at -O2) such a caller may keep values in registers the ABI lets a function clobber, and a replacement may corrupt them. Check that each replacement preserves the registers its original does (or that the image was built with clang or -fno-ipa-ra), then apply with --allow-direct-calls; nothing was changed"
+    )]
+    DirectCalls {
+        pid: i32,
+        image: String,
+        functions: String,
+    },
     #[error("process {pid}: no patch {id} is applied (`hotpatch list {pid}` shows what is)")]
     NoSuchPatch { pid: i32, id: u32 },
     #[error("process {pid}: another hotpatch is working on it (lock {lock})")]

@@ -5,26 +5,37 @@
 //!
 //! - Everything that can be checked without touching the process is checked
 //!   first: the patch's records, every target name (missing, ambiguous, not
-//!   a function, not prepared), the build-id. Any failure: nothing changes.
-//! - Then the patch is `dlopen`ed and its pointers filled. The slot, any
-//!   trampoline and the padding jump of *every* function are written next;
-//!   no thread executes those bytes yet. A failure up to here undoes every
+//!   a function, not patchable and why), the build-id, and the
+//!   register-allocation hazard of unprepared functions called directly
+//!   from their own image (refused without `allow_direct_calls`). Any
+//!   failure: nothing changes.
+//! - Then the patch is `dlopen`ed and its pointers filled. The route of
+//!   *every* function is written next — slot, trampoline and padding jump
+//!   (prepared), or slot, dispatcher and trampoline holding the relocated
+//!   first instructions (detour); no thread executes those bytes yet. A failure up to here undoes every
 //!   write and `dlclose`s the patch: the target's code is exactly as it was
 //!   (the state region and scratch pages, once created, stay mapped).
 //! - The patch is recorded (as incomplete) inside the process before the
 //!   first of those writes, so a tool killed from then on leaves a record
 //!   that `hotpatch revert` acts on.
-//! - Last, the entries flip, one function after another (a few µs each):
-//!   for that window some functions of the patch are new and some old.
-//!   A failure in this phase reverts the functions already flipped. A tool
+//! - Last, the entries flip. Every entry that cannot change with threads
+//!   running — a detour's 5-byte jump, a prepared entry whose byte order is
+//!   not proven safe — changes in one stop of every thread, all or none,
+//!   and only when no thread can resume inside the bytes (its rip, a return
+//!   address or a signal context on its stack); the tool retries a bounded
+//!   number of times, then gives up naming the thread. Then the prepared
+//!   entries flip live, one function after another (a few µs each): for
+//!   that window some functions of the patch are new and some old. A
+//!   failure in this phase reverts the functions already flipped. A tool
 //!   killed in this phase leaves each function either old or new (each
-//!   single-byte state is proven harmless).
+//!   single-byte state is proven harmless; a stopped write is done before
+//!   the threads resume, and the kernel resumes them if the tool dies).
 //!
 //! # What `revert` does
 //!
 //! The entry goes back to its original bytes (the same proven byte order,
-//! or all threads stopped). The route behind it — padding jump, slot,
-//! trampoline — stays, dormant: a thread that took the route just before
+//! or all threads stopped). The route behind it — padding jump or
+//! dispatcher, slot, trampoline — stays, dormant: a thread that took the route just before
 //! the entry changed may still be on its way through it, so it is never
 //! torn down under it (that thread finishes the call in the reverted code,
 //! which stays loaded). Applying a patch to the function again reuses the

@@ -1,9 +1,9 @@
 //! `hotpatch revert PID PATCH-ID` and `--all`.
 
 use super::EngineError;
-use super::apply::write_entry;
+use super::apply::write_entries;
 use super::target::{self, Lock, StateRegion};
-use crate::plan::Write;
+use crate::plan::EntryFlip;
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::State;
 
@@ -107,41 +107,44 @@ fn revert_one(
         restored: Vec::new(),
         stepped_back: Vec::new(),
     };
-    // Live slots that step back to an older version: one batch at the end.
+    // Live slots that step back to an older version, and entries restored:
+    // each kind in one batch.
     let mut stores = Vec::new();
+    let mut restores: Vec<(usize, EntryFlip)> = Vec::new();
     for entry in &patch.functions {
         let Some(index) = state.functions.iter().position(|f| f.entry == *entry) else {
             continue;
         };
-        let f = state.functions[index].clone();
+        let f = &state.functions[index];
         let was_live = f.versions.last().is_some_and(|v| v.patch == id);
         let remaining: Vec<_> = f.versions.iter().filter(|v| v.patch != id).cloned().collect();
         if remaining.is_empty() {
             // The entry goes back (bytes an apply killed early never
             // changed are left as they are). The route stays, dormant.
-            let entry_undo: Vec<Write> = f.undo.iter().take(2).cloned().collect();
-            let pending: Vec<Write> = entry_undo
-                .iter()
-                .filter(|w| {
-                    mem.read(w.address, w.new.len())
-                        .map(|b| b != w.new)
-                        .unwrap_or(true)
-                })
-                .cloned()
-                .collect();
-            if !pending.is_empty() {
-                let at = entry_undo.iter().map(|w| w.address).min().unwrap_or(f.entry);
-                write_entry(pid, mem, &pending, at, f.live_safe)?;
-            }
-            state.functions[index].versions.clear();
-            reverted.restored.push(f.name.clone());
+            let mut restore = f.entry_restore();
+            restore.writes.retain(|w| {
+                mem.read(w.address, w.new.len())
+                    .map(|b| b != w.new)
+                    .unwrap_or(true)
+            });
+            restores.push((index, restore));
         } else {
             if was_live && let Some(top) = remaining.last() {
                 stores.push((f.slot, top.replacement));
             }
-            state.functions[index].versions = remaining;
             reverted.stepped_back.push(f.name.clone());
+            state.functions[index].versions = remaining;
         }
+    }
+    let flips: Vec<EntryFlip> = restores
+        .iter()
+        .filter(|(_, r)| !r.writes.is_empty())
+        .map(|(_, r)| r.clone())
+        .collect();
+    write_entries(pid, mem, &flips, &mut Vec::new())?;
+    for (index, _) in restores {
+        state.functions[index].versions.clear();
+        reverted.restored.push(state.functions[index].name.clone());
     }
     target::store_slots(state, remote, &stores)?;
     state.patches.retain(|p| p.id != id);

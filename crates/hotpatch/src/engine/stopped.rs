@@ -15,19 +15,7 @@ pub const STACK_SCAN: u64 = 256 * 1024;
 pub const ATTEMPTS: usize = 100;
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A byte range being overwritten: addresses strictly inside it are where
-/// no thread may resume (its start is fine: the new jump is there).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overwrite {
-    pub start: u64,
-    pub len: u64,
-}
-
-impl Overwrite {
-    pub fn contains(&self, address: u64) -> bool {
-        address > self.start && address < self.start + self.len
-    }
-}
+pub use crate::plan::Overwrite;
 
 /// Where a thread would resume inside an overwritten range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +78,8 @@ pub fn find_inside(
 
 /// Write `writes` (multi-byte jumps over `ranges`) with every thread of
 /// `pid` stopped and none able to resume inside a range; between attempts
-/// the threads run for a moment. Returns how long the final stop lasted.
+/// the threads run for a moment. Either every write is done or none is.
+/// Returns how long the final stop lasted.
 pub fn write_stopped(
     pid: i32,
     mem: &Mem,
@@ -109,8 +98,18 @@ pub fn write_stopped(
                 std::thread::sleep(Duration::from_micros(100 << attempt.min(6)));
             }
             None => {
-                for w in writes {
-                    mem.write_expecting(w.address, &w.expected, &w.new)?;
+                // All or nothing: a write that finds other bytes than the
+                // plan expects undoes the ones before it, still stopped.
+                for (i, w) in writes.iter().enumerate() {
+                    if let Err(e) = mem.write_expecting(w.address, &w.expected, &w.new) {
+                        for done in writes[..i].iter().rev() {
+                            let inv = done.inverse();
+                            if let Err(u) = mem.write_expecting(inv.address, &inv.expected, &inv.new) {
+                                tracing::error!("undoing the write at {:#x} failed: {u}", inv.address);
+                            }
+                        }
+                        return Err(e.into());
+                    }
                 }
                 let took = stopped.took + began.elapsed();
                 drop(stopped);
