@@ -3,7 +3,9 @@
 //! thread is left stopped, each function is either old or new (the
 //! workers never see a third value), and `hotpatch revert --all` + `list`
 //! bring it back to a clean state — the original bytes, nothing listed —
-//! including from a patch recorded as incomplete.
+//! including from a patch recorded as incomplete. Once for prepared
+//! functions (flipped live), once for unprepared ones (detoured with every
+//! thread stopped: a kill may land while they are).
 
 #[path = "common/live.rs"]
 mod live;
@@ -18,13 +20,46 @@ const WORKERS: usize = 6;
 #[test]
 fn sigkill_during_apply() {
     let _serial = serial();
-    let t0 = Instant::now();
-    let mut rng = XorShift::seeded();
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = build_target(dir.path(), "gcc", "target", TARGET_C, &["-fcf-protection=full"]);
-    let patch = build_patch(dir.path(), "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, WORKERS, None, Workers::Idle);
+    kill_during_apply(dir.path(), &exe, &[], Workers::Idle, ROUNDS);
+}
+
+#[test]
+fn sigkill_during_detour_apply() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("target.c"), TARGET_C).expect("write target");
+    compile("gcc", &["-O2", "-pthread", "-o", "target", "target.c"], d);
+    // Workers at normal priority: a stop waits for every thread to be
+    // scheduled, which SCHED_IDLE threads on a loaded machine may not be
+    // for seconds (the apply then fails cleanly; not what this tests).
+    kill_during_apply(
+        d,
+        &d.join("target"),
+        &["--allow-direct-calls"],
+        Workers::Duty,
+        100,
+    );
+}
+
+/// `rounds` applies of patch A to `exe` (with `extra` arguments), each
+/// SIGKILLed at a random moment.
+fn kill_during_apply(
+    dir: &std::path::Path,
+    exe: &std::path::Path,
+    extra: &[&str],
+    workers: Workers,
+    rounds: usize,
+) {
+    let t0 = Instant::now();
+    let mut rng = XorShift::seeded();
+    let patch = build_patch(dir, "patch_a", PATCH_A_C);
+    let mut target = Target::start(exe, WORKERS, None, workers);
     let pid = target.pid();
+    let mut args = vec!["apply".to_string(), pid.to_string(), patch.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let original = target.code();
     target.expect(-1);
 
@@ -32,7 +67,7 @@ fn sigkill_during_apply() {
     // median of a few, after a first one that sets the process up).
     let mut took = Vec::new();
     for _ in 0..6 {
-        let run = hotpatch(&["apply", &pid.to_string(), patch.to_str().unwrap()]);
+        let run = hotpatch(&args);
         assert_eq!(run.code(), 0, "{run:?}");
         took.push(run.took);
         revert(pid, None);
@@ -58,14 +93,14 @@ fn sigkill_during_apply() {
     let (mut nothing, mut incomplete, mut complete, mut finished) = (0, 0, 0, 0);
     let mut states = std::collections::BTreeMap::<String, usize>::new();
     let mut hi = window_us * 11 / 10;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         // Anywhere in [0, hi), with `hi` following where applies end: it
         // shrinks after an apply that finished before the kill and grows
         // after one killed before it recorded anything (an apply that must
         // map its call region again takes longer).
         let delay = rng.below(hi);
         let maps_before = maps(pid);
-        let mut cmd = hotpatch_command(&["apply", &pid.to_string(), patch.to_str().unwrap()]);
+        let mut cmd = hotpatch_command(&args);
         let (mut tool, output) = spawn_piped(&mut cmd);
         std::thread::sleep(Duration::from_micros(delay));
         let _ = tool.kill();
@@ -121,7 +156,7 @@ fn sigkill_during_apply() {
         assert_eq!(target.version(), (0, 0), "round {round}: after revert --all");
     }
     // The patch still applies and works after all that.
-    apply(pid, &patch, &[]);
+    apply(pid, &patch, extra);
     target.expect(1);
     target.expect(-1);
     revert(pid, None);
@@ -131,7 +166,7 @@ fn sigkill_during_apply() {
     check_reverted(&target.code(), &original).expect("reverted");
     assert_no_thread_stopped(pid);
     eprintln!(
-        "{ROUNDS} kills over a {window:.1?} apply window: no record {nothing}, incomplete {incomplete}, \
+        "{rounds} kills over a {window:.1?} apply window: no record {nothing}, incomplete {incomplete}, \
          complete {complete} (finished before the kill {finished}); code states {states:?}; \
          {} calls, 0 bad; total {:.1?}",
         s.calls,
