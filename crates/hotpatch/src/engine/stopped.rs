@@ -87,6 +87,9 @@ pub fn write_stopped(
     writes: &[Write],
     ranges: &[Overwrite],
 ) -> Result<Duration, EngineError> {
+    // Real-time priority for the stops, when allowed: the target's threads
+    // are stopped sooner and resumed sooner.
+    let _boost = crate::process::Boost::realtime();
     let mut last = None;
     for attempt in 0..ATTEMPTS {
         let stopped = AllStopped::stop(pid, STOP_TIMEOUT)?;

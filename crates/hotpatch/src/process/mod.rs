@@ -5,6 +5,7 @@
 mod error;
 pub mod maps;
 pub mod mem;
+pub mod priority;
 pub mod ptrace;
 pub mod remote;
 pub mod stop;
@@ -14,6 +15,7 @@ pub mod threads;
 pub use error::{ProcessError, permission_hint, ptrace_hint};
 pub use maps::{MapEntry, MappedImage};
 pub use mem::Mem;
+pub use priority::Boost;
 pub use ptrace::Traced;
 pub use remote::{CallOutcome, Placement, Remote, Timeouts};
 pub use stop::AllStopped;
