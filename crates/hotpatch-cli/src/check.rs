@@ -131,8 +131,8 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
         .clamp(5, 60);
     writeln!(
         out,
-        "{:<name_width$}  {:>14}  {:>9}  {:>8}  {:>9}  {:>10}  {:>8}  TOP REASONS",
-        "IMAGE", "LOAD", "FUNCTIONS", "PREPARED", "LIVE-SAFE", "DETOURABLE", "NOT"
+        "{:<name_width$}  {:>14}  {:>9}  {:>9}  {:>8}  {:>9}  {:>10}  {:>7}  {:>8}  TOP REASONS",
+        "IMAGE", "LOAD", "FUNCTIONS", "PATCHABLE", "PREPARED", "LIVE-SAFE", "DETOURABLE", "DIRECT", "NOT"
     )?;
     for image in &output.images {
         let s = &image.summary;
@@ -144,16 +144,18 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
             .collect();
         writeln!(
             out,
-            "{:<name_width$}  {:>14}  {:>9}  {:>8}  {:>9}  {:>10}  {:>8}  {}",
+            "{:<name_width$}  {:>14}  {:>9}  {:>9}  {:>8}  {:>9}  {:>10}  {:>7}  {:>8}  {}",
             image.path,
             image
                 .load_bias
                 .map(|b| format!("{b:#x}"))
                 .unwrap_or_else(|| "-".into()),
             s.functions,
+            percent(s.prepared + s.detourable, s.functions),
             percent(s.prepared, s.functions),
             percent(s.prepared_live_safe, s.functions),
             percent(s.detourable, s.functions),
+            percent(s.detourable_direct_calls, s.functions),
             percent(s.not_patchable, s.functions),
             reasons.join(", ")
         )?;
