@@ -116,9 +116,10 @@ pub fn list(args: ListArgs) -> Result<()> {
             if let Some(f) = state.function(*entry) {
                 let live = f.versions.last().is_some_and(|v| v.patch == p.id);
                 println!(
-                    "    {} at {:#x}{}",
+                    "    {} at {:#x} ({}){}",
                     f.name,
                     f.entry,
+                    f.route.name(),
                     if live {
                         ""
                     } else {

@@ -146,14 +146,9 @@ fn direct_calls_need_the_flag() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let src = write(d, "nopad.c", TARGET_C);
-    compile(
-        "gcc",
-        &["-O2", "-pthread", "-o", "nopad", src.to_str().unwrap()],
-        d,
-    );
+    let exe = build_unprepared(d, "gcc", "nopad", TARGET_C, &[]);
     let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&d.join("nopad"), 2, None, Workers::Duty);
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
     // Without padding: read from the entry only.
     let pid = target.pid();
     let before = (read_mem(pid, target.f, 8), read_mem(pid, target.g, 8));

@@ -17,17 +17,6 @@ use std::process::Command;
 const DETOUR_TARGET_C: &str = include_str!("live/detour_target.c");
 const FLAG: &str = "--allow-direct-calls";
 
-/// Build `source` without padding (`-O2 -pthread`, plus `extra`).
-fn build_unprepared(dir: &Path, cc: &str, name: &str, source: &str, extra: &[&str]) -> std::path::PathBuf {
-    let src = format!("{name}.c");
-    std::fs::write(dir.join(&src), source).expect("write target source");
-    let mut args = vec!["-O2", "-pthread", "-o", name];
-    args.extend_from_slice(extra);
-    args.push(&src);
-    compile(cc, &args, dir);
-    dir.join(name)
-}
-
 /// Every function of an apply's JSON was detoured, with threads stopped.
 fn assert_detoured(applied: &Value, mode: &str) {
     let functions = applied["functions"].as_array().expect("functions[]");

@@ -30,18 +30,11 @@ fn sigkill_during_detour_apply() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    std::fs::write(d.join("target.c"), TARGET_C).expect("write target");
-    compile("gcc", &["-O2", "-pthread", "-o", "target", "target.c"], d);
+    let exe = build_unprepared(d, "gcc", "target", TARGET_C, &[]);
     // Workers at normal priority: a stop waits for every thread to be
     // scheduled, which SCHED_IDLE threads on a loaded machine may not be
     // for seconds (the apply then fails cleanly; not what this tests).
-    kill_during_apply(
-        d,
-        &d.join("target"),
-        &["--allow-direct-calls"],
-        Workers::Duty,
-        100,
-    );
+    kill_during_apply(d, &exe, &["--allow-direct-calls"], Workers::Duty, 100);
 }
 
 /// `rounds` applies of patch A to `exe` (with `extra` arguments), each

@@ -74,9 +74,17 @@ pub fn compile(cc: &str, args: &[&str], dir: &Path) {
 /// Write `source` to `dir/name.c` and build a prepared executable `dir/name`
 /// (`-O2 -pthread -fpatchable-function-entry=8,6`, plus `extra`).
 pub fn build_target(dir: &Path, cc: &str, name: &str, source: &str, extra: &[&str]) -> PathBuf {
+    let mut flags = vec!["-fpatchable-function-entry=8,6"];
+    flags.extend_from_slice(extra);
+    build_unprepared(dir, cc, name, source, &flags)
+}
+
+/// Write `source` to `dir/name.c` and build an executable `dir/name`
+/// without padding (`-O2 -pthread`, plus `extra`).
+pub fn build_unprepared(dir: &Path, cc: &str, name: &str, source: &str, extra: &[&str]) -> PathBuf {
     let src = format!("{name}.c");
     std::fs::write(dir.join(&src), source).expect("write target source");
-    let mut args = vec!["-O2", "-pthread", "-fpatchable-function-entry=8,6", "-o", name];
+    let mut args = vec!["-O2", "-pthread", "-o", name];
     args.extend_from_slice(extra);
     args.push(&src);
     compile(cc, &args, dir);
