@@ -2,6 +2,12 @@
 //! the entry of a prepared function whose byte-by-byte flip is not proven
 //! safe — only with every thread stopped, and only when no thread can ever
 //! resume inside the bytes being overwritten (DESIGN.md §2, §3).
+//!
+//! A thread whose `rip` is inside is single-stepped out while the others
+//! stay stopped. One that holds an address inside on its stack (a return
+//! address, an interrupted context in a signal frame) cannot be stepped
+//! out; then every thread runs on for a moment and the tool tries again,
+//! a bounded number of times, before giving up with the thread named.
 
 use super::EngineError;
 use crate::plan::Write;
@@ -16,6 +22,29 @@ pub const ATTEMPTS: usize = 100;
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use crate::plan::Overwrite;
+
+/// Overwritten ranges, sorted, for a lookup per stack word that does not
+/// grow with the number of functions a patch detours.
+#[derive(Debug, Clone)]
+pub struct Ranges {
+    sorted: Vec<Overwrite>,
+}
+
+impl Ranges {
+    pub fn new(ranges: &[Overwrite]) -> Ranges {
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        Ranges { sorted }
+    }
+
+    /// Whether `address` is strictly inside one of the ranges.
+    pub fn contains(&self, address: u64) -> bool {
+        // Ranges never overlap (each covers its own function's bytes): only
+        // the last one starting below `address` can hold it.
+        let i = self.sorted.partition_point(|r| r.start < address);
+        i > 0 && self.sorted[i - 1].contains(address)
+    }
+}
 
 /// Where a thread would resume inside an overwritten range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +62,7 @@ pub fn scan_stack(
     mem: &Mem,
     maps: &[MapEntry],
     rsp: u64,
-    ranges: &[Overwrite],
+    ranges: &Ranges,
 ) -> Result<Option<(u64, u64)>, ProcessError> {
     let Some(stack) = maps.iter().find(|m| rsp >= m.start && rsp < m.end) else {
         return Ok(None);
@@ -43,10 +72,7 @@ pub fn scan_stack(
     let bytes = mem.read(start, (end - start) as usize)?;
     Ok(bytes.chunks_exact(8).enumerate().find_map(|(i, w)| {
         let value = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-        ranges
-            .iter()
-            .any(|r| r.contains(value))
-            .then_some((start + 8 * i as u64, value))
+        ranges.contains(value).then_some((start + 8 * i as u64, value))
     }))
 }
 
@@ -55,10 +81,10 @@ pub fn find_inside(
     stopped: &AllStopped,
     mem: &Mem,
     maps: &[MapEntry],
-    ranges: &[Overwrite],
+    ranges: &Ranges,
 ) -> Result<Option<Inside>, ProcessError> {
     for (tid, regs) in stopped.registers()? {
-        if ranges.iter().any(|r| r.contains(regs.rip)) {
+        if ranges.contains(regs.rip) {
             return Ok(Some(Inside {
                 tid,
                 address: regs.rip,
@@ -76,6 +102,44 @@ pub fn find_inside(
     Ok(None)
 }
 
+/// Single steps per stop for threads whose rip is inside a range.
+pub const STEPS: usize = 64;
+const STEP_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// [`find_inside`], first stepping each thread whose rip is inside a range
+/// out of it, one instruction at a time with every other thread stopped
+/// (no branch leads back in: the analysis refuses functions where one
+/// would). What remains inside after [`STEPS`] steps, a step that blocks,
+/// or a return address or signal context on a stack, is for the caller
+/// to wait out.
+fn step_out(
+    stopped: &mut AllStopped,
+    mem: &Mem,
+    maps: &[MapEntry],
+    ranges: &Ranges,
+) -> Result<Option<Inside>, ProcessError> {
+    let mut steps = 0;
+    loop {
+        match find_inside(stopped, mem, maps, ranges)? {
+            Some(Inside {
+                tid, found_at: None, ..
+            }) if steps < STEPS => {
+                steps += 1;
+                if let Err(e) = stopped.step(tid, STEP_TIMEOUT) {
+                    tracing::debug!(tid, "stepping out of the overwritten bytes: {e}");
+                    return find_inside(stopped, mem, maps, ranges);
+                }
+            }
+            other => {
+                if steps > 0 {
+                    tracing::debug!(steps, "threads stepped out of the overwritten bytes");
+                }
+                return Ok(other);
+            }
+        }
+    }
+}
+
 /// Write `writes` (multi-byte jumps over `ranges`) with every thread of
 /// `pid` stopped and none able to resume inside a range; between attempts
 /// the threads run for a moment. Either every write is done or none is.
@@ -90,11 +154,12 @@ pub fn write_stopped(
     // Real-time priority for the stops, when allowed: the target's threads
     // are stopped sooner and resumed sooner.
     let _boost = crate::process::Boost::realtime();
+    let ranges = &Ranges::new(ranges);
     let mut last = None;
     for attempt in 0..ATTEMPTS {
-        let stopped = AllStopped::stop(pid, STOP_TIMEOUT)?;
+        let mut stopped = AllStopped::stop(pid, STOP_TIMEOUT)?;
         let began = Instant::now();
-        match find_inside(&stopped, mem, maps, ranges)? {
+        match step_out(&mut stopped, mem, maps, ranges)? {
             Some(inside) => {
                 last = Some(inside);
                 drop(stopped);
@@ -144,6 +209,22 @@ pub fn write_stopped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_lookup_matches_a_linear_search() {
+        let list: Vec<Overwrite> = (0..200u64)
+            .rev()
+            .map(|i| Overwrite {
+                start: 0x1000 + i * 37,
+                len: 5 + i % 9,
+            })
+            .collect();
+        let ranges = Ranges::new(&list);
+        for a in 0xff0..0x1000 + 200 * 37 + 20 {
+            assert_eq!(ranges.contains(a), list.iter().any(|r| r.contains(a)), "{a:#x}");
+        }
+        assert!(!Ranges::new(&[]).contains(0x1000));
+    }
 
     #[test]
     fn start_of_range_is_not_inside() {

@@ -164,6 +164,53 @@ impl Traced {
         }
     }
 
+    /// `PTRACE_SINGLESTEP` the stopped thread by one instruction, the
+    /// thread's other state untouched, and wait (at most `timeout`) until
+    /// it stops again. A signal that arrives instead is delivered (the
+    /// thread steps into its handler). If the step does not end in time (an
+    /// instruction that blocks, such as a system call), the thread is
+    /// interrupted again and the timeout reported: it is stopped either way
+    /// unless it exited.
+    pub fn step(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        self.require_stopped("SINGLESTEP")?;
+        let pid = Pid::from_raw(self.tid);
+        ptrace::step(pid, None).map_err(|e| self.err("SINGLESTEP", e))?;
+        self.stopped = false;
+        let start = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(1));
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => {
+                    self.stopped = true;
+                    return Ok(());
+                }
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    ptrace::step(pid, sig).map_err(|e| self.err("SINGLESTEP", e))?;
+                }
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                    self.attached = false;
+                    return Err(ProcessError::Exited {
+                        pid: self.pid,
+                        tid: self.tid,
+                        during: "while single-stepping".into(),
+                    });
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(self.err("wait", e)),
+            }
+            if start.elapsed() >= timeout {
+                self.interrupt(DROP_WAIT)?;
+                return Err(ProcessError::Timeout {
+                    pid: self.pid,
+                    tid: self.tid,
+                    what: "single-stepping one instruction".into(),
+                    after: timeout,
+                });
+            }
+            backoff.pause();
+        }
+    }
+
     fn require_stopped(&self, op: &'static str) -> Result<(), ProcessError> {
         if self.stopped && self.attached {
             Ok(())

@@ -100,6 +100,19 @@ impl AllStopped {
         Ok(out)
     }
 
+    /// Single-step thread `tid` by one instruction while every other
+    /// thread stays stopped (see [`Traced::step`]); its registers after.
+    pub fn step(&mut self, tid: i32, timeout: Duration) -> Result<super::ptrace::Regs, ProcessError> {
+        let pid = self.pid;
+        let thread = self
+            .threads
+            .iter_mut()
+            .find(|t| t.tid() == tid)
+            .ok_or(ProcessError::NoSuchThread { pid, tid })?;
+        thread.step(timeout)?;
+        thread.regs()
+    }
+
     /// Resume every thread now (dropping does the same).
     pub fn resume(self) {}
 }
