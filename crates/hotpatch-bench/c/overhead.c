@@ -1,19 +1,25 @@
 /*
  * overhead: the cost of one call, by kind of callee. Built with
  * -fpatchable-function-entry=8,6 (every function prepared) except
- * unprep(), which opts out with the per-function attribute.
+ * unprep() and detoured(), which opt out with the per-function attribute.
  *
  *   overhead serve PATCH.so     commands on stdin (answers end with "end"):
  *       time NAME N    "ns T": wall time of N calls in a dependent chain
  *       bytes          "bytes HEX": entry-6 .. entry+2 of patched()
+ *       dbytes         "dbytes HEX": the 5 bytes at detoured()'s entry,
+ *                      then, if they are a jmp rel32, "at HEX": the 6
+ *                      bytes where it lands
  *   overhead count NAME N PATCH.so
  *       N calls of NAME in loop_NAME (for callgrind --toggle-collect or
  *       perf stat); NAME "patched" first patches patched() itself, with the
- *       byte layout hotpatch writes (slot, jmp [rip+slot], jmp -8).
+ *       byte layout hotpatch writes (slot, jmp [rip+slot], jmp -8); NAME
+ *       "detoured" first detours detoured() itself as hotpatch does (jmp
+ *       rel32 at the entry to a dispatcher jmp [rip+slot]).
  *
  * NAME: inline (body inlined, no call), unprep, prep (prepared, not
- * patched), patched, direct (the replacement, called through the pointer
- * dlsym gives), unprep_ptr (unprep called through a pointer).
+ * patched), patched, detoured (unprepared, patched), direct (the
+ * replacement, called through the pointer dlsym gives), unprep_ptr (unprep
+ * called through a pointer).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -30,8 +36,27 @@
 __attribute__((noinline, patchable_function_entry(0, 0))) long unprep(long x) { return BODY(x); }
 __attribute__((noinline)) long prep(long x) { return BODY(x); }
 __attribute__((noinline)) long patched(long x) { return BODY(x); }
+/*
+ * Unprepared, and detoured by the patch. noipa: its callers assume the full
+ * ABI clobber set (no IPA register allocation across the call), so the
+ * replacement is safe to call from here; the loop's code is the same as
+ * loop_unprep's.
+ */
+__attribute__((noipa, patchable_function_entry(0, 0))) long detoured(long x) { return BODY(x); }
+
+/*
+ * For the self-detour of `count detoured`: the dispatcher hotpatch writes
+ * near the image (jmp [rip+slot]), here in this program's own text.
+ */
+static void *detour_slot __attribute__((used));
+__asm__(".text\n"
+        "\t.p2align 3\n"
+        "detour_dispatcher:\n"
+        "\tjmp *detour_slot(%rip)\n");
+extern const unsigned char detour_dispatcher[];
 
 static long (*direct_ptr)(long);
+static long (*detoured_v2_ptr)(long);
 static long (*volatile unprep_ptr_v)(long) = unprep;
 static void *self_slot;
 
@@ -49,6 +74,7 @@ LOOP(inline, inline_body)
 LOOP(unprep, unprep)
 LOOP(prep, prep)
 LOOP(patched, patched)
+LOOP(detoured, detoured)
 __attribute__((noinline)) long loop_direct(long n)
 {
     long (*f)(long) = direct_ptr;
@@ -72,6 +98,7 @@ static long (*loop_of(const char *name))(long)
     if (!strcmp(name, "unprep")) return loop_unprep;
     if (!strcmp(name, "prep")) return loop_prep;
     if (!strcmp(name, "patched")) return loop_patched;
+    if (!strcmp(name, "detoured")) return loop_detoured;
     if (!strcmp(name, "direct")) return loop_direct;
     if (!strcmp(name, "unprep_ptr")) return loop_unprep_ptr;
     return NULL;
@@ -89,7 +116,39 @@ static int load_patch(const char *path)
         fprintf(stderr, "dlsym patched_v2: %s\n", dlerror());
         return -1;
     }
+    detoured_v2_ptr = (long (*)(long))dlsym(h, "detoured_v2");
+    if (!detoured_v2_ptr) {
+        fprintf(stderr, "dlsym detoured_v2: %s\n", dlerror());
+        return -1;
+    }
     return 0;
+}
+
+/* Make [from, to) writable (1) or executable again (0). */
+static int code_writable(void *from, void *to, int writable)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)from & ~(uintptr_t)(page - 1);
+    uintptr_t hi = ((uintptr_t)to + page - 1) & ~(uintptr_t)(page - 1);
+    return mprotect((void *)lo, hi - lo, PROT_READ | PROT_EXEC | (writable ? PROT_WRITE : 0));
+}
+
+/* What hotpatch does to an unprepared function, done to ourselves. */
+static int self_detour(void)
+{
+    unsigned char *entry = (unsigned char *)detoured;
+    if (detour_dispatcher[0] != 0xff || detour_dispatcher[1] != 0x25)
+        return -1;
+    detour_slot = (void *)detoured_v2_ptr;
+    int64_t disp = (int64_t)((uintptr_t)detour_dispatcher - ((uintptr_t)entry + 5));
+    if (disp != (int32_t)disp)
+        return -1;
+    if (code_writable(entry, entry + 5, 1))
+        return -1;
+    int32_t d = (int32_t)disp;
+    entry[0] = 0xe9;
+    memcpy(entry + 1, &d, 4);
+    return code_writable(entry, entry + 5, 0);
 }
 
 /* What hotpatch does to a prepared function, done to ourselves. */
@@ -149,6 +208,21 @@ int main(int argc, char **argv)
                 for (int i = 0; i < 8; i++)
                     printf(" %02x", p[i]);
                 printf("\n");
+            } else if (!strncmp(line, "dbytes", 6)) {
+                unsigned char *p = (unsigned char *)detoured;
+                printf("dbytes");
+                for (int i = 0; i < 5; i++)
+                    printf(" %02x", p[i]);
+                printf("\n");
+                if (p[0] == 0xe9) {
+                    int32_t d;
+                    memcpy(&d, p + 1, 4);
+                    unsigned char *to = p + 5 + d;
+                    printf("at");
+                    for (int i = 0; i < 6; i++)
+                        printf(" %02x", to[i]);
+                    printf("\n");
+                }
             } else if (!strncmp(line, "quit", 4)) {
                 return 0;
             } else {
@@ -166,6 +240,10 @@ int main(int argc, char **argv)
             return 2;
         if (!strcmp(argv[2], "patched") && self_patch()) {
             perror("self-patch");
+            return 1;
+        }
+        if (!strcmp(argv[2], "detoured") && self_detour()) {
+            perror("self-detour");
             return 1;
         }
         sink = loop(n);

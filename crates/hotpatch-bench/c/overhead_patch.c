@@ -1,4 +1,7 @@
-/* The patch of the overhead target: patched() gets an equal replacement. */
+/*
+ * The patch of the overhead target: patched() (prepared) and detoured()
+ * (unprepared: a detour) get equal replacements.
+ */
 #include "hotpatch.h"
 
 HOTPATCH_TARGET("overhead", "");
@@ -8,3 +11,9 @@ long patched_v2(long x)
     return x * 3 + 1;
 }
 HOTPATCH_REPLACE(patched, patched_v2);
+
+long detoured_v2(long x)
+{
+    return x * 3 + 1;
+}
+HOTPATCH_REPLACE(detoured, detoured_v2);

@@ -5,10 +5,12 @@
  *
  * WORKERS threads wake on absolute deadlines every PERIOD_US
  * (clock_nanosleep TIMER_ABSTIME on CLOCK_MONOTONIC), record how late they
- * woke in a per-thread histogram, then call work(), the function under
- * patch. A deadline missed entirely is skipped (counted in `missed`), so a
- * long stall shows as one late wake, not a burst of catch-up wakes.
- * BUSY threads spin calling work().
+ * woke in a per-thread histogram, then call work() and work_unprep(), the
+ * functions under patch: work() is prepared (built with the padding),
+ * work_unprep() is not (the attribute overrides the command line's
+ * -fpatchable-function-entry), so hotpatch detours it. A deadline missed
+ * entirely is skipped (counted in `missed`), so a long stall shows as one
+ * late wake, not a burst of catch-up wakes. BUSY threads spin calling both.
  *
  * Commands, one per line on stdin; each answer ends with a line "end":
  *   reset   start a new window: every worker clears its figures
@@ -16,7 +18,8 @@
  *           work_alt), then "hist BUCKET:COUNT ..." (non-zero
  *           buckets, see bucket_of)
  *   quit
- * Prints "ready work=0x... work_alt=0x..." once every worker runs.
+ * Prints "ready work=0x... work_alt=0x... work_unprep=0x..." once every
+ * worker runs.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -47,6 +50,18 @@ static long alt_calls;
 __attribute__((noinline)) long work(long x)
 {
     return x * 3 + 1;
+}
+
+/*
+ * Unprepared: no padding, so hotpatch writes a 5-byte jump at its entry
+ * with every thread stopped. noipa: callers assume the full ABI clobber set
+ * (no IPA register allocation across the call), so a replacement built
+ * elsewhere is safe to call from here; hotpatch still counts the direct
+ * calls, and the bench applies with allow_direct_calls.
+ */
+__attribute__((noipa, patchable_function_entry(0, 0))) long work_unprep(long x)
+{
+    return (x ^ (x >> 7)) + 3;
 }
 
 /* Where the side-by-side section sends work() (a jump in its padding). */
@@ -112,6 +127,7 @@ static void *worker_main(void *arg)
         if ((uint64_t)late > me->max_ns)
             __atomic_store_n(&me->max_ns, (uint64_t)late, __ATOMIC_RELAXED);
         sink = work(sink);
+        sink = work_unprep(sink);
         ts_add(&next, period_ns);
         while (ts_ns(&next) <= ts_ns(&now)) {
             ts_add(&next, period_ns);
@@ -126,7 +142,7 @@ static void *busy_main(void *arg)
     (void)arg;
     long x = 0;
     for (;;)
-        x = work(x);
+        x = work_unprep(work(x));
     return NULL;
 }
 
@@ -186,7 +202,8 @@ int main(int argc, char **argv)
         struct timespec ms = {0, 1000000};
         nanosleep(&ms, NULL);
     }
-    printf("ready work=%p work_alt=%p\n", (void *)work, (void *)work_alt);
+    printf("ready work=%p work_alt=%p work_unprep=%p\n", (void *)work, (void *)work_alt,
+           (void *)work_unprep);
     fflush(stdout);
     char line[256];
     while (fgets(line, sizeof line, stdin)) {

@@ -1,6 +1,7 @@
 //! What every section needs: a build directory with a C compiler, target
 //! processes that are always killed and reaped, and small statistics.
 
+use hotpatch::engine::{Applied, ApplyOptions, FlipMode};
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -108,6 +109,35 @@ pub fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// Apply options for the detour patches: the bench's targets call the
+/// unprepared functions directly from their own image (declared `noipa`
+/// there, so no caller relies on IPA register allocation across the call).
+pub fn detour_options() -> ApplyOptions {
+    ApplyOptions {
+        allow_direct_calls: true,
+        ..ApplyOptions::default()
+    }
+}
+
+/// How long the threads stayed stopped for a patch whose every function
+/// must be a detour written with all threads stopped; an error if one
+/// went another way.
+pub fn detour_stop_us(applied: &Applied) -> Result<u64> {
+    let mut stopped = 0;
+    for f in &applied.functions {
+        match (f.route, f.mode) {
+            ("detour", FlipMode::Stopped { stopped_us }) => stopped = stopped.max(stopped_us),
+            (route, mode) => {
+                return Err(format!(
+                    "`{}` went in by route `{route}`, mode {mode:?}, not a detour with threads stopped",
+                    f.name
+                ));
+            }
+        }
+    }
+    Ok(stopped)
 }
 
 /// A target process that answers commands on stdin with lines ending in

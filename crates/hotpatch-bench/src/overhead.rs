@@ -2,8 +2,8 @@
 //! callee, and a real C code base (SQLite) built with and without padding.
 
 use crate::Config;
-use crate::common::{Result, Target, Work, field, median, min, num, progress, table};
-use hotpatch::engine::{self, ApplyOptions};
+use crate::common::{Result, Target, Work, detour_options, field, median, min, num, progress, table};
+use hotpatch::engine::{self, FlipMode};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,6 +19,10 @@ const KINDS: &[(&str, &str)] = &[
     ("unprep", "unprepared function"),
     ("prep", "prepared function, not patched"),
     ("patched", "patched function (→ replacement)"),
+    (
+        "detoured",
+        "detoured unprepared function (entry jmp → dispatcher jmp [slot] → replacement)",
+    ),
     ("direct", "replacement called directly (through its pointer)"),
     ("unprep_ptr", "unprepared function through a pointer (control)"),
 ];
@@ -61,6 +65,10 @@ pub struct OverheadResult {
     pub runs: usize,
     /// The 8 bytes at entry-6 of the patched function after `apply`.
     pub patched_bytes: String,
+    /// The 5 bytes at the detoured function's entry after `apply`, and the
+    /// 6 where their jump lands (the dispatcher).
+    pub detoured_bytes: String,
+    pub dispatcher_bytes: String,
     pub kinds: Vec<CallKind>,
     pub perf: String,
     pub sqlite: std::result::Result<SqliteResult, String>,
@@ -164,7 +172,24 @@ pub fn run(cfg: &Config, work: &Work) -> Result<OverheadResult> {
         &["serve".into(), patch_arg.clone()],
         Duration::from_secs(10),
     )?;
-    engine::apply(t.pid(), &patch, &ApplyOptions::default()).map_err(|e| format!("apply: {e}"))?;
+    // The patch replaces patched() (prepared) and detoured() (unprepared,
+    // called directly by its loop, declared noipa there).
+    let applied = engine::apply(t.pid(), &patch, &detour_options()).map_err(|e| format!("apply: {e}"))?;
+    for f in &applied.functions {
+        let expected = match f.name.as_str() {
+            "detoured" => "detour",
+            _ => "prepared",
+        };
+        if f.route != expected {
+            return Err(format!(
+                "`{}` went in by route `{}`, not `{expected}`",
+                f.name, f.route
+            ));
+        }
+        if f.route == "detour" && !matches!(f.mode, FlipMode::Stopped { .. }) {
+            return Err(format!("`{}` was detoured with mode {:?}", f.name, f.mode));
+        }
+    }
     let bytes = t.command("bytes", Duration::from_secs(5))?;
     let patched_bytes = bytes
         .first()
@@ -175,6 +200,21 @@ pub fn run(cfg: &Config, work: &Work) -> Result<OverheadResult> {
         return Err(format!(
             "after apply, patched() reads `{patched_bytes}`, not the layout `ff 25 … eb f8` the \
              instruction counts assume"
+        ));
+    }
+    let dbytes = t.command("dbytes", Duration::from_secs(5))?;
+    let line = |prefix: &str| {
+        dbytes
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or("")
+            .to_string()
+    };
+    let (detoured_bytes, dispatcher_bytes) = (line("dbytes "), line("at "));
+    if !(detoured_bytes.starts_with("e9") && dispatcher_bytes.starts_with("ff 25")) {
+        return Err(format!(
+            "after apply, detoured() reads `{detoured_bytes}` and its jump lands on \
+             `{dispatcher_bytes}`, not the layout `e9 …` → `ff 25 …` the instruction counts assume"
         ));
     }
     let n = cfg.calls;
@@ -238,6 +278,8 @@ pub fn run(cfg: &Config, work: &Work) -> Result<OverheadResult> {
         calls_per_run: n,
         runs: cfg.call_runs,
         patched_bytes,
+        detoured_bytes,
+        dispatcher_bytes,
         kinds,
         perf: match perf {
             Ok(()) => "perf stat instructions:u".into(),
@@ -392,10 +434,11 @@ pub fn render(r: &OverheadResult) -> String {
         &rows,
     );
     s.push_str(&format!(
-        "\nPatched entry after `apply` (entry-6 .. entry+2): `{}`. Callgrind cannot run a \
-         ptrace-patched process, so its `patched` run writes this same layout into itself \
-         (slot in its own .data). perf: {}.\n",
-        r.patched_bytes, r.perf
+        "\nPatched entry after `apply` (entry-6 .. entry+2): `{}`. Detoured entry after `apply`: \
+         `{}`, landing on the dispatcher `{}`. Callgrind cannot run a ptrace-patched process, so \
+         its `patched` and `detoured` runs write these same layouts into themselves (slot in its \
+         own .data, dispatcher in its own .text). perf: {}.\n",
+        r.patched_bytes, r.detoured_bytes, r.dispatcher_bytes, r.perf
     ));
     match &r.sqlite {
         Ok(q) => {

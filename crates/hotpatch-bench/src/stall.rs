@@ -2,7 +2,9 @@
 //! patch goes in?
 
 use crate::Config;
-use crate::common::{Result, Target, Work, field, ms, num, progress, sleep_until, table};
+use crate::common::{
+    Result, Target, Work, detour_options, detour_stop_us, field, ms, num, progress, sleep_until, table,
+};
 use hotpatch::engine::{self, ApplyOptions, Which};
 use hotpatch::process::AllStopped;
 use serde::Serialize;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub const STALL_C: &str = include_str!("../c/stall.c");
 pub const STALL_PATCH_C: &str = include_str!("../c/stall_patch.c");
+pub const STALL_DETOUR_PATCH_C: &str = include_str!("../c/stall_detour_patch.c");
 
 /// Wake-up period of the workers.
 pub const PERIOD_US: u64 = 200;
@@ -19,15 +22,20 @@ pub const PERIOD_US: u64 = 200;
 /// for seconds.
 const ANSWER: Duration = Duration::from_secs(60);
 
-/// The stall target and its patch, built.
+/// The stall target and its patches, built.
 pub struct StallBuild {
     pub target: PathBuf,
+    /// Replaces work(), prepared: a live flip.
     pub patch: PathBuf,
+    /// Replaces work_unprep(), built without padding: a detour, written
+    /// with every thread stopped.
+    pub detour_patch: PathBuf,
 }
 
 pub fn build(work: &Work) -> Result<StallBuild> {
     work.write("stall.c", STALL_C)?;
     work.write("stall_patch.c", STALL_PATCH_C)?;
+    work.write("stall_detour_patch.c", STALL_DETOUR_PATCH_C)?;
     work.gcc(&[
         "-O2",
         "-g",
@@ -46,9 +54,19 @@ pub fn build(work: &Work) -> Result<StallBuild> {
         "stall_patch.so",
         "stall_patch.c",
     ])?;
+    work.gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-I.",
+        "-o",
+        "stall_detour_patch.so",
+        "stall_detour_patch.c",
+    ])?;
     Ok(StallBuild {
         target: work.path("stall"),
         patch: work.path("stall_patch.so"),
+        detour_patch: work.path("stall_detour_patch.so"),
     })
 }
 
@@ -180,6 +198,9 @@ pub struct StallMode {
     pub window_max_us: Vec<f64>,
     /// How long the operation took in each window, ms.
     pub op_ms: Vec<f64>,
+    /// For an apply that stops every thread: how long they stayed stopped
+    /// in each window (the engine's `FlipMode::Stopped`), µs.
+    pub stopped_us: Vec<f64>,
     pub note: Option<String>,
 }
 
@@ -207,6 +228,7 @@ fn mode(name: &str) -> StallMode {
         lateness: Some(Hist::default()),
         window_max_us: Vec::new(),
         op_ms: Vec::new(),
+        stopped_us: Vec::new(),
         note: None,
     }
 }
@@ -283,6 +305,7 @@ fn one_config(cfg: &Config, work: &Work, b: &StallBuild, workers: usize, busy: u
         let mut baseline = mode("baseline (no patching)");
         let mut live = mode("hotpatch apply (live flip)");
         let mut stop = mode("stop all threads (AllStopped stop + resume)");
+        let mut fallback = mode("fallback on unprepared code (detour)");
         let mut control = mode("control: patcher spins on a CPU as long as the apply took, no patching");
         for round in 0..cfg.stall_windows {
             let w: Window<()> = window(&mut target, cfg.stall_window, None)?;
@@ -308,6 +331,24 @@ fn one_config(cfg: &Config, work: &Work, b: &StallBuild, workers: usize, busy: u
             let w = window(&mut target, cfg.stall_window, Some(&mut op))?;
             add(&mut stop, &w);
 
+            // The fallback: work_unprep() has no padding, so the apply
+            // detours it, its entry written with every thread stopped.
+            let patch = fresh_copy(
+                work,
+                &b.detour_patch,
+                &format!("stall_detour_patch_{workers}_{busy}_{round}.so"),
+            )?;
+            let options = detour_options();
+            let mut apply =
+                || engine::apply(pid, &patch, &options).map_err(|e| format!("apply (detour): {e}"));
+            let w = window(&mut target, cfg.stall_window, Some(&mut apply))?;
+            if let Some((applied, _)) = &w.op {
+                fallback.stopped_us.push(detour_stop_us(applied)? as f64);
+            }
+            add(&mut fallback, &w);
+            engine::revert(pid, Which::All).map_err(|e| format!("revert (detour): {e}"))?;
+            std::thread::sleep(Duration::from_millis(50));
+
             // Control: the patcher only burns a CPU as long as the apply took.
             let mut op = || {
                 spin(apply_took);
@@ -316,13 +357,6 @@ fn one_config(cfg: &Config, work: &Work, b: &StallBuild, workers: usize, busy: u
             let w = window(&mut target, cfg.stall_window, Some(&mut op))?;
             add(&mut control, &w);
         }
-        let fallback = StallMode {
-            mode: "fallback on unprepared code".into(),
-            lateness: None,
-            window_max_us: Vec::new(),
-            op_ms: Vec::new(),
-            note: Some("n/a (fallback not built yet)".into()),
-        };
         Ok(StallRow {
             workers,
             busy,
@@ -343,10 +377,19 @@ pub fn render(r: &StallResult) -> String {
         };
         let base_mw = med(&row.baseline.window_max_us);
         for m in &row.modes {
+            let label = if m.stopped_us.is_empty() {
+                m.mode.clone()
+            } else {
+                format!(
+                    "{}; all threads stopped {} µs (median)",
+                    m.mode,
+                    num(med(&m.stopped_us))
+                )
+            };
             let mut cells = vec![
                 row.workers.to_string(),
                 row.busy.to_string(),
-                m.mode.clone(),
+                label,
                 if m.op_ms.is_empty() {
                     "-".into()
                 } else {
