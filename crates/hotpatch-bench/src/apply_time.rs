@@ -166,20 +166,12 @@ pub fn build_route(work: &Work, k: usize, route: Route) -> Result<ManyBuild> {
     args.extend(padding);
     args.extend(["-pthread", "-o", &name, &source]);
     work.gcc(&args)?;
-    work.gcc(&[
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-I.",
-        "-o",
-        &format!("{name}_patch.so"),
-        &format!("{name}_patch.c"),
-    ])?;
+    let patch = work.patch_library(&format!("{name}_patch"))?;
     Ok(ManyBuild {
         k,
         route,
         target: work.path(&name),
-        patch: work.path(&format!("{name}_patch.so")),
+        patch,
     })
 }
 

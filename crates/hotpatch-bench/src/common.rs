@@ -48,6 +48,14 @@ impl Work {
         run_tool(Command::new("gcc").args(args).current_dir(self.dir()), "gcc")
     }
 
+    /// Build the patch library `NAME.so` from `NAME.c` (headers from the
+    /// build directory).
+    pub fn patch_library(&self, name: &str) -> Result<PathBuf> {
+        let (out, src) = (format!("{name}.so"), format!("{name}.c"));
+        self.gcc(&["-O2", "-shared", "-fPIC", "-I.", "-o", &out, &src])?;
+        Ok(self.path(&out))
+    }
+
     /// Start `gcc ARGS` without waiting (for the long SQLite builds).
     pub fn gcc_spawn(&self, args: &[&str]) -> Result<Spawned> {
         let child = Command::new("gcc")

@@ -88,16 +88,8 @@ fn build(work: &Work) -> Result<(PathBuf, PathBuf)> {
         "overhead.c",
         "-ldl",
     ])?;
-    work.gcc(&[
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-I.",
-        "-o",
-        "overhead_patch.so",
-        "overhead_patch.c",
-    ])?;
-    Ok((work.path("overhead"), work.path("overhead_patch.so")))
+    let patch = work.patch_library("overhead_patch")?;
+    Ok((work.path("overhead"), patch))
 }
 
 /// Total `Ir` collected by callgrind in the given run.

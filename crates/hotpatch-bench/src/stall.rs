@@ -45,28 +45,12 @@ pub fn build(work: &Work) -> Result<StallBuild> {
         "stall",
         "stall.c",
     ])?;
-    work.gcc(&[
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-I.",
-        "-o",
-        "stall_patch.so",
-        "stall_patch.c",
-    ])?;
-    work.gcc(&[
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-I.",
-        "-o",
-        "stall_detour_patch.so",
-        "stall_detour_patch.c",
-    ])?;
+    let patch = work.patch_library("stall_patch")?;
+    let detour_patch = work.patch_library("stall_detour_patch")?;
     Ok(StallBuild {
         target: work.path("stall"),
-        patch: work.path("stall_patch.so"),
-        detour_patch: work.path("stall_detour_patch.so"),
+        patch,
+        detour_patch,
     })
 }
 
