@@ -381,6 +381,22 @@ fn check_applied(hammer: &mut Hammer, applied: &Value, names: &[&str], libc: &st
 
 /// A revert's JSON: patch `id` reverted, every one of `names` back to its
 /// original code (none stepped back to an older patch).
+/// `hotpatch revert PID WHICH`: patch `id` goes, `names` are restored
+/// (not stepped back), and once every worker finished a round, libc's
+/// entries of `names` are `before` again.
+fn revert_restores(
+    hammer: &mut Hammer,
+    which: &str,
+    id: u64,
+    names: &[&str],
+    before: &[Vec<u8>],
+    what: &str,
+) {
+    assert_restored(&hammer.tool(&["revert", which]), id, names);
+    hammer.settle(what);
+    assert_eq!(hammer.code(names), before, "libc's entries: {what}");
+}
+
 fn assert_restored(reverted: &Value, id: u64, names: &[&str]) {
     let reverted = reverted.as_array().expect("revert --json: an array");
     assert_eq!(reverted.len(), 1, "{reverted:?}");
@@ -479,12 +495,13 @@ fn pass_through_libc_under_load() {
     ));
 
     // Revert: the counting stops, libc's bytes are back.
-    assert_restored(&hammer.tool(&["revert", &id1.to_string()]), id1, &PLAIN);
-    hammer.settle("patch 1 reverted");
-    assert_eq!(
-        hammer.code(&PLAIN),
-        plain_before,
-        "libc's entries after the revert"
+    revert_restores(
+        &mut hammer,
+        &id1.to_string(),
+        id1,
+        &PLAIN,
+        &plain_before,
+        "patch 1 reverted",
     );
     let made = assert_not_replaced(
         &mut hammer,
@@ -522,12 +539,13 @@ fn pass_through_libc_under_load() {
         "patch 1 applied again ({} µs, longest stop {stop2} µs): {made} calls, {replaced} replaced",
         applied["elapsed_us"]
     ));
-    assert_restored(&hammer.tool(&["revert", "--all"]), id2, &PLAIN);
-    hammer.settle("patch 1 reverted again");
-    assert_eq!(
-        hammer.code(&PLAIN),
-        plain_before,
-        "libc's entries after the second revert"
+    revert_restores(
+        &mut hammer,
+        "--all",
+        id2,
+        &PLAIN,
+        &plain_before,
+        "patch 1 reverted again",
     );
     assert_eq!(exec_mappings(pid), exec_before, "after the second cycle");
     assert_eq!(list(pid)["scratch"], scratch_before, "after the second cycle");
@@ -602,12 +620,13 @@ fn pass_through_libc_under_load() {
          {replaced} replaced (libc's own calls included)",
         applied["elapsed_us"]
     ));
-    assert_restored(&hammer.tool(&["revert", &id3.to_string()]), id3, &ALLOC);
-    hammer.settle("patch 2 reverted");
-    assert_eq!(
-        hammer.code(&ALLOC),
-        alloc_before,
-        "libc's entries after reverting patch 2"
+    revert_restores(
+        &mut hammer,
+        &id3.to_string(),
+        id3,
+        &ALLOC,
+        &alloc_before,
+        "patch 2 reverted",
     );
     assert_eq!(hammer.code(&PLAIN), plain_before);
     assert_eq!(listed_ids(pid), Vec::<u64>::new());

@@ -324,6 +324,13 @@ fn apply_in(
         handle,
         complete: false,
     };
+    // Where each function already recorded is (new ones are pushed after).
+    let recorded: std::collections::HashMap<u64, usize> = state
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.entry, i))
+        .collect();
     for step in &steps {
         match step {
             Step::New { entry, flip } => {
@@ -353,7 +360,7 @@ fn apply_in(
             | Step::Supersede {
                 entry, replacement, ..
             } => {
-                if let Some(f) = state.functions.iter_mut().find(|f| f.entry == *entry) {
+                if let Some(f) = recorded.get(entry).and_then(|&i| state.functions.get_mut(i)) {
                     f.versions.push(Version {
                         patch: id,
                         replacement: *replacement,
@@ -440,9 +447,11 @@ fn apply_in(
     };
     target::sync_cores(remote, state);
     let mut modes = modes.into_iter();
+    let records: std::collections::HashMap<u64, &FunctionRecord> =
+        state.functions.iter().map(|f| (f.entry, f)).collect();
     let mut applied = Vec::new();
     for step in &steps {
-        let f = state.function(step.entry());
+        let f = records.get(&step.entry()).copied();
         let (replacement, mode) = match step {
             Step::New { flip, .. } => (flip.replacement, modes.next()),
             Step::Revive { replacement, .. } => (*replacement, modes.next()),
@@ -489,9 +498,15 @@ fn stage(
         *region = Some(StateRegion::create(remote)?);
     }
     let mut steps = Vec::new();
+    let recorded: std::collections::HashMap<u64, usize> = state
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.entry, i))
+        .collect();
     for (p, &replacement) in input.planned.iter().zip(replacements) {
         let entry = input.bias.wrapping_add(p.entry);
-        if let Some(existing) = state.function(entry) {
+        if let Some(existing) = recorded.get(&entry).map(|&i| &state.functions[i]) {
             if existing.versions.is_empty() {
                 // The route must still be exactly what was written: the
                 // entry will jump into it.
