@@ -170,11 +170,22 @@ impl Detoured {
         }
     }
 
-    /// Counts over `ms` milliseconds from now.
-    fn counts_over(&mut self, ms: u64) -> Counts {
+    /// Counts from now on, once `enough` holds for them (polled, at most
+    /// [`WAIT`]): enough calls made to judge what they returned.
+    fn counts_until(&mut self, enough: impl Fn(&Counts) -> bool) -> Counts {
         self.ask("reset");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-        self.counts()
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let c = self.counts();
+            if enough(&c) || c.bad > 0 {
+                return c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the target made too few calls in {WAIT:?}: {c:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     fn code(&self) -> Vec<Vec<u8>> {
@@ -234,26 +245,26 @@ fn threads_inside_the_first_bytes() {
         "{msg}"
     );
     assert_eq!(target.code(), original, "a refused detour changed code");
-    let c = target.counts_over(20);
-    assert!(c.spin_old > 0 && c.bad == 0, "{c:?}");
+    let c = target.counts_until(|c| c.spin_old >= 1000);
+    assert_eq!(c.bad, 0, "{c:?}");
 
     // The spinners are inside spin's nops most of the time.
     let applied = apply(pid, &spin_patch, &[FLAG]);
     assert_detoured(&applied, "stopped");
-    let c = target.counts_over(50);
-    // A call that began before `reset` may still return the old value.
-    assert!(c.spin_new > 0 && c.spin_old <= 3 && c.bad == 0, "{c:?}");
+    let c = target.counts_until(|c| c.spin_new >= 1000);
+    // Only a call that began before `reset` may still return the old value.
+    assert!(c.spin_old <= 3 && c.bad == 0, "{c:?}");
 
     // Released, the parked thread calls parked(quick) in a loop.
     target.ask("release");
     let applied = apply(pid, &parked_patch, &[FLAG]);
     assert_detoured(&applied, "stopped");
-    let c = target.counts_over(50);
-    assert!(c.parked_new > 0 && c.parked_old <= 1 && c.bad == 0, "{c:?}");
+    let c = target.counts_until(|c| c.parked_new >= 20);
+    assert!(c.parked_old <= 1 && c.bad == 0, "{c:?}");
 
     revert(pid, None);
-    let c = target.counts_over(50);
-    assert!(c.spin_old > 0 && c.spin_new <= 3 && c.parked_new <= 1, "{c:?}");
+    let c = target.counts_until(|c| c.spin_old >= 1000 && c.parked_old >= 20);
+    assert!(c.spin_new <= 3 && c.parked_new <= 1, "{c:?}");
     assert_eq!(c.bad, 0, "{c:?}");
     assert_eq!(target.code(), original);
     assert!(target.proc.alive());
