@@ -111,8 +111,14 @@ fn revert_one(
     // each kind in one batch.
     let mut stores = Vec::new();
     let mut restores: Vec<(usize, EntryFlip)> = Vec::new();
+    let recorded: std::collections::HashMap<u64, usize> = state
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.entry, i))
+        .collect();
     for entry in &patch.functions {
-        let Some(index) = state.functions.iter().position(|f| f.entry == *entry) else {
+        let Some(&index) = recorded.get(entry) else {
             continue;
         };
         let f = &state.functions[index];
