@@ -5,7 +5,8 @@
 //! several threads, applies the fix live, shows the answers before and
 //! after, counts failed and wrong requests, compares the worst stall the
 //! server's threads saw in a window with the apply against an equal window
-//! without, then reverts.
+//! without, then reverts. With `--unprepared` the server is built without
+//! padding, and the same fix goes in through a detour.
 
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
@@ -39,6 +40,21 @@ pub struct Args {
     /// Length of each measurement window, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     window_ms: u64,
+    /// Build the server without padding (as a distribution would), so the
+    /// fix goes in through a detour written with every thread stopped.
+    #[arg(long)]
+    unprepared: bool,
+}
+
+/// How the server is built: with padding, or (`--unprepared`) without it
+/// and with `-fno-ipa-ra`, so that its direct calls to `compute_fee` rely
+/// on nothing but the ABI and the detour may take them.
+fn server_flags(unprepared: bool) -> &'static [&'static str] {
+    if unprepared {
+        &["-O2", "-g", "-pthread", "-fno-ipa-ra"]
+    } else {
+        &["-O2", "-g", "-pthread", "-fpatchable-function-entry=8,6"]
+    }
 }
 
 fn buggy_fee(amount: i64) -> i64 {
@@ -82,18 +98,13 @@ fn compile(cc: &str, args: &[&str], out: &Path, src: &Path) -> Result<()> {
 }
 
 /// Build the server and the fix into `dir`.
-pub fn build(cc: &str, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+pub fn build(cc: &str, dir: &Path, unprepared: bool) -> Result<(PathBuf, PathBuf)> {
     std::fs::write(dir.join("server.c"), SERVER_C)?;
     std::fs::write(dir.join("fix.c"), FIX_C)?;
     std::fs::write(dir.join("hotpatch.h"), HEADER)?;
     let server = dir.join("fee-server");
     let fix = dir.join("fix.so");
-    compile(
-        cc,
-        &["-O2", "-g", "-pthread", "-fpatchable-function-entry=8,6"],
-        &server,
-        &dir.join("server.c"),
-    )?;
+    compile(cc, server_flags(unprepared), &server, &dir.join("server.c"))?;
     let include = format!("-I{}", dir.display());
     compile(
         cc,
@@ -227,8 +238,12 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
             args.clients + 2
         );
     }
-    println!("== building fee-server (gcc -fpatchable-function-entry=8,6) and fix.so");
-    let (bin, fix) = build(&args.cc, dir)?;
+    println!(
+        "== building fee-server ({} {}) and fix.so",
+        args.cc,
+        server_flags(args.unprepared).join(" ")
+    );
+    let (bin, fix) = build(&args.cc, dir, args.unprepared)?;
     let mut child = Command::new(&bin)
         .args(["0", &args.workers.to_string()])
         .stdout(Stdio::piped())
@@ -276,7 +291,13 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     control.ask("RESET")?;
     std::thread::sleep(window / 2);
     load.phase.store(2, Ordering::SeqCst);
-    let applied = hotpatch::engine::apply(pid, &fix, &Default::default())?;
+    // The unprepared server's own code calls compute_fee directly; built
+    // with -fno-ipa-ra, those calls assume only the ABI (see README).
+    let options = hotpatch::engine::ApplyOptions {
+        allow_direct_calls: args.unprepared,
+        ..Default::default()
+    };
+    let applied = hotpatch::engine::apply(pid, &fix, &options)?;
     load.phase.store(1, Ordering::SeqCst);
     std::thread::sleep(window / 2);
     let apply_late = worst_late_us(&mut control)?;
@@ -294,7 +315,7 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
             }
             hotpatch::engine::FlipMode::Superseded => "superseded an earlier patch".to_string(),
         };
-        println!("   {} -> fix.so ({how})", f.name);
+        println!("   {} -> fix.so ({}, {how})", f.name, f.route);
     }
     println!("   after:   {}", answers(&mut control)?);
 
