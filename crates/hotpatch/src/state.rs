@@ -151,6 +151,16 @@ impl FunctionRecord {
 }
 
 impl State {
+    /// Each recorded function's index in `functions`, by entry: one
+    /// lookup per function of a large patch instead of a scan.
+    pub fn index_by_entry(&self) -> std::collections::HashMap<u64, usize> {
+        self.functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.entry, i))
+            .collect()
+    }
+
     pub fn function(&self, entry: u64) -> Option<&FunctionRecord> {
         self.functions.iter().find(|f| f.entry == entry)
     }

@@ -325,12 +325,7 @@ fn apply_in(
         complete: false,
     };
     // Where each function already recorded is (new ones are pushed after).
-    let recorded: std::collections::HashMap<u64, usize> = state
-        .functions
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.entry, i))
-        .collect();
+    let recorded = state.index_by_entry();
     for step in &steps {
         match step {
             Step::New { entry, flip } => {
@@ -447,11 +442,10 @@ fn apply_in(
     };
     target::sync_cores(remote, state);
     let mut modes = modes.into_iter();
-    let records: std::collections::HashMap<u64, &FunctionRecord> =
-        state.functions.iter().map(|f| (f.entry, f)).collect();
+    let recorded = state.index_by_entry();
     let mut applied = Vec::new();
     for step in &steps {
-        let f = records.get(&step.entry()).copied();
+        let f = recorded.get(&step.entry()).map(|&i| &state.functions[i]);
         let (replacement, mode) = match step {
             Step::New { flip, .. } => (flip.replacement, modes.next()),
             Step::Revive { replacement, .. } => (*replacement, modes.next()),
@@ -498,12 +492,7 @@ fn stage(
         *region = Some(StateRegion::create(remote)?);
     }
     let mut steps = Vec::new();
-    let recorded: std::collections::HashMap<u64, usize> = state
-        .functions
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.entry, i))
-        .collect();
+    let recorded = state.index_by_entry();
     for (p, &replacement) in input.planned.iter().zip(replacements) {
         let entry = input.bias.wrapping_add(p.entry);
         if let Some(existing) = recorded.get(&entry).map(|&i| &state.functions[i]) {

@@ -111,12 +111,7 @@ fn revert_one(
     // each kind in one batch.
     let mut stores = Vec::new();
     let mut restores: Vec<(usize, EntryFlip)> = Vec::new();
-    let recorded: std::collections::HashMap<u64, usize> = state
-        .functions
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.entry, i))
-        .collect();
+    let recorded = state.index_by_entry();
     for entry in &patch.functions {
         let Some(&index) = recorded.get(entry) else {
             continue;
