@@ -23,9 +23,10 @@ const NR_MEMFD_CREATE: u64 = 319;
 const NR_MEMBARRIER: u64 = 324;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 32;
 
-/// Slots per data page set, trampolines per code page.
+/// Slots per data page set; dispatchers and trampolines per code page set
+/// (pages no trampoline was written to cost no memory).
 const DATA_SCRATCH: u64 = 64 * 1024;
-const CODE_SCRATCH: u64 = 4096;
+const CODE_SCRATCH: u64 = 64 * 1024;
 /// `store64_many(pairs, n)`: for each of `n` (address, value) pairs at
 /// `pairs`, one aligned 8-byte store — many live slots in one remote call.
 /// ```text
