@@ -80,15 +80,7 @@ impl Spawned {
             return Err(format!("{what}: already waited for"));
         };
         let out = child.wait_with_output().map_err(|e| format!("{what}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{what} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        succeeded(&out, what)
     }
 }
 
@@ -108,6 +100,11 @@ pub fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
+    succeeded(&out, what)
+}
+
+/// A finished command's outcome: its stderr when it failed.
+fn succeeded(out: &std::process::Output, what: &str) -> Result<()> {
     if out.status.success() {
         Ok(())
     } else {
