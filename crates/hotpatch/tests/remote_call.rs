@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 
 const TARGET_C: &str = include_str!("remote_call/target.c");
 const PLUGIN_C: &str = include_str!("remote_call/plugin.c");
+/// The region-reuse test and the kill test do not run at the same time:
+/// with the kill test's tools dying around it, the region-reuse test saw
+/// its stuck call's region counted idle (2 regions removed, not 1) in 2 of
+/// 6 paired runs; never alone (0 of 25, 0 of 12 under CPU load). Not
+/// understood yet; see the issue notes.
+static KILL_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const HELPER_ENV: &str = "HOTPATCH_REMOTE_CALL_HELPER_PID";
 const PERSIST_ENV: &str = "HOTPATCH_REMOTE_CALL_PERSIST_PID";
 
@@ -565,6 +572,7 @@ fn persist_helper(pid: i32) -> (std::ops::Range<u64>, bool) {
 
 #[test]
 fn the_call_region_outlives_the_tool_and_is_reused() {
+    let _apart = KILL_TEST.lock().unwrap_or_else(|e| e.into_inner());
     let built = build();
     let mut target = start_target(&built, false);
     let pid = target.proc.pid();
@@ -627,11 +635,31 @@ fn the_call_region_outlives_the_tool_and_is_reused() {
     )
     .expect("attach stuck");
     let stuck_region = stuck.region();
-    stuck.pin_thread(target.tid("sleeper").first().copied());
+    let sleeper = target.tid("sleeper").first().copied();
+    stuck.pin_thread(sleeper);
     assert!(matches!(
         stuck.syscall(34 /* pause */, &[]),
         Err(ProcessError::Timeout { .. })
     ));
+    // The premise: the call is in flight, its thread blocked in pause() on
+    // the region's stack. On a loaded machine the thread may reach it only
+    // after the 200 ms the session waited.
+    if let Some(tid) = sleeper {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = threads::thread_info(pid, tid).expect("the sleeper").syscall;
+            if let threads::SyscallState::InSyscall { nr: 34, sp, .. } = state
+                && stuck_region.contains(&sp)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the stuck call never reached pause(): {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     drop(stuck);
     for _ in 0..3 {
         let (r, _) = persist_helper(pid);
@@ -688,6 +716,7 @@ impl XorShift {
 
 #[test]
 fn target_survives_a_tool_killed_at_random_moments() {
+    let _apart = KILL_TEST.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let built = build();
     let mut target = start_target(&built, false);
