@@ -597,6 +597,17 @@ mod tests {
     }
 
     #[test]
+    fn start_of_range_is_not_inside() {
+        let r = Overwrite {
+            start: 0x1000,
+            len: 7,
+        };
+        assert!(!r.contains(0x1000));
+        assert!(r.contains(0x1001) && r.contains(0x1006));
+        assert!(!r.contains(0x1007));
+    }
+
+    #[test]
     fn inverse_swaps() {
         let w = Write {
             address: 5,

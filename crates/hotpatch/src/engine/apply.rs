@@ -641,17 +641,7 @@ pub(super) fn write_entries(
         }
     }
     for (i, flip) in flips.iter().enumerate().filter(|(_, f)| f.live_safe) {
-        for (k, w) in flip.writes.iter().enumerate() {
-            if let Err(e) = mem.write_expecting(w.address, &w.expected, &w.new) {
-                for w in flip.writes[..k].iter().rev() {
-                    let inv = w.inverse();
-                    if let Err(u) = mem.write_expecting(inv.address, &inv.expected, &inv.new) {
-                        tracing::error!("undoing the entry byte at {:#x} failed: {u}", inv.address);
-                    }
-                }
-                return Err(e.into());
-            }
-        }
+        stopped::write_all_or_none(mem, &flip.writes)?;
         done.push(i);
     }
     Ok(modes)
