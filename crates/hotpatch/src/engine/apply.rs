@@ -4,7 +4,7 @@ use super::EngineError;
 use super::stopped;
 use super::target::{self, Lock, StateRegion};
 use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
-use crate::patchfile::{CommandLineRecords, PatchSpec, RefKind};
+use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind};
 use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
@@ -102,15 +102,24 @@ impl<'a> UndoLog<'a> {
     }
 }
 
-/// Apply the patch at `path` to process `pid`.
+/// Apply the patch at `path` to process `pid` (read once, then as
+/// [`apply_file`]; no signature policy: the command line checks that).
 pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<Applied, EngineError> {
-    super::in_process(pid, "the apply", || apply_to(pid, path, options))
+    let file = PatchFile::read(path)?;
+    apply_file(pid, &file, options)
 }
 
-fn apply_to(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<Applied, EngineError> {
+/// Apply the patch whose bytes are `file` to process `pid`. The process
+/// loads exactly these bytes.
+pub fn apply_file(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applied, EngineError> {
+    super::in_process(pid, "the apply", || apply_to(pid, file, options))
+}
+
+fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applied, EngineError> {
     let started = Instant::now();
+    let path = file.path();
     // 1. Everything that needs no change to the process.
-    let spec = PatchSpec::read(path, &options.records)?;
+    let spec = PatchSpec::from_file(file, &options.records)?;
     let process = Process::open(pid)?;
     let target = target::target_image(&process, spec.target.as_ref())?;
     let image_name = target.mapped.path.clone();

@@ -49,7 +49,7 @@ mod revert;
 pub mod stopped;
 mod target;
 
-pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply};
+pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply, apply_file};
 pub use error::EngineError;
 pub use revert::{Reverted, Which, revert};
 

@@ -99,8 +99,7 @@ pub fn target_image(
         .map(|p| p.display().to_string().trim_end_matches(" (deleted)").to_string());
     let file_name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
     let open = |m: &MappedImage| -> Result<Image, EngineError> {
-        let data =
-            std::fs::read(&m.open_path).map_err(|e| ProcessError::from_io(pid, m.open_path.clone(), e))?;
+        let data = crate::image::file::read_regular(&m.open_path)?;
         Ok(Image::parse(&m.path, data)?)
     };
     let wanted = target.map(|t| t.image.as_str());

@@ -8,6 +8,10 @@ pub enum ImageError {
     /// not a `source()`: printing the chain (`{:#}`) would repeat it.
     #[error("{}: {error}", path.display())]
     Io { path: PathBuf, error: std::io::Error },
+    #[error("{}: {what}, not a regular file; images and patches are read from regular files only", path.display())]
+    NotRegular { path: PathBuf, what: &'static str },
+    #[error("{}: {size} bytes, more than the {} bytes hotpatch reads as one image", path.display(), super::file::MAX_FILE_SIZE)]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{}: not an ELF file ({found})", path.display())]
     NotElf { path: PathBuf, found: String },
     #[error("{}: 32-bit ELF (ELFCLASS32); hotpatch handles 64-bit x86-64 ELF only", path.display())]
@@ -27,6 +31,8 @@ impl ImageError {
     pub fn path(&self) -> &Path {
         match self {
             ImageError::Io { path, .. }
+            | ImageError::NotRegular { path, .. }
+            | ImageError::TooLarge { path, .. }
             | ImageError::NotElf { path, .. }
             | ImageError::Elf32 { path }
             | ImageError::BigEndian { path }

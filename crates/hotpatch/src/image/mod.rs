@@ -6,6 +6,7 @@
 //! the file; the load address of a mapped copy is the caller's business.
 
 mod error;
+pub mod file;
 pub mod lookup;
 mod padding;
 mod symbol;
@@ -62,11 +63,7 @@ impl Image {
     /// Read and parse the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref();
-        let data = std::fs::read(path).map_err(|error| ImageError::Io {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        Image::parse(path, data)
+        Image::parse(path, file::read_regular(path)?)
     }
 
     /// Parse `data`, the contents of the file at `path` (used in messages).

@@ -14,8 +14,10 @@
 //! line. [`PatchSpec`] holds the records checked against the patch's own
 //! exported symbols; resolving the target names is the planner's job.
 
+mod file;
 mod record;
 
+pub use file::PatchFile;
 pub use record::{Record, RecordError, parse_records};
 
 use crate::image::{self, Image, ImageError, SymbolKind};
@@ -136,7 +138,12 @@ impl CommandLineRecords {
 impl PatchSpec {
     /// Read the patch at `path`: its section, plus any command-line records.
     pub fn read(path: &Path, extra: &CommandLineRecords) -> Result<PatchSpec, PatchError> {
-        let image = Image::open(path)?;
+        PatchSpec::from_file(&PatchFile::read(path)?, extra)
+    }
+
+    /// The spec of a patch file already read.
+    pub fn from_file(file: &PatchFile, extra: &CommandLineRecords) -> Result<PatchSpec, PatchError> {
+        let image = Image::parse(file.path(), file.bytes().to_vec())?;
         PatchSpec::from_image(&image, extra)
     }
 

@@ -262,10 +262,7 @@ struct DynSymbols {
 
 impl DynSymbols {
     fn read(path: &std::path::Path) -> Result<DynSymbols, crate::image::ImageError> {
-        let data = std::fs::read(path).map_err(|error| crate::image::ImageError::Io {
-            path: path.to_path_buf(),
-            error,
-        })?;
+        let data = crate::image::file::read_regular(path)?;
         Self::parse(&data).map_err(|what| crate::image::ImageError::Corrupt {
             path: path.to_path_buf(),
             what,

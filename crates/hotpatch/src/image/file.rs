@@ -1,0 +1,94 @@
+//! Reading a file the tool was pointed at, carefully: the tool runs as root
+//! and a path may name a fifo (which would block forever), a device
+//! (`/dev/zero` reads without end) or a file larger than any image.
+
+use super::ImageError;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// The largest file read as an image or a patch (the biggest shared
+/// libraries in distributions are a few hundred MiB).
+pub const MAX_FILE_SIZE: u64 = 4 << 30;
+
+/// The whole contents of the regular file at `path`.
+///
+/// Opened with `O_NONBLOCK` (a fifo cannot block the open) and
+/// `O_NOCTTY`; anything but a regular file is refused by `fstat` on the
+/// open descriptor (not on the path, which may change meanwhile), and so
+/// is a file over [`MAX_FILE_SIZE`]. Reads exactly the size `fstat`
+/// reported: a file that grows meanwhile is read as it was.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let io = |error| ImageError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a fifo"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(ImageError::NotRegular {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    if meta.len() > MAX_FILE_SIZE {
+        return Err(ImageError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(meta.len()).read_to_end(&mut data).map_err(io)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_devices_fifos_and_directories() {
+        for (path, what) in [("/dev/zero", "a character device"), ("/", "a directory")] {
+            match read_regular(Path::new(path)) {
+                Err(ImageError::NotRegular { what: w, .. }) => assert_eq!(w, what, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Opening a fifo with no writer would block without O_NONBLOCK.
+        match read_regular(&fifo) {
+            Err(ImageError::NotRegular { what, .. }) => assert_eq!(what, "a fifo"),
+            other => panic!("fifo: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_a_regular_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"\x7fELF and more").unwrap();
+        assert_eq!(read_regular(&path).unwrap(), b"\x7fELF and more");
+    }
+}
