@@ -62,6 +62,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
             refs: args.refs,
             origs: args.origs,
         },
+        signer: None,
     };
     let applied = engine::apply(args.pid, &args.patch, &options)?;
     if args.json {

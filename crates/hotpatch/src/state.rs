@@ -77,6 +77,12 @@ pub struct PatchRecord {
     pub functions: Vec<u64>,
     /// `dlopen`'s handle in the process.
     pub handle: u64,
+    /// SHA-256 (hex) of the bytes loaded: exactly the file the tool read.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Who signed it (the trusted key's name), if it was signed.
+    #[serde(default)]
+    pub signer: Option<String>,
     /// False while an apply is going on (or if the tool died during one):
     /// some of its functions may not be flipped yet.
     pub complete: bool,
@@ -312,6 +318,8 @@ mod tests {
                 applied_at: 1_700_000_000,
                 functions: vec![0x5555_0000_1446],
                 handle: 0x5555_2000_0000,
+                sha256: Some("ab".repeat(32)),
+                signer: None,
                 complete: true,
             }],
             functions: vec![FunctionRecord {

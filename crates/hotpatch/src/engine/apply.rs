@@ -21,6 +21,9 @@ pub struct ApplyOptions {
     pub allow_direct_calls: bool,
     /// Records for a patch without a `.hotpatch` section.
     pub records: CommandLineRecords,
+    /// The trusted key that signed the patch, as the policy found it
+    /// (recorded in the target; `None`: unsigned).
+    pub signer: Option<String>,
 }
 
 /// How a function went live.
@@ -219,6 +222,8 @@ fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applie
             pointers: &pointers,
             dl_path: &dl_path.display().to_string(),
             build_id: target.image.build_id_hex(),
+            sha256: file.sha256_hex(),
+            signer: options.signer.clone(),
         },
     );
     // The call region stays mapped for the next run of the tool.
@@ -241,6 +246,8 @@ struct ApplyInput<'a> {
     pointers: &'a [(String, PointerValue)],
     dl_path: &'a str,
     build_id: Option<String>,
+    sha256: String,
+    signer: Option<String>,
 }
 
 /// What one function of the patch needs.
@@ -331,6 +338,8 @@ fn apply_in(
             .map_or(0, |d| d.as_secs()),
         functions: steps.iter().map(Step::entry).collect(),
         handle,
+        sha256: Some(input.sha256.clone()),
+        signer: input.signer.clone(),
         complete: false,
     };
     // Where each function already recorded is (new ones are pushed after).
