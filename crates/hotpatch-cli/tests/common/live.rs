@@ -275,7 +275,12 @@ impl Target {
     /// Start `exe` with `workers` worker threads; with `fifo`, also the
     /// blocked threads. Waits until every thread runs.
     pub fn start(exe: &Path, workers: usize, fifo: Option<&Path>, mode: Workers) -> Target {
-        let mut cmd = Command::new(exe);
+        Target::start_command(Command::new(exe), workers, fifo, mode)
+    }
+
+    /// [`Target::start`] with the target run by `cmd` (a wrapper that
+    /// `exec`s it, say), which gets the target's arguments appended.
+    pub fn start_command(mut cmd: Command, workers: usize, fifo: Option<&Path>, mode: Workers) -> Target {
         cmd.arg(workers.to_string())
             .arg(fifo.map_or_else(|| "-".into(), |p| p.as_os_str().to_owned()))
             .arg(match mode {

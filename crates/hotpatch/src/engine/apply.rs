@@ -194,10 +194,6 @@ fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applie
         };
         pointers.push((r.pointer.clone(), value));
     }
-    let dl_path = target::patch_path(path).map_err(|e| crate::image::ImageError::Io {
-        path: path.to_path_buf(),
-        error: e,
-    })?;
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
 
     // 2. Into the process.
@@ -220,7 +216,7 @@ fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applie
             bias: target.bias,
             planned: &planned,
             pointers: &pointers,
-            dl_path: &dl_path.display().to_string(),
+            file,
             build_id: target.image.build_id_hex(),
             sha256: file.sha256_hex(),
             signer: options.signer.clone(),
@@ -244,7 +240,7 @@ struct ApplyInput<'a> {
     bias: u64,
     planned: &'a [Planned],
     pointers: &'a [(String, PointerValue)],
-    dl_path: &'a str,
+    file: &'a PatchFile,
     build_id: Option<String>,
     sha256: String,
     signer: Option<String>,
@@ -298,7 +294,9 @@ fn apply_in(
 ) -> Result<(PatchRecord, Vec<AppliedFunction>), EngineError> {
     let pid = input.pid;
     let mem = Mem::open(pid)?;
-    let handle = remote.dlopen(input.dl_path, RTLD_NOW)?;
+    let handle = remote
+        .dlopen_bytes(input.file.bytes(), &input.sha256[..16], RTLD_NOW)?
+        .handle;
     let mut log = UndoLog {
         mem: &mem,
         done: Vec::new(),
@@ -329,7 +327,11 @@ fn apply_in(
     state.next_patch_id = id + 1;
     let mut record = PatchRecord {
         id,
-        path: input.dl_path.to_string(),
+        // Where the bytes were read from, for people (absolute if possible).
+        path: std::fs::canonicalize(input.file.path())
+            .unwrap_or_else(|_| input.file.path().to_path_buf())
+            .display()
+            .to_string(),
         build_id: input.spec.build_id.clone(),
         image: input.image_name.to_string(),
         image_build_id: input.build_id.clone(),

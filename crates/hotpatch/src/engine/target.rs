@@ -8,7 +8,6 @@ use crate::patchfile::TargetImage;
 use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, ProcessError, Remote};
 use crate::state::{self, Cursor, ScratchRecord, State, StateError};
 use std::fs::File;
-use std::path::PathBuf;
 
 const PROT_READ: u64 = 1;
 const PROT_WRITE: u64 = 2;
@@ -350,11 +349,6 @@ pub fn sync_cores(remote: &mut Remote, state: &State) {
             return;
         }
     }
-}
-
-/// The absolute path the target should `dlopen`.
-pub fn patch_path(path: &std::path::Path) -> Result<PathBuf, std::io::Error> {
-    std::fs::canonicalize(path)
 }
 
 #[cfg(test)]

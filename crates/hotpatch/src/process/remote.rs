@@ -71,6 +71,10 @@
 //! - A tool killed during the bootstrap may leave a (harmless, never
 //!   executed again) stub in a cave; later bootstraps skip it.
 
+mod load;
+
+pub use load::{LoadedLibrary, unique_fd_path};
+
 use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
 use super::threads::{self, SyscallState};
@@ -383,6 +387,9 @@ pub struct Remote {
     /// Whether the region was found in the target (made by an earlier
     /// session) rather than made by this one.
     reused: bool,
+    /// Libraries this session loaded by content, by handle: their load
+    /// bias and exported symbols, read from the very bytes loaded.
+    loaded: std::collections::HashMap<u64, (u64, DynSymbols)>,
 }
 
 /// The fixed parts of a session being opened.
@@ -439,6 +446,7 @@ impl Session {
             calls: 0,
             _lock: lock,
             reused,
+            loaded: std::collections::HashMap::new(),
         }
     }
 }
@@ -1006,7 +1014,10 @@ impl Remote {
     /// the same way: `l_addr`, `l_name`, `l_ld`), with no remote call; the
     /// rest go through `dlsym` in the target.
     pub fn dlsym_many(&mut self, handle: u64, names: &[&str]) -> Result<Vec<u64>, ProcessError> {
-        let loaded = self.loaded_symbols(handle);
+        let loaded = match self.loaded.remove(&handle) {
+            Some(known) => Some(known),
+            None => self.loaded_symbols(handle),
+        };
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             match loaded
@@ -1016,6 +1027,9 @@ impl Remote {
                 Some(address) => out.push(address),
                 None => out.push(self.dlsym(handle, name)?),
             }
+        }
+        if let Some(known) = loaded {
+            self.loaded.insert(handle, known);
         }
         Ok(out)
     }
