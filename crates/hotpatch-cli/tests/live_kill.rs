@@ -6,6 +6,13 @@
 //! including from a patch recorded as incomplete. Once for prepared
 //! functions (flipped live), once for unprepared ones (detoured with every
 //! thread stopped: a kill may land while they are).
+//!
+//! `sigkill_during_first_apply_and_revert` kills the *first* apply to a
+//! fresh process (the state region, scratch pages and call region are
+//! being created) and `revert --all`, alternately. Its rounds come from
+//! `HOTPATCH_KILL_ROUNDS` (default 120; the issue's full run is
+//! `HOTPATCH_KILL_ROUNDS=1000 cargo test -p hotpatch-cli --test live_kill
+//! -- first_apply`).
 
 #[path = "common/live.rs"]
 mod live;
@@ -106,20 +113,8 @@ fn kill_during_apply(
             hi = (hi * 9 / 10).max(window_us / 2);
         }
 
-        if let Ok(Some(died)) = target.proc.child.try_wait() {
-            panic!(
-                "round {round} (delay {delay} µs): the target died ({died:?}, signal {:?}); \
-                 the tool said {stderr:?}; its maps before the round:\n{maps_before}",
-                died.signal()
-            );
-        }
-        assert_no_thread_stopped(pid);
-        // Each function is old or new, as the main thread sees it...
-        let (fv, gv) = target.version();
-        assert!(fv <= 1 && gv <= 1, "round {round}: versions {fv} {gv}");
-        // ... and as every worker sees it.
-        let s = target.stats();
-        assert_eq!(s.bad, 0, "round {round} (delay {delay} µs): a third value: {s:?}");
+        let what = format!("round {round} (delay {delay} µs)");
+        survived(&mut target, &what, &stderr, &maps_before);
         let code = target.code();
         *states
             .entry(format!("f {} g {}", label(&code, 0), label(&code, 14)))
@@ -135,18 +130,7 @@ fn kill_during_apply(
             Some([p]) if p["complete"] == true => complete += 1,
             other => panic!("round {round}: unexpected patches {other:?}"),
         }
-        // Clean again.
-        let reverted = revert(pid, None);
-        assert!(reverted.is_array(), "{reverted}");
-        assert_eq!(
-            listed_ids(pid),
-            Vec::<u64>::new(),
-            "round {round}: list after revert --all"
-        );
-        if let Err(e) = check_reverted(&target.code(), &original) {
-            panic!("round {round} (delay {delay} µs): code bytes after revert --all: {e}");
-        }
-        assert_eq!(target.version(), (0, 0), "round {round}: after revert --all");
+        clean_again(&mut target, &original, &what);
     }
     // The patch still applies and works after all that.
     apply(pid, &patch, extra);
@@ -163,6 +147,141 @@ fn kill_during_apply(
          complete {complete} (finished before the kill {finished}); code states {states:?}; \
          {} calls, 0 bad; total {:.1?}",
         s.calls,
+        t0.elapsed()
+    );
+}
+
+/// After a kill: the target lives, no thread is left stopped, and each
+/// function is old or new (patch A), as its main thread and every worker
+/// see it.
+fn survived(target: &mut Target, what: &str, stderr: &str, maps_before: &str) {
+    if let Ok(Some(died)) = target.proc.child.try_wait() {
+        panic!(
+            "{what}: the target died ({died:?}, signal {:?}); \
+             the tool said {stderr:?}; its maps before the round:\n{maps_before}",
+            died.signal()
+        );
+    }
+    assert_no_thread_stopped(target.pid());
+    let (fv, gv) = target.version();
+    assert!(fv <= 1 && gv <= 1, "{what}: versions {fv} {gv}");
+    let s = target.stats();
+    assert_eq!(s.bad, 0, "{what}: a third value: {s:?}");
+}
+
+/// `revert --all` by a fresh tool run brings the target back: nothing
+/// listed, the original entry bytes, the original functions.
+fn clean_again(target: &mut Target, original: &[u8], what: &str) {
+    let pid = target.pid();
+    let reverted = revert(pid, None);
+    assert!(reverted.is_array(), "{what}: {reverted}");
+    assert_eq!(
+        listed_ids(pid),
+        Vec::<u64>::new(),
+        "{what}: list after revert --all"
+    );
+    if let Err(e) = check_reverted(&target.code(), original) {
+        panic!("{what}: code bytes after revert --all: {e}");
+    }
+    assert_eq!(target.version(), (0, 0), "{what}: after revert --all");
+}
+
+/// Run `args` and SIGKILL it after `delay`; whether it finished first
+/// (then it must have succeeded), and its stderr.
+fn run_killed(args: &[String], delay: Duration, what: &str) -> (bool, String) {
+    let mut cmd = hotpatch_command(args);
+    let (mut tool, output) = spawn_piped(&mut cmd);
+    std::thread::sleep(delay);
+    let _ = tool.kill();
+    let status = tool.wait().expect("reap hotpatch");
+    let (_, stderr) = output();
+    let finished = status.code().is_some();
+    if finished {
+        assert_eq!(status.code(), Some(0), "{what}: {stderr}");
+    }
+    (finished, stderr)
+}
+
+#[test]
+fn sigkill_during_first_apply_and_revert() {
+    let _serial = serial();
+    let rounds: usize = std::env::var("HOTPATCH_KILL_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(120);
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut rng = XorShift::seeded();
+    let apply_args = |pid: i32| vec!["apply".to_string(), pid.to_string(), patch.display().to_string()];
+    let revert_args = |pid: i32| vec!["revert".to_string(), pid.to_string(), "--all".to_string()];
+    let fresh = || {
+        let mut t = Target::start(&exe, 2, None, Workers::Duty);
+        t.expect(-1);
+        t
+    };
+
+    // The windows: a first apply to a fresh process, and a revert --all.
+    let (mut first, mut back) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = fresh();
+        let run = hotpatch(&apply_args(t.pid()));
+        assert_eq!(run.code(), 0, "{run:?}");
+        first.push(run.took);
+        let run = hotpatch(&revert_args(t.pid()));
+        assert_eq!(run.code(), 0, "{run:?}");
+        back.push(run.took);
+    }
+    first.sort();
+    back.sort();
+    let (first_us, back_us) = (
+        first[1].as_micros() as u64 * 11 / 10,
+        back[1].as_micros() as u64 * 11 / 10,
+    );
+
+    let mut target = fresh();
+    let original = target.code();
+    let (mut killed_first, mut killed_revert, mut finished) = (0, 0, 0);
+    for round in 0..rounds {
+        let reverting = round % 2 == 1;
+        if !reverting {
+            // A first apply: to a process the tool never touched.
+            target = fresh();
+        } else {
+            apply(target.pid(), &patch, &[]);
+        }
+        let pid = target.pid();
+        let maps_before = maps(pid);
+        let (args, window) = if reverting {
+            (revert_args(pid), back_us)
+        } else {
+            (apply_args(pid), first_us)
+        };
+        let delay = rng.below(window.max(1));
+        let what = format!(
+            "round {round} ({} killed after {delay} µs)",
+            if reverting { "revert" } else { "first apply" }
+        );
+        let (done, stderr) = run_killed(&args, Duration::from_micros(delay), &what);
+        if done {
+            finished += 1;
+        } else if reverting {
+            killed_revert += 1;
+        } else {
+            killed_first += 1;
+        }
+        survived(&mut target, &what, &stderr, &maps_before);
+        // The next tool run can always read the record...
+        let listed = hotpatch(&["list".to_string(), pid.to_string(), "--json".to_string()]);
+        assert_eq!(listed.code(), 0, "{what}: list: {}", listed.failure());
+        // ... and revert whatever is there.
+        clean_again(&mut target, &original, &what);
+    }
+    eprintln!(
+        "{rounds} rounds: killed {killed_first} first applies (window {first_us} µs) and \
+         {killed_revert} reverts (window {back_us} µs), {finished} finished first; total {:.1?}",
         t0.elapsed()
     );
 }
