@@ -1,8 +1,14 @@
-//! A mutated ELF never panics the parser or the survey: random byte
-//! overwrites (biased to the ELF and program headers, the section headers,
-//! the symbol tables and the padded-site list), truncations, and both.
-//! Errors are fine; panics are not.
+//! A mutated ELF never panics the parser, the survey, `prepare`, or the
+//! reading of a patch's records: random byte overwrites (biased to the ELF
+//! and program headers, the section headers, the symbol tables, the
+//! padded-site list and a patch's `.hotpatch` section), truncations, and
+//! both. Errors are fine; panics are not.
+//!
+//! CI runs `HOTPATCH_FUZZ_CASES` cases per property (default 500); a
+//! longer run: `HOTPATCH_FUZZ_CASES=200000 cargo test --release -p hotpatch
+//! --test mutation`.
 
+use hotpatch::patchfile::{CommandLineRecords, PatchFile, PatchSpec};
 use proptest::prelude::*;
 use std::ops::Range;
 use std::path::Path;
@@ -41,46 +47,91 @@ fn le(bytes: &[u8], at: usize, len: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
+/// Compile `source` with `gcc args… -o OUT` and read the output.
+fn compile(source: &str, args: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f.c");
+    let out = dir.path().join("f");
+    std::fs::write(&src, source).unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
+    let status = Command::new("gcc")
+        .args(args)
+        .arg("-I")
+        .arg(&include)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success());
+    std::fs::read(&out).unwrap()
+}
+
+/// The ranges worth aiming at in `bytes`: the first 4 KiB (ELF and program
+/// headers), the section header table, and every section `interesting`
+/// picks by (type, flags).
+fn targets(bytes: &[u8], interesting: impl Fn(u64, u64) -> bool) -> Vec<Range<usize>> {
+    let shoff = le(bytes, 0x28, 8) as usize;
+    let shentsize = le(bytes, 0x3a, 2) as usize;
+    let shnum = le(bytes, 0x3c, 2) as usize;
+    assert_eq!(shentsize, 64);
+    let mut targets = vec![0..4096.min(bytes.len()), shoff..shoff + shnum * 64];
+    for i in 0..shnum {
+        let h = shoff + i * 64;
+        let sh_type = le(bytes, h + 4, 4);
+        let offset = le(bytes, h + 24, 8) as usize;
+        let size = le(bytes, h + 32, 8) as usize;
+        let flags = le(bytes, h + 8, 8);
+        if interesting(sh_type, flags) && size > 0 && offset + size <= bytes.len() {
+            targets.push(offset..offset + size);
+        }
+    }
+    targets
+}
+
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("f.c");
-        let out = dir.path().join("f");
-        std::fs::write(&src, FIXTURE_C).unwrap();
-        let status = Command::new("gcc")
-            .args(["-O2", "-fpatchable-function-entry=8,6", "-fcf-protection", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("gcc runs");
-        assert!(status.success());
-        let bytes = std::fs::read(&out).unwrap();
-
+        let bytes = compile(
+            FIXTURE_C,
+            &["-O2", "-fpatchable-function-entry=8,6", "-fcf-protection"],
+        );
         // Sanity: the pristine file parses and has what we mutate.
-        let image = hotpatch::Image::parse(&out, bytes.clone()).unwrap();
+        let image = hotpatch::Image::parse("fixture", bytes.clone()).unwrap();
         let report = hotpatch::survey(&image);
         assert!(report.summary.prepared >= 5, "{:?}", report.summary);
+        // SYMTAB, STRTAB, RELA, DYNAMIC, DYNSYM, and the padded-site list
+        // (PROGBITS with SHF_LINK_ORDER, 8-byte entries).
+        let targets = targets(&bytes, |sh_type, flags| {
+            matches!(sh_type, 2 | 3 | 4 | 6 | 11) || (sh_type == 1 && flags & 0x80 != 0)
+        });
+        Fixture { bytes, targets }
+    })
+}
 
-        // Section headers, and the tables behind them (read by hand).
-        let shoff = le(&bytes, 0x28, 8) as usize;
-        let shentsize = le(&bytes, 0x3a, 2) as usize;
-        let shnum = le(&bytes, 0x3c, 2) as usize;
-        assert_eq!(shentsize, 64);
-        let mut targets = vec![0..4096.min(bytes.len()), shoff..shoff + shnum * 64];
-        for i in 0..shnum {
-            let h = shoff + i * 64;
-            let sh_type = le(&bytes, h + 4, 4);
-            let offset = le(&bytes, h + 24, 8) as usize;
-            let size = le(&bytes, h + 32, 8) as usize;
-            // SYMTAB, STRTAB, RELA, DYNAMIC, DYNSYM, and the padded-site
-            // list (PROGBITS with SHF_LINK_ORDER, 8-byte entries).
-            let flags = le(&bytes, h + 8, 8);
-            let interesting = matches!(sh_type, 2 | 3 | 4 | 6 | 11) || (sh_type == 1 && flags & 0x80 != 0);
-            if interesting && size > 0 && offset + size <= bytes.len() {
-                targets.push(offset..offset + size);
-            }
-        }
+/// A patch library using every record kind of `include/hotpatch.h`.
+const PATCH_C: &str = r#"
+#include "hotpatch.h"
+HOTPATCH_TARGET("fixture", "0123456789abcdef0123456789abcdef01234567");
+HOTPATCH_POINTER(long, counter);
+HOTPATCH_ORIGINAL(int, checked, (int, int));
+int checked_fixed(int a, int b) { return b == 0 ? 0 : orig_checked(a, b) + (int)HOTPATCH_VAR(counter); }
+HOTPATCH_REPLACE(checked, checked_fixed);
+"#;
+
+fn patch_fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let bytes = compile(PATCH_C, &["-O2", "-shared", "-fPIC"]);
+        let file = PatchFile::from_bytes(Path::new("patch.so"), bytes.clone());
+        let spec = PatchSpec::from_file(&file, &CommandLineRecords::default()).unwrap();
+        assert_eq!(
+            (spec.replacements.len(), spec.references.len()),
+            (1, 2),
+            "{spec:?}"
+        );
+        // Every section: the .hotpatch records, the dynamic symbols, …
+        let targets = targets(&bytes, |_, _| true);
         Fixture { bytes, targets }
     })
 }
@@ -146,8 +197,22 @@ fn parse_and_survey(bytes: Vec<u8>) {
     }
 }
 
+/// Read a patch's records; the result does not matter, only that it
+/// returns.
+fn read_patch(bytes: Vec<u8>) {
+    let file = PatchFile::from_bytes(Path::new("mutant.so"), bytes);
+    let _ = PatchSpec::from_file(&file, &CommandLineRecords::default());
+}
+
+fn cases() -> u32 {
+    std::env::var("HOTPATCH_FUZZ_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(500)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn overwrites_never_panic(edits in prop::collection::vec(edit(), 1..8)) {
@@ -165,6 +230,14 @@ proptest! {
         len in any::<usize>(),
     ) {
         parse_and_survey(apply(fixture(), &edits, Some(len)));
+    }
+
+    #[test]
+    fn mutated_patches_never_panic(
+        edits in prop::collection::vec(edit(), 1..8),
+        len in prop::option::of(any::<usize>()),
+    ) {
+        read_patch(apply(patch_fixture(), &edits, len));
     }
 }
 
