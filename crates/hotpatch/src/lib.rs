@@ -10,6 +10,7 @@ pub mod image;
 pub mod patchability;
 pub mod patchfile;
 pub mod plan;
+pub mod policy;
 pub mod prepare;
 pub mod process;
 pub mod state;
