@@ -5,6 +5,7 @@
 //! edges do I/O ([`process`]). The `hotpatch` command is a separate crate.
 
 pub mod arch;
+pub mod audit;
 pub mod engine;
 pub mod image;
 pub mod patchability;
