@@ -84,6 +84,28 @@ impl PrivateKey {
         })
     }
 
+    /// A new key from the kernel's random number generator.
+    pub fn generate(name: &str) -> std::io::Result<PrivateKey> {
+        let mut seed = [0u8; 32];
+        let mut filled = 0;
+        while filled < seed.len() {
+            // SAFETY: the pointer and length describe the unfilled tail of
+            // `seed`, which lives for the call.
+            let n = unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            filled += n as usize;
+        }
+        let key = PrivateKey::from_seed(name, seed).map_err(std::io::Error::other);
+        seed.fill(0);
+        key
+    }
+
     pub fn parse(text: &str) -> Result<PrivateKey, KeyError> {
         let (name, bytes) = parse_line(text, PRIVATE_TAG)?;
         Ok(PrivateKey {
@@ -179,6 +201,14 @@ mod tests {
         ] {
             assert!(PublicKey::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        let a = PrivateKey::generate("a").unwrap();
+        let b = PrivateKey::generate("a").unwrap();
+        assert_ne!(a.key.to_bytes(), b.key.to_bytes());
+        assert!(PrivateKey::generate("bad name").is_err());
     }
 
     #[test]

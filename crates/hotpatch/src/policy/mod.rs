@@ -77,6 +77,18 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// The policy refused (a signature, a trust or a permission problem),
+    /// as opposed to a file that could not be read.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            PolicyError::Insecure { .. }
+                | PolicyError::BadSignature { .. }
+                | PolicyError::Unsigned { .. }
+                | PolicyError::Untrusted { .. }
+        )
+    }
+
     /// The file or directory is not there.
     pub fn is_not_found(&self) -> bool {
         matches!(self, PolicyError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)

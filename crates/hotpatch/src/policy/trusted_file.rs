@@ -122,14 +122,26 @@ pub fn read_policy(path: &Path) -> Result<String, PolicyError> {
     read_small(what, path, file, super::rules::MAX_POLICY_FILE)
 }
 
-/// The text of the key file at `path` (a private key, for `sign`).
-pub fn read_key(path: &Path) -> Result<String, PolicyError> {
-    let what = "key file";
+/// The text of the private key file at `path` (for `sign`): besides the
+/// checks of every trusted file, nobody but its owner may read it.
+pub fn read_private_key(path: &Path) -> Result<String, PolicyError> {
+    let what = "private key file";
     let file = File::options()
         .read(true)
         .custom_flags(NOFOLLOW)
         .open(path)
         .map_err(|e| io(what, path, e))?;
+    let meta = file.metadata().map_err(|e| io(what, path, e))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(PolicyError::Insecure {
+            what,
+            path: path.to_path_buf(),
+            why: format!(
+                "it is readable by others (mode {:04o}; chmod 600 it, and make a new key if others could have read it)",
+                meta.mode() & 0o7777
+            ),
+        });
+    }
     read_small(what, path, file, super::key::MAX_KEY_FILE)
 }
 
