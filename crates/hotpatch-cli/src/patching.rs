@@ -83,10 +83,15 @@ pub fn apply(args: ApplyArgs, trust: &TrustArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "process {}: patch {} applied ({} in {:.2} ms)",
+        "process {}: patch {} applied ({}{} in {:.2} ms)",
         applied.pid,
         applied.patch.id,
         applied.patch.path,
+        applied
+            .patch
+            .signer
+            .as_ref()
+            .map_or_else(String::new, |s| format!(", signed by {s}")),
         applied.elapsed_us as f64 / 1000.0
     );
     for f in &applied.functions {

@@ -228,9 +228,14 @@ impl Policy {
     /// [`rules::DEFAULT_KEYS_DIR`]). A policy file given explicitly must
     /// exist.
     pub fn load(policy: Option<&Path>, keys: Option<&Path>) -> Result<Policy, PolicyError> {
+        Policy::load_or(policy, keys, Path::new(DEFAULT_POLICY))
+    }
+
+    /// [`Policy::load`] with `default` for [`DEFAULT_POLICY`].
+    fn load_or(policy: Option<&Path>, keys: Option<&Path>, default: &Path) -> Result<Policy, PolicyError> {
         let (path, explicit) = match policy {
             Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_POLICY), false),
+            None => (default.to_path_buf(), false),
         };
         let (rules, source) = match trusted_file::read_policy(&path) {
             Ok(text) => (
@@ -456,6 +461,36 @@ mod tests {
     #[test]
     fn explicit_policy_must_exist_default_may_not() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(Policy::load(Some(&dir.path().join("none.toml")), None).is_err());
+        let absent = dir.path().join("none.toml");
+        assert!(
+            Policy::load_or(Some(&absent), None, Path::new("/nonexistent"))
+                .unwrap_err()
+                .is_not_found()
+        );
+        // No default file: no policy, unsigned patches allowed.
+        let p = Policy::load_or(None, None, &absent).unwrap();
+        assert_eq!(p.describe(), "no policy file");
+        assert!(!p.rules().require_signature);
+        assert_eq!(p.keys_dir(), Path::new(rules::DEFAULT_KEYS_DIR));
+        assert_eq!(p.audit_socket(), Path::new(rules::DEFAULT_AUDIT_SOCKET));
+        // A default file is read, and --keys wins over its keys_dir.
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, "require_signature = true\nkeys_dir = \"/k\"\n").unwrap();
+        let p = Policy::load_or(None, None, &file).unwrap();
+        assert!(p.rules().require_signature);
+        assert_eq!(p.keys_dir(), Path::new("/k"));
+        assert_eq!(
+            Policy::load_or(None, Some(Path::new("/o")), &file)
+                .unwrap()
+                .keys_dir(),
+            Path::new("/o")
+        );
+        // A symlinked or broken default file is refused, not skipped.
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(Policy::load_or(None, None, &link).unwrap_err().is_refusal());
+        std::fs::write(&file, "require_signature = maybe\n").unwrap();
+        let e = Policy::load_or(None, None, &file).unwrap_err().to_string();
+        assert!(e.contains("policy file") && e.contains("policy.toml"), "{e}");
     }
 }
