@@ -21,7 +21,9 @@
 //! section headers, the note's own header and name, anything appended — is
 //! covered, so changing any one of them fails verification; the descriptor
 //! itself is checked field by field (version, reserved zero, the key the
-//! signature is checked against, the signature).
+//! signature is checked against, the signature). A file that holds a
+//! signature note no section lists is refused too: hiding the section (a
+//! changed section header or name) does not make a signed file unsigned.
 //!
 //! # Writing it
 //!
@@ -102,6 +104,15 @@ impl Signed {
 /// bytes, or why the signature is not valid.
 pub fn verify(bytes: &[u8]) -> Result<Option<Signed>, SignatureError> {
     let Some(desc) = find_descriptor(bytes)? else {
+        // A signature note that no section lists: the section headers or
+        // names were changed after signing (a file is not made unsigned by
+        // hiding its signature).
+        if contains(bytes, &note_header()) {
+            return Err(SignatureError::Malformed(
+                "the file holds a signature note that no section lists (its section headers were changed)"
+                    .into(),
+            ));
+        }
         return Ok(None);
     };
     let d = &bytes[desc.clone()];
@@ -142,6 +153,20 @@ pub fn sign(bytes: &[u8], key: &SigningKey) -> Result<Vec<u8>, SignatureError> {
     d[8..40].copy_from_slice(key.verifying_key().as_bytes());
     d[40..104].copy_from_slice(&signature.to_bytes());
     Ok(out)
+}
+
+/// The note's header and name: how every signature note begins.
+fn note_header() -> [u8; DESC_OFFSET] {
+    let mut h = [0u8; DESC_OFFSET];
+    h[0..4].copy_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(DESC_SIZE as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&NOTE_TYPE.to_le_bytes());
+    h[12..12 + NOTE_NAME.len()].copy_from_slice(NOTE_NAME);
+    h
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The signed message: the domain, then the file with `desc` zeroed.
@@ -247,10 +272,7 @@ fn add_note(bytes: &[u8]) -> Result<(Vec<u8>, std::ops::Range<usize>), Signature
     // The note, 4-aligned.
     out.resize(out.len().next_multiple_of(4), 0);
     let note_at = out.len();
-    out.extend_from_slice(&(NOTE_NAME.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(DESC_SIZE as u32).to_le_bytes());
-    out.extend_from_slice(&NOTE_TYPE.to_le_bytes());
-    out.extend_from_slice(NOTE_NAME);
+    out.extend_from_slice(&note_header());
     out.resize(note_at + NOTE_SIZE, 0);
     // The new section name table.
     let names_at = out.len();
@@ -446,11 +468,14 @@ pub(crate) mod tests {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut t = signed.clone();
                 t[offset] ^= flip;
-                if let Ok(Some(s)) = verify(&t) {
-                    panic!(
+                // Never valid, and never taken for an unsigned file.
+                match verify(&t) {
+                    Err(_) => {}
+                    Ok(None) => panic!("byte {offset} ^ {flip:#x}: looks unsigned"),
+                    Ok(Some(s)) => panic!(
                         "byte {offset} ^ {flip:#x}: still verifies (key {})",
                         if s.key == good { "same" } else { "other" }
-                    );
+                    ),
                 }
             }
         }
@@ -539,7 +564,7 @@ pub(crate) mod tests {
             let mut t = signed.clone();
             let i = at.index(t.len());
             t[i] ^= flip;
-            prop_assert!(!matches!(verify(&t), Ok(Some(_))));
+            prop_assert!(verify(&t).is_err());
         }
 
         /// Arbitrary bytes never panic the reader.
