@@ -1,9 +1,11 @@
 //! The `hotpatch` command: a thin layer over the `hotpatch` library.
 
+mod audit;
 mod check;
 mod demo;
 mod patching;
 mod prepare;
+mod signing;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,6 +23,8 @@ Exit codes:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    trust: signing::TrustArgs,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +44,15 @@ enum Command {
     /// Revert a patch (or --all): functions go back to the previous version.
     #[command(after_help = EXIT_CODES)]
     Revert(patching::RevertArgs),
+    /// Make a signing key pair: NAME.key (private) and NAME.pub.
+    #[command(after_help = EXIT_CODES)]
+    Keygen(signing::KeygenArgs),
+    /// Sign a patch library (the signature goes inside the file).
+    #[command(after_help = EXIT_CODES)]
+    Sign(signing::SignArgs),
+    /// Check a patch's signature against the trusted keys.
+    #[command(after_help = EXIT_CODES)]
+    Verify(signing::VerifyArgs),
     /// Build the bundled example server, start it, and show what hotpatch sees.
     #[command(after_help = EXIT_CODES)]
     Demo(demo::Args),
@@ -55,9 +68,12 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Apply(args) => patching::apply(args),
+        Command::Apply(args) => patching::apply(args, &cli.trust),
         Command::List(args) => patching::list(args),
-        Command::Revert(args) => patching::revert(args),
+        Command::Revert(args) => patching::revert(args, &cli.trust),
+        Command::Keygen(args) => signing::keygen(args),
+        Command::Sign(args) => signing::sign(args),
+        Command::Verify(args) => signing::verify(args, &cli.trust),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

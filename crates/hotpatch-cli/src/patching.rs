@@ -1,8 +1,12 @@
 //! `hotpatch apply`, `list` and `revert`.
 
-use anyhow::{Result, bail};
-use hotpatch::engine::{self, ApplyOptions, FlipMode, Which};
+use crate::audit;
+use crate::signing::TrustArgs;
+use anyhow::{Result, anyhow, bail};
+use hotpatch::audit::{Outcome, Record};
+use hotpatch::engine::{self, Applied, ApplyOptions, FlipMode, Which};
 use hotpatch::patchfile::CommandLineRecords;
+use hotpatch::policy::{Policy, PolicyError, rules::DEFAULT_AUDIT_SOCKET, trusted_file};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -53,27 +57,41 @@ pub struct RevertArgs {
     json: bool,
 }
 
-pub fn apply(args: ApplyArgs) -> Result<()> {
-    let options = ApplyOptions {
-        force: args.force,
-        allow_direct_calls: args.allow_direct_calls,
-        records: CommandLineRecords {
-            replace: args.replace,
-            refs: args.refs,
-            origs: args.origs,
-        },
-        signer: None,
+/// `apply`: read the patch once, let the policy approve it, apply exactly
+/// those bytes, and log the outcome (refused, failed or ok) for the audit.
+pub fn apply(args: ApplyArgs, trust: &TrustArgs) -> Result<()> {
+    let mut record = Record::now("apply", args.pid);
+    record.patch = Some(args.patch.display().to_string());
+    let policy = trust.load();
+    let socket = policy.as_ref().map_or_else(
+        |_| PathBuf::from(DEFAULT_AUDIT_SOCKET),
+        |p| p.audit_socket().to_path_buf(),
+    );
+    let result = approve_and_apply(&args, policy, &mut record);
+    record.outcome = match &result {
+        Ok(_) => Outcome::Ok,
+        Err(Failure::Refused(e)) => Outcome::Refused(e.clone()),
+        Err(Failure::Failed(e)) => Outcome::Failed(format!("{e:#}")),
     };
-    let applied = engine::apply(args.pid, &args.patch, &options)?;
+    audit::log(&socket, &record);
+    let applied = result.map_err(|e| match e {
+        Failure::Refused(e) => anyhow!(e),
+        Failure::Failed(e) => e,
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&applied)?);
         return Ok(());
     }
     println!(
-        "process {}: patch {} applied ({} in {:.2} ms)",
+        "process {}: patch {} applied ({}{} in {:.2} ms)",
         applied.pid,
         applied.patch.id,
         applied.patch.path,
+        applied
+            .patch
+            .signer
+            .as_ref()
+            .map_or_else(String::new, |s| format!(", signed by {s}")),
         applied.elapsed_us as f64 / 1000.0
     );
     for f in &applied.functions {
@@ -90,6 +108,48 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     Ok(())
 }
 
+enum Failure {
+    /// By the policy, before anything touched the process.
+    Refused(String),
+    Failed(anyhow::Error),
+}
+
+fn approve_and_apply(
+    args: &ApplyArgs,
+    policy: Result<Policy, PolicyError>,
+    record: &mut Record,
+) -> Result<Applied, Failure> {
+    let pid = args.pid;
+    let refused = |e: PolicyError| {
+        if e.is_refusal() {
+            Failure::Refused(format!("{e}; nothing in process {pid} was changed"))
+        } else {
+            Failure::Failed(anyhow!(e))
+        }
+    };
+    let policy = policy.map_err(refused)?;
+    let file = trusted_file::read_patch(&args.patch).map_err(refused)?;
+    record.sha256 = Some(file.sha256_hex());
+    let approved = policy.approve(file).map_err(refused)?;
+    record.signer = approved.signer().map(str::to_string);
+    let options = ApplyOptions {
+        force: args.force,
+        allow_direct_calls: args.allow_direct_calls,
+        records: CommandLineRecords {
+            replace: args.replace.clone(),
+            refs: args.refs.clone(),
+            origs: args.origs.clone(),
+        },
+        signer: record.signer.clone(),
+    };
+    let applied =
+        engine::apply_file(pid, approved.file(), &options).map_err(|e| Failure::Failed(e.into()))?;
+    record.image = Some(applied.patch.image.clone());
+    record.image_build_id = applied.patch.image_build_id.clone();
+    record.patch_id = Some(applied.patch.id.to_string());
+    Ok(applied)
+}
+
 pub fn list(args: ListArgs) -> Result<()> {
     let state = engine::list(args.pid)?;
     if args.json {
@@ -102,8 +162,14 @@ pub fn list(args: ListArgs) -> Result<()> {
     }
     println!("process {}: {} patch(es)", args.pid, state.patches.len());
     for p in &state.patches {
+        let origin = match (&p.sha256, &p.signer) {
+            (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {signer})", short(sha)),
+            (Some(sha), None) => format!(" (sha256 {}, unsigned)", short(sha)),
+            (None, Some(signer)) => format!(" (signed by {signer})"),
+            (None, None) => String::new(),
+        };
         println!(
-            "  patch {}: {} on {}{}",
+            "  patch {}: {} on {}{origin}{}",
             p.id,
             p.path,
             p.image,
@@ -133,13 +199,64 @@ pub fn list(args: ListArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn revert(args: RevertArgs) -> Result<()> {
+/// The first 16 hex digits of a SHA-256.
+fn short(sha: &str) -> &str {
+    sha.get(..16).unwrap_or(sha)
+}
+
+/// `revert`, with one audit record per reverted patch (or one for the
+/// failure).
+pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
     let which = match (args.patch_id, args.all) {
         (_, true) => Which::All,
         (Some(id), false) => Which::Patch(id),
         (None, false) => bail!("give a PATCH-ID or --all"),
     };
-    let reverted = engine::revert(args.pid, which)?;
+    // A revert needs no approval: the policy only says where to log.
+    let socket = match trust.load() {
+        Ok(p) => p.audit_socket().to_path_buf(),
+        Err(e) => {
+            eprintln!("hotpatch: warning: {e}; audit records go to {DEFAULT_AUDIT_SOCKET}");
+            PathBuf::from(DEFAULT_AUDIT_SOCKET)
+        }
+    };
+    // What the records say before, for the audit.
+    let before = engine::list(args.pid).ok();
+    let recorded = |id: u32| {
+        let base = Record::now("revert", args.pid);
+        match before
+            .as_ref()
+            .and_then(|s| s.patches.iter().find(|p| p.id == id))
+        {
+            Some(p) => base.with_patch(p),
+            None => Record {
+                patch_id: Some(id.to_string()),
+                ..base
+            },
+        }
+    };
+    let result = engine::revert(args.pid, which);
+    match &result {
+        Ok(reverted) if !reverted.is_empty() => {
+            for r in reverted {
+                audit::log(&socket, &recorded(r.patch));
+            }
+        }
+        outcome => {
+            let mut record = match args.patch_id {
+                Some(id) if !args.all => recorded(id),
+                _ => Record {
+                    patch_id: Some("all".into()),
+                    ..Record::now("revert", args.pid)
+                },
+            };
+            if let Err(e) = outcome {
+                record.outcome = Outcome::Failed(e.to_string());
+            }
+            audit::log(&socket, &record);
+        }
+    }
+    let reverted = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reverted)?);
         return Ok(());

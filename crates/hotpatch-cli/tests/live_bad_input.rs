@@ -267,7 +267,11 @@ fn pid_exits_during_apply() {
         match status.code() {
             Some(0) => applied += 1,
             Some(1) => {
-                assert_eq!(stderr.lines().count(), 1, "round {round}: {stderr:?}");
+                assert_eq!(
+                    error_lines(&stderr).lines().count(),
+                    1,
+                    "round {round}: {stderr:?}"
+                );
                 assert!(!stderr.contains("panicked"), "{stderr}");
                 failed.push(stderr.trim_end().to_string());
             }

@@ -5,11 +5,13 @@
 //! edges do I/O ([`process`]). The `hotpatch` command is a separate crate.
 
 pub mod arch;
+pub mod audit;
 pub mod engine;
 pub mod image;
 pub mod patchability;
 pub mod patchfile;
 pub mod plan;
+pub mod policy;
 pub mod prepare;
 pub mod process;
 pub mod state;

@@ -381,19 +381,31 @@ impl Run {
     }
 
     /// The failure contract: exit code 1, nothing on stdout, one line on
-    /// stderr starting `hotpatch: `, no panic. Returns that line.
+    /// stderr starting `hotpatch: `, no panic. Returns that line. Lines
+    /// `hotpatch: warning: …` (e.g. no syslog socket for the audit record)
+    /// come before it and are not the error.
     pub fn failure(&self) -> &str {
         assert_eq!(self.status.code(), Some(1), "exit code; {self:?}");
         assert!(self.stdout.is_empty(), "output on stdout: {self:?}");
         assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        let error = error_lines(&self.stderr);
         assert!(
-            self.stderr.ends_with('\n') && self.stderr.lines().count() == 1,
+            self.stderr.ends_with('\n') && error.lines().count() == 1,
             "not one line: {:?}",
             self.stderr
         );
-        assert!(self.stderr.starts_with("hotpatch: "), "{}", self.stderr);
-        self.stderr.trim_end()
+        assert!(error.starts_with("hotpatch: "), "{}", self.stderr);
+        error.trim_end()
     }
+}
+
+/// `stderr` without its leading `hotpatch: warning: …` lines.
+pub fn error_lines(stderr: &str) -> &str {
+    let mut rest = stderr;
+    while rest.starts_with("hotpatch: warning: ") {
+        rest = rest.split_once('\n').map_or("", |(_, r)| r);
+    }
+    rest
 }
 
 /// The `hotpatch` binary under test.
@@ -431,8 +443,13 @@ pub fn spawn_piped(cmd: &mut Command) -> (Child, impl FnOnce() -> (String, Strin
 /// Run `hotpatch ARGS…`, killing it (and failing) if it takes longer than
 /// `limit`.
 pub fn hotpatch_within<S: AsRef<std::ffi::OsStr>>(limit: Duration, args: &[S]) -> Run {
+    run_within(limit, hotpatch_command(args))
+}
+
+/// Run `cmd` (a [`hotpatch_command`], perhaps with more environment),
+/// killing it (and failing) if it takes longer than `limit`.
+pub fn run_within(limit: Duration, mut cmd: Command) -> Run {
     let started = Instant::now();
-    let mut cmd = hotpatch_command(args);
     let (mut child, output) = spawn_piped(&mut cmd);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for hotpatch") {

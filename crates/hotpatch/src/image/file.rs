@@ -19,6 +19,14 @@ pub const MAX_FILE_SIZE: u64 = 4 << 30;
 /// is a file over [`MAX_FILE_SIZE`]. Reads exactly the size `fstat`
 /// reported: a file that grows meanwhile is read as it was.
 pub fn read_regular(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let (file, meta) = open_regular(path)?;
+    read_open(path, file, &meta)
+}
+
+/// The regular file at `path`, opened as [`read_regular`] does, with its
+/// `fstat`: for a caller that checks more (owner, mode) on the open
+/// descriptor before reading it with [`read_open`].
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), ImageError> {
     let io = |error| ImageError::Io {
         path: path.to_path_buf(),
         error,
@@ -55,8 +63,19 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>, ImageError> {
             size: meta.len(),
         });
     }
+    Ok((file, meta))
+}
+
+/// The contents of `file` (from [`open_regular`]), exactly the size `meta`
+/// reported.
+pub fn read_open(path: &Path, file: std::fs::File, meta: &std::fs::Metadata) -> Result<Vec<u8>, ImageError> {
     let mut data = Vec::with_capacity(meta.len() as usize);
-    file.take(meta.len()).read_to_end(&mut data).map_err(io)?;
+    file.take(meta.len())
+        .read_to_end(&mut data)
+        .map_err(|error| ImageError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
     Ok(data)
 }
 
