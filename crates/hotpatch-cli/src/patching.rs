@@ -140,10 +140,8 @@ fn approve_and_apply(
             refs: args.refs.clone(),
             origs: args.origs.clone(),
         },
-        signer: record.signer.clone(),
     };
-    let applied =
-        engine::apply_file(pid, approved.file(), &options).map_err(|e| Failure::Failed(e.into()))?;
+    let applied = engine::apply_file(pid, &approved, &options).map_err(|e| Failure::Failed(e.into()))?;
     record.image = Some(applied.patch.image.clone());
     record.image_build_id = applied.patch.image_build_id.clone();
     record.patch_id = Some(applied.patch.id.to_string());

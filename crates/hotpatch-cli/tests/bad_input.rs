@@ -72,7 +72,7 @@ fn missing_file() {
 fn directory() {
     let dir = tempfile::tempdir().unwrap();
     let msg = check(dir.path());
-    assert_eq!(msg.matches("Is a directory").count(), 1, "{msg}");
+    assert_eq!(msg.matches("a directory, not a regular file").count(), 1, "{msg}");
 }
 
 #[test]

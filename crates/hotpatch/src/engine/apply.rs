@@ -6,6 +6,7 @@ use super::target::{self, Lock, StateRegion};
 use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
 use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind};
 use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
+use crate::policy::{Approved, Policy};
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
 use std::time::Instant;
@@ -21,9 +22,6 @@ pub struct ApplyOptions {
     pub allow_direct_calls: bool,
     /// Records for a patch without a `.hotpatch` section.
     pub records: CommandLineRecords,
-    /// The trusted key that signed the patch, as the policy found it
-    /// (recorded in the target; `None`: unsigned).
-    pub signer: Option<String>,
 }
 
 /// How a function went live.
@@ -105,21 +103,23 @@ impl<'a> UndoLog<'a> {
     }
 }
 
-/// Apply the patch at `path` to process `pid` (read once, then as
-/// [`apply_file`]; no signature policy: the command line checks that).
+/// Apply the patch at `path` to process `pid`: read once, approved by the
+/// host's policy ([`Policy::load`] with its defaults), then as
+/// [`apply_file`].
 pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result<Applied, EngineError> {
-    let file = PatchFile::read(path)?;
-    apply_file(pid, &file, options)
+    let approved = Policy::load(None, None)?.read_and_approve(path)?;
+    apply_file(pid, &approved, options)
 }
 
-/// Apply the patch whose bytes are `file` to process `pid`. The process
-/// loads exactly these bytes.
-pub fn apply_file(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applied, EngineError> {
-    super::in_process(pid, "the apply", || apply_to(pid, file, options))
+/// Apply an approved patch to process `pid`. The process loads exactly
+/// its bytes.
+pub fn apply_file(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
+    super::in_process(pid, "the apply", || apply_to(pid, patch, options))
 }
 
-fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applied, EngineError> {
+fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
     let started = Instant::now();
+    let file = patch.file();
     let path = file.path();
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::from_file(file, &options.records)?;
@@ -219,7 +219,7 @@ fn apply_to(pid: i32, file: &PatchFile, options: &ApplyOptions) -> Result<Applie
             file,
             build_id: target.image.build_id_hex(),
             sha256: file.sha256_hex(),
-            signer: options.signer.clone(),
+            signer: patch.signer().map(str::to_string),
         },
     );
     // The call region stays mapped for the next run of the tool.

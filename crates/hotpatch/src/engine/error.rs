@@ -13,6 +13,8 @@ pub enum EngineError {
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
     Patch(#[from] PatchError),
     #[error(transparent)]
     Plan(#[from] PlanError),
