@@ -1,14 +1,17 @@
 //! A mutated ELF never panics the parser, the survey, `prepare`, or the
 //! reading of a patch's records: random byte overwrites (biased to the ELF
 //! and program headers, the section headers, the symbol tables, the
-//! padded-site list and a patch's `.hotpatch` section), truncations, and
-//! both. Errors are fine; panics are not.
+//! padded-site list and a patch's `.hotpatch` section and signature note),
+//! truncations, and both. Errors are fine; panics are not.
 //!
 //! CI runs `HOTPATCH_FUZZ_CASES` cases per property (default 500); a
 //! longer run: `HOTPATCH_FUZZ_CASES=200000 cargo test --release -p hotpatch
 //! --test mutation`.
 
 use hotpatch::patchfile::{CommandLineRecords, PatchFile, PatchSpec};
+use hotpatch::policy::Keyring;
+use hotpatch::policy::key::PrivateKey;
+use hotpatch::policy::signature;
 use proptest::prelude::*;
 use std::ops::Range;
 use std::path::Path;
@@ -122,7 +125,11 @@ HOTPATCH_REPLACE(checked, checked_fixed);
 fn patch_fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let bytes = compile(PATCH_C, &["-O2", "-shared", "-fPIC"]);
+        let unsigned = compile(PATCH_C, &["-O2", "-shared", "-fPIC"]);
+        // Signed, so that mutations also reach the signature note's reader.
+        let key = PrivateKey::from_seed("fuzz", [9; 32]).unwrap();
+        let bytes = signature::sign(&unsigned, &key.key).unwrap();
+        assert!(signature::verify(&bytes).unwrap().is_some());
         let file = PatchFile::from_bytes(Path::new("patch.so"), bytes.clone());
         let spec = PatchSpec::from_file(&file, &CommandLineRecords::default()).unwrap();
         assert_eq!(
@@ -201,6 +208,7 @@ fn parse_and_survey(bytes: Vec<u8>) {
 /// returns.
 fn read_patch(bytes: Vec<u8>) {
     let file = PatchFile::from_bytes(Path::new("mutant.so"), bytes);
+    let _ = hotpatch::policy::verdict(&file, &Keyring::default());
     let _ = PatchSpec::from_file(&file, &CommandLineRecords::default());
 }
 
