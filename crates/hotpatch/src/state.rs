@@ -15,7 +15,10 @@
 //!
 //! An update writes the inactive half completely, then flips the one
 //! "active" byte: a tool killed mid-update leaves the previous state
-//! intact. This module only encodes and decodes; the engine does the I/O.
+//! intact. A region whose header is all zeros was never written (a tool
+//! killed right after mapping it): it reads as empty, and its first update
+//! writes half 0 and then, last, the header. This module only encodes and
+//! decodes; the engine does the I/O.
 
 use crate::plan::{EntryFlip, Overwrite, Route, Write};
 use serde::{Deserialize, Serialize};
@@ -206,7 +209,6 @@ pub fn header() -> Vec<u8> {
 /// A fresh region of `size` bytes holding an empty state.
 pub fn init(size: usize) -> Result<Vec<u8>, StateError> {
     let mut region = vec![0u8; size];
-    region[..HEADER].copy_from_slice(&header());
     let (writes, _) = encode(size, None, &State::default())?;
     for (offset, bytes) in writes {
         region[offset..offset + bytes.len()].copy_from_slice(&bytes);
@@ -216,10 +218,12 @@ pub fn init(size: usize) -> Result<Vec<u8>, StateError> {
 
 /// Read the active state of a region of `size` bytes through `read`
 /// (offset, length → bytes), touching only the header and the active half.
+/// A region never written (its header all zeros) holds the empty state and
+/// has no cursor: its first [`encode`] initialises it.
 pub fn read(
     size: usize,
     mut read: impl FnMut(usize, usize) -> Result<Vec<u8>, StateError>,
-) -> Result<(State, Cursor), StateError> {
+) -> Result<(State, Option<Cursor>), StateError> {
     if size < HEADER + 2 * 12 {
         return Err(StateError::TooSmall {
             size,
@@ -227,6 +231,9 @@ pub fn read(
         });
     }
     let h = read(0, HEADER)?;
+    if h.len() == HEADER && h.iter().all(|&b| b == 0) {
+        return Ok((State::default(), None));
+    }
     if h.len() < HEADER || &h[..8] != MAGIC {
         return Err(StateError::BadMagic);
     }
@@ -256,11 +263,11 @@ pub fn read(
     }
     let json = read(start + 12, len)?;
     let state = serde_json::from_slice(&json).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    Ok((state, Cursor { active, generation }))
+    Ok((state, Some(Cursor { active, generation })))
 }
 
 /// Decode the active state of a whole region held in memory.
-pub fn decode(region: &[u8]) -> Result<(State, Cursor), StateError> {
+pub fn decode(region: &[u8]) -> Result<(State, Option<Cursor>), StateError> {
     read(region.len(), |offset, len| {
         region
             .get(offset..offset + len)
@@ -270,8 +277,10 @@ pub fn decode(region: &[u8]) -> Result<(State, Cursor), StateError> {
 }
 
 /// The writes (offset, bytes) that replace the state of a region of `size`
-/// bytes, now at `cursor` (`None`: a fresh region), with `state`: first the
-/// whole inactive half, then — last, one byte — the active flag.
+/// bytes, now at `cursor`, with `state`: first the whole inactive half,
+/// then — last, one byte — the active flag. A region without a cursor
+/// (never written: all zeros) gets half 0, then — last — the whole header,
+/// so that until that write it still reads as never written.
 pub fn encode(
     size: usize,
     cursor: Option<Cursor>,
@@ -287,19 +296,17 @@ pub fn encode(
     let next = Cursor {
         // A fresh region gets half 0.
         active: cursor.map_or(0, |c| 1 - (c.active & 1)),
-        generation: cursor.map_or(1, |c| c.generation + 1),
+        generation: cursor.map_or(1, |c| c.generation.wrapping_add(1)),
     };
     let mut body = Vec::with_capacity(json.len() + 12);
     body.extend_from_slice(&next.generation.to_le_bytes());
     body.extend_from_slice(&(json.len() as u32).to_le_bytes());
     body.extend_from_slice(&json);
-    Ok((
-        vec![
-            (half_offset(size, next.active), body),
-            (ACTIVE_OFFSET, vec![next.active]),
-        ],
-        next,
-    ))
+    let last = match cursor {
+        Some(_) => (ACTIVE_OFFSET, vec![next.active]),
+        None => (0, header()),
+    };
+    Ok((vec![(half_offset(size, next.active), body), last], next))
 }
 
 #[cfg(test)]
@@ -353,6 +360,7 @@ mod tests {
     fn round_trip_and_generations() {
         let mut region = init(4096).unwrap();
         let (state, cursor) = decode(&region).unwrap();
+        let cursor = cursor.unwrap();
         assert_eq!(
             (state, cursor.generation, cursor.active),
             (State::default(), 1, 0)
@@ -360,7 +368,7 @@ mod tests {
         let (w, next) = encode(region.len(), Some(cursor), &sample()).unwrap();
         assert_eq!((next.generation, next.active), (2, 1));
         apply(&mut region, &w);
-        assert_eq!(decode(&region).unwrap(), (sample(), next));
+        assert_eq!(decode(&region).unwrap(), (sample(), Some(next)));
     }
 
     #[test]
@@ -401,7 +409,7 @@ mod tests {
     fn interrupted_update_keeps_the_old_state() {
         let mut region = init(4096).unwrap();
         let (_, cursor) = decode(&region).unwrap();
-        let (w, cursor) = encode(region.len(), Some(cursor), &sample()).unwrap();
+        let (w, cursor) = encode(region.len(), cursor, &sample()).unwrap();
         apply(&mut region, &w);
         let mut next = sample();
         next.next_patch_id = 3;
@@ -416,9 +424,31 @@ mod tests {
         assert_eq!(decode(&region).unwrap().0, next);
     }
 
+    /// A tool killed right after mapping the region leaves it all zeros:
+    /// that reads as empty, and the next update initialises it — header
+    /// last, so a kill before that still reads as never written.
+    #[test]
+    fn a_region_never_written_reads_as_empty() {
+        let mut region = vec![0u8; 4096];
+        assert_eq!(decode(&region).unwrap(), (State::default(), None));
+        let (w, cursor) = encode(region.len(), None, &sample()).unwrap();
+        assert_eq!(w.last().map(|(o, b)| (*o, b.clone())), Some((0, header())));
+        let mut partly = region.clone();
+        apply(&mut partly, &w[..w.len() - 1]);
+        assert_eq!(decode(&partly).unwrap(), (State::default(), None));
+        apply(&mut region, &w);
+        assert_eq!(decode(&region).unwrap(), (sample(), Some(cursor)));
+        // Not all zeros and no magic: someone else's bytes.
+        let mut foreign = vec![0u8; 4096];
+        foreign[13] = 1;
+        assert_eq!(decode(&foreign), Err(StateError::BadMagic));
+    }
+
     #[test]
     fn refuses_foreign_or_small_regions() {
-        assert_eq!(decode(&[0u8; 64]), Err(StateError::BadMagic));
+        let mut foreign = [0u8; 64];
+        foreign[..8].copy_from_slice(b"NOTHOTPA");
+        assert_eq!(decode(&foreign), Err(StateError::BadMagic));
         assert!(matches!(decode(&[0u8; 4]), Err(StateError::TooSmall { .. })));
         let mut region = init(4096).unwrap();
         region[8] = 9;

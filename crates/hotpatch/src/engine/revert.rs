@@ -58,6 +58,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     }
     let mem = Mem::open(pid)?;
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    region.make_private(&mut remote, &state)?;
     let mut out = Vec::new();
     let mut result = Ok(());
     for id in ids {

@@ -13,11 +13,12 @@ use std::path::PathBuf;
 const PROT_READ: u64 = 1;
 const PROT_WRITE: u64 = 2;
 const PROT_EXEC: u64 = 4;
-const MAP_SHARED: u64 = 1;
+const MAP_PRIVATE: u64 = 2;
 const MFD_CLOEXEC: u64 = 1;
 const NR_CLOSE: u64 = 3;
 const NR_MMAP: u64 = 9;
 const NR_MPROTECT: u64 = 10;
+const NR_MUNMAP: u64 = 11;
 const NR_FTRUNCATE: u64 = 77;
 const NR_MEMFD_CREATE: u64 = 319;
 const NR_MEMBARRIER: u64 = 324;
@@ -146,9 +147,19 @@ pub fn target_image(
 }
 
 /// The state region in the process: where, and its cursor.
+///
+/// The record is mapped private (`MAP_PRIVATE`) and read-only: the tool
+/// writes it through `/proc/PID/mem`, which copies each page it writes
+/// into the process, so a child forked after a patch owns a copy of the
+/// record that it and its parent then change independently, as they do
+/// their code. An older hotpatch mapped it shared (one record for every
+/// process forked from the one patched); such a record is read as it is,
+/// and replaced by a private copy before the first change.
 pub struct StateRegion {
     pub address: u64,
     pub cursor: Option<Cursor>,
+    /// A shared record (start, length) still to replace by a private one.
+    shared: Option<(u64, u64)>,
 }
 
 fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Vec<u8>, StateError> + '_ {
@@ -159,11 +170,28 @@ fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Ve
 }
 
 impl StateRegion {
-    /// The mapping named after [`state::MEMFD_NAME`], if the process has one.
+    /// The mapping named after [`state::MEMFD_NAME`], if the process has
+    /// one: a private one first (a shared one next to it is what an
+    /// interrupted replacement left).
     fn mapping(maps: &[MapEntry]) -> Option<&MapEntry> {
         let name = format!("/memfd:{}", state::MEMFD_NAME);
+        let named = |m: &&MapEntry| {
+            m.path.as_deref() == Some(name.as_str())
+                && m.readable
+                && m.end.checked_sub(m.start) == Some(state::REGION_SIZE as u64)
+        };
         maps.iter()
-            .find(|m| m.path.as_deref() == Some(name.as_str()) && m.readable)
+            .filter(named)
+            .find(|m| m.private)
+            .or_else(|| maps.iter().find(named))
+    }
+
+    /// Shared record mappings in `maps` (left by an older hotpatch).
+    fn shared_mappings(maps: &[MapEntry]) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let name = format!("/memfd:{}", state::MEMFD_NAME);
+        maps.iter()
+            .filter(move |m| m.path.as_deref() == Some(name.as_str()) && !m.private)
+            .map(|m| (m.start, m.end.saturating_sub(m.start)))
     }
 
     /// Read the recorded state, if the process has a region.
@@ -174,18 +202,24 @@ impl StateRegion {
         let mem = Mem::open(pid)?;
         let (state, cursor) =
             state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))?;
+        let shared = if m.private {
+            Self::shared_mappings(maps).next()
+        } else {
+            Some((m.start, m.end.saturating_sub(m.start)))
+        };
         Ok(Some((
             StateRegion {
                 address: m.start,
-                cursor: Some(cursor),
+                cursor,
+                shared,
             },
             state,
         )))
     }
 
-    /// Create the region: a sparse memfd mapped shared, then its header.
+    /// Create the region: a sparse memfd mapped private and read-only. It
+    /// reads as empty (all zeros) until its first [`StateRegion::write`].
     pub fn create(remote: &mut Remote) -> Result<StateRegion, EngineError> {
-        let pid = remote.pid();
         let mut name = state::MEMFD_NAME.as_bytes().to_vec();
         name.push(0);
         let name_at = remote.write_scratch(&name)?;
@@ -197,20 +231,38 @@ impl StateRegion {
                 remote.syscall_ok(
                     "mmap of the state region",
                     NR_MMAP,
-                    &[0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0],
+                    &[0, size, PROT_READ, MAP_PRIVATE, fd, 0],
                 )
             });
         let _ = remote.syscall(NR_CLOSE, &[fd]);
-        let address = mapped?;
-        let mem = remote.mem();
-        mem.write(address, &state::header())?;
-        let mut region = StateRegion {
-            address,
+        Ok(StateRegion {
+            address: mapped?,
             cursor: None,
+            shared: None,
+        })
+    }
+
+    /// If the record is (or a leftover is) a shared mapping made by an
+    /// older hotpatch: copy `state` into a new private region, then unmap
+    /// the shared one. A tool killed in between leaves both; the private
+    /// one is read from then on.
+    pub fn make_private(&mut self, remote: &mut Remote, state: &State) -> Result<(), EngineError> {
+        let Some((start, len)) = self.shared else {
+            return Ok(());
         };
-        region.write(mem, &State::default())?;
-        let _ = pid;
-        Ok(region)
+        if start == self.address {
+            let mut private = StateRegion::create(remote)?;
+            private.write(remote.mem(), state)?;
+            *self = private;
+        }
+        remote.syscall_ok("munmap of the shared state region", NR_MUNMAP, &[start, len])?;
+        self.shared = None;
+        tracing::debug!(
+            pid = remote.pid(),
+            start,
+            "shared state region replaced by a private one"
+        );
+        Ok(())
     }
 
     /// Replace the recorded state: the inactive half, then the active flag.

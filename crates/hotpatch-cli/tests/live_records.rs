@@ -1,0 +1,213 @@
+//! The record of what is applied, kept inside each process: one record
+//! per process across `fork`, a record left all zeros by a killed tool,
+//! records that disagree with the code, and the locks that keep two tools
+//! apart.
+
+#[path = "common/live.rs"]
+mod live;
+
+use live::*;
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// What `f(11)` and `g(11)` are in version `v` (0 original, 1 A, 2 B).
+fn version_values(v: u8) -> (i64, i64) {
+    (f_version(v, 11), g_version(v, 11))
+}
+
+/// The running forking server: its master, and the workers of its last
+/// (re)load.
+struct Forking {
+    master: Proc,
+    workers: Vec<i32>,
+}
+
+impl Forking {
+    fn start(exe: &std::path::Path, workers: usize) -> Forking {
+        let mut master = Proc::spawn(Command::new(exe).arg(workers.to_string()));
+        master.line("ready", |l| l.starts_with("ready "));
+        let mut s = Forking {
+            master,
+            workers: Vec::new(),
+        };
+        s.read_workers();
+        s
+    }
+
+    fn pid(&self) -> i32 {
+        self.master.pid()
+    }
+
+    fn read_workers(&mut self) {
+        let l = self.master.line("workers", |l| l.starts_with("workers "));
+        self.workers = l
+            .split_whitespace()
+            .skip(1)
+            .map(|p| p.parse().expect("worker pid"))
+            .collect();
+    }
+
+    /// SIGHUP: the master forks a new set of workers.
+    fn reload(&mut self) {
+        let out = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .output()
+            .expect("run kill");
+        assert!(out.status.success(), "kill -HUP: {out:?}");
+        self.read_workers();
+    }
+
+    /// `(f(11), g(11))` as computed now by the master and each worker.
+    fn values(&mut self) -> BTreeMap<i32, (i64, i64)> {
+        self.master.send("values");
+        let mut want: Vec<i32> = self.workers.clone();
+        want.push(self.pid());
+        let mut got = BTreeMap::new();
+        while got.len() < want.len() {
+            let l = self
+                .master
+                .line("a value of every process", |l| l.starts_with("value "));
+            let mut w = l.split_whitespace().skip(1);
+            let pid: i32 = w.next().and_then(|p| p.parse().ok()).expect("pid");
+            let field = |s: Option<&str>, k: &str| -> i64 {
+                s.and_then(|s| s.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("bad line {l:?}"))
+            };
+            let f = field(w.next(), "f=");
+            let g = field(w.next(), "g=");
+            if want.contains(&pid) {
+                got.insert(pid, (f, g));
+            }
+        }
+        got
+    }
+
+    /// Every process computes version `master` (the master) or
+    /// `workers[i]` (worker i).
+    fn check(&mut self, master: u8, workers: &[u8], when: &str) {
+        let values = self.values();
+        assert_eq!(values[&self.pid()], version_values(master), "{when}: the master");
+        for (w, &v) in self.workers.iter().zip(workers) {
+            assert_eq!(values[w], version_values(v), "{when}: worker {w}");
+        }
+    }
+}
+
+/// A pre-forking server: a patch applied to the master before a reload is
+/// inherited by the new workers, code and record; from then on each
+/// process lists, reverts and re-applies its own patches.
+#[test]
+fn each_forked_process_owns_its_record() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "forking", FORKING_C, &[]);
+    let patch_a = build_patch(d, "patch_a", PATCH_A_C);
+    let patch_b = build_patch(d, "patch_b", PATCH_B_C);
+    let mut server = Forking::start(&exe, 2);
+    let master = server.pid();
+    let f = symbol_in_process(master, &exe, None, "f");
+    let g = symbol_in_process(master, &exe, None, "g");
+    let original = [code_bytes(master, f), code_bytes(master, g)].concat();
+    server.check(0, &[0, 0], "at start");
+
+    // Workers forked before the apply keep their own, original, code.
+    let old_workers = server.workers.clone();
+    apply(master, &patch_a, &[]);
+    assert_eq!(listed_ids(master), [1]);
+    server.check(1, &[0, 0], "after apply on the master");
+    for &w in &old_workers {
+        assert_eq!(
+            listed_ids(w),
+            Vec::<u64>::new(),
+            "worker {w} forked before the apply"
+        );
+    }
+    let (_, private) = state_mapping(master).expect("a state record");
+    assert!(private, "the state record is mapped shared:\n{}", maps(master));
+
+    // Reload: the new workers inherit the patched code and its record.
+    server.reload();
+    assert_ne!(server.workers, old_workers);
+    server.check(1, &[1, 1], "after the reload");
+    for &w in &server.workers {
+        assert_eq!(listed_ids(w), [1], "worker {w} forked after the apply");
+    }
+
+    // Revert the master: its workers keep their patch and its record.
+    revert(master, None);
+    assert_eq!(listed_ids(master), Vec::<u64>::new());
+    check_reverted(
+        &[code_bytes(master, f), code_bytes(master, g)].concat(),
+        &original,
+    )
+    .expect("the master reverted");
+    server.check(0, &[1, 1], "after reverting the master");
+    for &w in &server.workers {
+        assert_eq!(listed_ids(w), [1], "worker {w} after the master's revert");
+    }
+
+    // Each worker reverts on its own.
+    let workers = server.workers.clone();
+    revert(workers[0], None);
+    assert_eq!(listed_ids(workers[0]), Vec::<u64>::new());
+    server.check(0, &[0, 1], "after reverting worker 0");
+    assert_eq!(listed_ids(workers[1]), [1]);
+    revert(workers[1], Some(1));
+    server.check(0, &[0, 0], "after reverting worker 1");
+    for &w in &workers {
+        assert_eq!(listed_ids(w), Vec::<u64>::new());
+        check_reverted(&[code_bytes(w, f), code_bytes(w, g)].concat(), &original)
+            .unwrap_or_else(|e| panic!("worker {w}: {e}"));
+    }
+
+    // A worker re-applies (its dormant route, inherited): only it changes.
+    let applied = apply(workers[1], &patch_b, &[]);
+    let id = applied["patch"]["id"].as_u64().expect("patch id");
+    assert_eq!(listed_ids(workers[1]), [id]);
+    server.check(0, &[0, 2], "after re-applying in worker 1");
+    assert_eq!(listed_ids(master), Vec::<u64>::new());
+    assert_eq!(listed_ids(workers[0]), Vec::<u64>::new());
+    revert(workers[1], None);
+    server.check(0, &[0, 0], "at the end");
+}
+
+/// Patch A of `f` alone, and of `g` alone.
+const PATCH_F_C: &str =
+    "#include \"hotpatch.h\"\nlong f_a(long x) { return x * 5 + 2; }\nHOTPATCH_REPLACE(f, f_a);\n";
+const PATCH_G_C: &str =
+    "#include \"hotpatch.h\"\nlong g_a(long x) { return x ^ 0x1234; }\nHOTPATCH_REPLACE(g, g_a);\n";
+
+/// A tool killed right after mapping the state region leaves it all
+/// zeros: list, apply and revert treat it as empty and initialise it.
+#[test]
+fn a_record_never_written_reads_as_empty() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch_f = build_patch(d, "patch_f", PATCH_F_C);
+    let patch = build_patch(d, "patch_g", PATCH_G_C);
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let pid = target.pid();
+    // The region exists (and `f` has a dormant route, which the zeroed
+    // record no longer knows: `g` is patched afresh below).
+    apply(pid, &patch_f, &[]);
+    revert(pid, None);
+    let (record, _) = state_mapping(pid).expect("a state record");
+    // As a tool killed between the mmap and the first write leaves it (the
+    // header is what is read first; both halves zeroed too).
+    write_mem(pid, record, &[0; 16]);
+    write_mem(pid, record + 16, &[0; 4096]);
+    assert_eq!(listed_ids(pid), Vec::<u64>::new());
+    let run = hotpatch(&["revert".to_string(), pid.to_string(), "--all".to_string()]);
+    assert_eq!(run.code(), 0, "{run:?}");
+    apply(pid, &patch, &[]);
+    assert_eq!(target.version(), (0, 1));
+    assert_eq!(listed_ids(pid).len(), 1);
+    assert_eq!(read_mem(pid, record, 8), b"HOTPATCH", "initialised again");
+    revert(pid, None);
+    assert_eq!(target.version(), (0, 0));
+    assert_eq!(listed_ids(pid), Vec::<u64>::new());
+}
