@@ -211,3 +211,131 @@ fn a_record_never_written_reads_as_empty() {
     assert_eq!(target.version(), (0, 0));
     assert_eq!(listed_ids(pid), Vec::<u64>::new());
 }
+
+/// The lock file of process `pid`, as the tool names it (root's lock
+/// directory, the pid and the start time from `/proc/PID/stat`).
+fn lock_path(pid: i32) -> std::path::PathBuf {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let start = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .expect("start time");
+    std::path::Path::new("/run/hotpatch").join(format!("{pid}-{start}.lock"))
+}
+
+/// Files a test plants, removed when it ends (pass or fail).
+struct Planted(Vec<std::path::PathBuf>);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `hotpatch ARGS…` with `TMPDIR` set to `tmp`.
+fn hotpatch_in_tmp(tmp: &std::path::Path, args: &[String]) -> Run {
+    let mut cmd = hotpatch_command(args);
+    cmd.env("TMPDIR", tmp);
+    run_within(WAIT, &mut cmd)
+}
+
+/// The process lock does not depend on the environment: a tool whose
+/// `TMPDIR` differs still finds the lock held.
+#[test]
+fn a_held_lock_excludes_tools_whatever_their_tmpdir() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let pid = target.pid();
+    let path = lock_path(pid);
+    let _planted = Planted(vec![path.clone()]);
+    std::fs::create_dir_all(path.parent().expect("lock dir")).expect("create the lock directory");
+    let held = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("open the lock file");
+    held.try_lock().expect("take the lock");
+    let code = target.code();
+    let args = vec!["apply".to_string(), pid.to_string(), patch.display().to_string()];
+    for tmp in [d.to_path_buf(), std::env::temp_dir()] {
+        let run = hotpatch_in_tmp(&tmp, &args);
+        let msg = run.failure();
+        assert!(
+            msg.contains("another hotpatch is working on it"),
+            "TMPDIR={tmp:?}: {msg}"
+        );
+        assert!(msg.contains(path.to_str().expect("utf-8")), "{msg}");
+    }
+    assert_eq!(target.code(), code, "nothing changed");
+    assert_eq!(target.version(), (0, 0));
+    drop(held);
+    let run = hotpatch_in_tmp(d, &args);
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert_eq!(target.version(), (1, 1));
+    revert(pid, None);
+}
+
+/// A symbolic link or a fifo planted where a lock file goes (in the lock
+/// directory, or where older versions put it under `TMPDIR`) is never
+/// followed and never blocks the tool; nothing is created or changed.
+#[test]
+fn planted_links_and_fifos_are_not_followed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let pid = target.pid();
+    let path = lock_path(pid);
+    let start = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".lock"))
+        .and_then(|n| n.split_once('-'))
+        .map(|(_, s)| s.to_string())
+        .expect("start time in the name");
+    let old_path = d.join(format!("hotpatch-{pid}-{start}.lock"));
+    let _planted = Planted(vec![path.clone(), old_path.clone()]);
+    std::fs::create_dir_all(path.parent().expect("lock dir")).expect("create the lock directory");
+    let victim = d.join("victim");
+    let code = target.code();
+    let args = vec!["apply".to_string(), pid.to_string(), patch.display().to_string()];
+
+    for p in [&path, &old_path] {
+        std::os::unix::fs::symlink(&victim, p).expect("plant a symbolic link");
+    }
+    let run = hotpatch_in_tmp(d, &args);
+    let msg = run.failure();
+    assert!(msg.contains("symbolic link"), "{msg}");
+    assert!(
+        !victim.exists(),
+        "the link was followed: {} created",
+        victim.display()
+    );
+
+    for p in [&path, &old_path] {
+        std::fs::remove_file(p).expect("remove the link");
+        let out = Command::new("mkfifo").arg(p).output().expect("run mkfifo");
+        assert!(out.status.success(), "mkfifo: {out:?}");
+    }
+    let run = hotpatch_in_tmp(d, &args);
+    let msg = run.failure();
+    assert!(msg.contains("not a regular file"), "{msg}");
+    assert_eq!(target.code(), code, "nothing changed");
+    assert_eq!(target.version(), (0, 0));
+
+    for p in [&path, &old_path] {
+        std::fs::remove_file(p).expect("remove the fifo");
+    }
+    apply(pid, &patch, &[]);
+    assert_eq!(target.version(), (1, 1));
+    revert(pid, None);
+}

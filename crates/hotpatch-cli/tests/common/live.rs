@@ -428,9 +428,14 @@ pub fn spawn_piped(cmd: &mut Command) -> (Child, impl FnOnce() -> (String, Strin
 /// Run `hotpatch ARGS…`, killing it (and failing) if it takes longer than
 /// `limit`.
 pub fn hotpatch_within<S: AsRef<std::ffi::OsStr>>(limit: Duration, args: &[S]) -> Run {
+    run_within(limit, &mut hotpatch_command(args))
+}
+
+/// Run `cmd` (a `hotpatch` command, with its environment), killing it (and
+/// failing) if it takes longer than `limit`.
+pub fn run_within(limit: Duration, cmd: &mut Command) -> Run {
     let started = Instant::now();
-    let mut cmd = hotpatch_command(args);
-    let (mut child, output) = spawn_piped(&mut cmd);
+    let (mut child, output) = spawn_piped(cmd);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for hotpatch") {
             break s;

@@ -5,9 +5,8 @@
 use super::EngineError;
 use crate::image::Image;
 use crate::patchfile::TargetImage;
-use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, ProcessError, Remote};
+use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, Remote, lock};
 use crate::state::{self, Cursor, ScratchRecord, State, StateError};
-use std::fs::File;
 use std::path::PathBuf;
 
 const PROT_READ: u64 = 1;
@@ -46,33 +45,16 @@ const PAIRS_PER_CALL: usize = 256;
 const REACH: u64 = (1 << 31) - (1 << 24);
 
 /// An exclusive lock per target process, held while a tool changes it.
-/// Released by the kernel if the tool dies.
+/// Released by the kernel if the tool dies (see [`crate::process::lock`]).
 pub struct Lock {
-    _file: File,
+    _lock: lock::Lock,
 }
 
 impl Lock {
     pub fn take(pid: i32) -> Result<Lock, EngineError> {
-        // The start time tells a recycled pid from the process we mean.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_err(|e| ProcessError::from_io(pid, format!("/proc/{pid}/stat").into(), e))?;
-        let start = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-            .unwrap_or("0");
-        let path = std::env::temp_dir().join(format!("hotpatch-{pid}-{start}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| EngineError::Failed {
-                pid,
-                what: format!("cannot open lock {}: {e}", path.display()),
-            })?;
-        match file.try_lock() {
-            Ok(()) => Ok(Lock { _file: file }),
-            Err(_) => Err(EngineError::Busy {
+        match lock::lock_process(pid)? {
+            lock::Taken::Locked(l) => Ok(Lock { _lock: l }),
+            lock::Taken::Busy(path) => Err(EngineError::Busy {
                 pid,
                 lock: path.display().to_string(),
             }),
