@@ -2,6 +2,7 @@
 
 use anyhow::{Result, bail};
 use hotpatch::engine::{self, ApplyOptions, FlipMode, Which};
+use hotpatch::entry_state::{EntryCheck, EntryState};
 use hotpatch::patchfile::CommandLineRecords;
 use std::path::PathBuf;
 
@@ -91,16 +92,17 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
 }
 
 pub fn list(args: ListArgs) -> Result<()> {
-    let state = engine::list(args.pid)?;
+    let listing = engine::list_checked(args.pid)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&state)?);
+        println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(());
     }
+    let state = &listing.state;
     if state.patches.is_empty() {
         println!("process {}: no patches applied", args.pid);
-        return Ok(());
+    } else {
+        println!("process {}: {} patch(es)", args.pid, state.patches.len());
     }
-    println!("process {}: {} patch(es)", args.pid, state.patches.len());
     for p in &state.patches {
         println!(
             "  patch {}: {} on {}{}",
@@ -117,20 +119,60 @@ pub fn list(args: ListArgs) -> Result<()> {
             if let Some(f) = state.function(*entry) {
                 let live = f.versions.last().is_some_and(|v| v.patch == p.id);
                 println!(
-                    "    {} at {:#x} ({}){}",
+                    "    {} at {:#x} ({}{}){}",
                     f.name,
                     f.entry,
                     f.route.name(),
+                    listing.entry(f.entry).map(entry_note).unwrap_or_default(),
                     if live {
                         ""
                     } else {
                         "  (superseded by a newer patch)"
-                    }
+                    },
                 );
             }
         }
     }
+    // Functions no patch record lists (a patch recorded only in their
+    // versions), or recorded as reverted, whose code is not original.
+    let listed = |entry: u64| state.patches.iter().any(|p| p.functions.contains(&entry));
+    for check in listing
+        .entries
+        .iter()
+        .filter(|e| !listed(e.entry))
+        .filter(|e| e.recorded_patched || e.state != EntryState::Original)
+    {
+        println!(
+            "  {} at {:#x} (recorded as {}{})",
+            check.name,
+            check.entry,
+            if check.recorded_patched {
+                "patched by a patch with no record"
+            } else {
+                "reverted"
+            },
+            entry_note(check)
+        );
+    }
     Ok(())
+}
+
+/// How a function's entry compares with its record, for people: its
+/// state, and the bytes when they are not what the record says.
+fn entry_note(check: &EntryCheck) -> String {
+    let state = match check.state {
+        EntryState::Patched => "patched",
+        EntryState::Original => "original",
+        EntryState::Partly { .. } => "HALF FLIPPED",
+        EntryState::Drifted => "DRIFTED",
+    };
+    if check.agrees() {
+        return format!(", entry {state}");
+    }
+    format!(
+        ", entry {state}: {:#x} holds {}; patched is {}, original {}",
+        check.address, check.found, check.patched, check.original
+    )
 }
 
 pub fn revert(args: RevertArgs) -> Result<()> {

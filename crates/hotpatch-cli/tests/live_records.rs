@@ -339,3 +339,220 @@ fn planted_links_and_fifos_are_not_followed() {
     assert_eq!(target.version(), (1, 1));
     revert(pid, None);
 }
+
+/// The entry of function `name` in `list --json`.
+fn entry_of(listing: &serde_json::Value, name: &str) -> serde_json::Value {
+    listing["entries"]
+        .as_array()
+        .expect("entries[]")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no entry of {name} in {listing}"))
+        .clone()
+}
+
+/// Replace the record of `pid` (its active half, in place) with `record`,
+/// as the process itself could.
+fn forge_record(pid: i32, record: &serde_json::Value) {
+    let (start, _) = state_mapping(pid).expect("a state record");
+    let active = u64::from(read_mem(pid, start + 12, 1)[0] & 1);
+    let half = ((16u64 << 20) - 16) / 2;
+    let at = start + 16 + active * half;
+    let mut body = read_mem(pid, at, 8);
+    let mut record = record.clone();
+    record.as_object_mut().expect("object").remove("entries");
+    let json = serde_json::to_vec(&record).expect("json");
+    body.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    body.extend_from_slice(&json);
+    write_mem(pid, at, &body);
+}
+
+/// `hotpatch ARGS…` (strings).
+fn tool(args: &[&str]) -> Run {
+    hotpatch(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+}
+
+/// An entry changed behind the record's back: `list` shows the drift and
+/// the bytes, `revert` refuses naming them and writes nothing; once the
+/// bytes are back, it reverts.
+#[test]
+fn drifted_entries_are_shown_and_never_reverted_over() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    // No workers: only the main thread runs f and g, when asked.
+    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let pid = target.pid();
+    let ps = pid.to_string();
+    apply(pid, &patch, &[]);
+    let f = entry_of(&list(pid), "f");
+    assert_eq!(f["state"], "patched", "{f}");
+    assert_eq!(
+        (f["patched"].as_str(), f["original"].as_str()),
+        (Some("ebf8"), Some("9090"))
+    );
+    let at = f["address"].as_u64().expect("address");
+
+    // `eb f8` → `66 f8` → `66 90`, one byte at a time (each state runs).
+    write_mem(pid, at, &[0x66]);
+    write_mem(pid, at + 1, &[0x90]);
+    let listing = list(pid);
+    let f = entry_of(&listing, "f");
+    assert_eq!(
+        (f["state"].as_str(), f["found"].as_str()),
+        (Some("drifted"), Some("6690")),
+        "{f}"
+    );
+    assert_eq!(entry_of(&listing, "g")["state"], "patched");
+    let text = tool(&["list", &ps]);
+    assert_eq!(text.code(), 0, "{text:?}");
+    assert!(
+        text.stdout.contains("DRIFTED") && text.stdout.contains("6690"),
+        "{}",
+        text.stdout
+    );
+
+    let code = target.code();
+    let run = tool(&["revert", &ps, "--all"]);
+    let msg = run.failure();
+    for want in [
+        "`f`",
+        &format!("{at:#x}"),
+        "6690",
+        "ebf8",
+        "9090",
+        "nothing written",
+    ] {
+        assert!(msg.contains(want), "{msg:?} does not name {want}");
+    }
+    assert_eq!(target.code(), code, "revert wrote over drifted code");
+    assert_eq!(listed_ids(pid), [1]);
+    assert_eq!(target.version(), (0, 1));
+
+    // Back to the patched bytes (`66 f8`, then `eb f8`): revert works.
+    write_mem(pid, at + 1, &[0xf8]);
+    write_mem(pid, at, &[0xeb]);
+    revert(pid, None);
+    assert_eq!(target.version(), (0, 0));
+    assert_eq!(listed_ids(pid), Vec::<u64>::new());
+}
+
+/// The record says patched, the code is original (reverted behind the
+/// record's back): `list` says so; `revert` only updates the record.
+#[test]
+fn code_already_original_is_listed_and_reverted() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let pid = target.pid();
+    apply(pid, &patch, &[]);
+    let at = entry_of(&list(pid), "f")["address"].as_u64().expect("address");
+    // `eb f8` → `90 f8` → `90 90`.
+    write_mem(pid, at, &[0x90]);
+    write_mem(pid, at + 1, &[0x90]);
+    assert_eq!(target.version(), (0, 1));
+    let f = entry_of(&list(pid), "f");
+    assert_eq!(
+        (f["state"].as_str(), f["recorded_patched"].as_bool()),
+        (Some("original"), Some(true))
+    );
+    let text = tool(&["list", &pid.to_string()]);
+    assert!(text.stdout.contains("entry original: "), "{}", text.stdout);
+    let reverted = revert(pid, None);
+    assert_eq!(
+        reverted[0]["restored"].as_array().map(Vec::len),
+        Some(2),
+        "{reverted}"
+    );
+    assert_eq!(target.version(), (0, 0));
+    assert_eq!(listed_ids(pid), Vec::<u64>::new());
+}
+
+/// Functions whose versions name a patch the record no longer lists are
+/// still reverted by `revert --all` (never "nothing to revert" over code
+/// the record says is patched).
+#[test]
+fn patches_named_only_by_versions_are_reverted() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let pid = target.pid();
+    apply(pid, &patch, &[]);
+    let mut record = list(pid);
+    record["patches"] = serde_json::json!([]);
+    forge_record(pid, &record);
+    let text = tool(&["list", &pid.to_string()]);
+    assert!(
+        text.stdout.contains("patched by a patch with no record"),
+        "{}",
+        text.stdout
+    );
+    let run = tool(&["revert", &pid.to_string(), "--all"]);
+    assert_eq!(run.code(), 0, "{run:?}");
+    assert!(!run.stdout.contains("nothing to revert"), "{}", run.stdout);
+    assert_eq!(target.version(), (0, 0));
+    assert!(
+        list(pid)["functions"]
+            .as_array()
+            .expect("functions[]")
+            .iter()
+            .all(|f| f["versions"] == serde_json::json!([])),
+        "versions left"
+    );
+}
+
+/// A record the process forged (a recorded write whose lengths differ):
+/// `list` and `revert` fail with one clear line naming the process and
+/// the function, never a panic, and change nothing.
+#[test]
+fn forged_records_are_refused_cleanly() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let pid = target.pid();
+    let ps = pid.to_string();
+    apply(pid, &patch, &[]);
+    let good = list(pid);
+    let mut forged = good.clone();
+    let f = forged["functions"]
+        .as_array_mut()
+        .expect("functions[]")
+        .iter_mut()
+        .find(|f| f["name"] == "f")
+        .expect("f recorded");
+    f["undo"][0]["expected"]
+        .as_array_mut()
+        .expect("expected[]")
+        .push(serde_json::json!(0x90));
+    forge_record(pid, &forged);
+    let code = target.code();
+    for args in [
+        vec!["list", &ps],
+        vec!["revert", &ps, "--all"],
+        vec!["revert", &ps, "1"],
+    ] {
+        let run = tool(&args);
+        let msg = run.failure();
+        assert!(
+            msg.contains(&format!("process {pid}")) && msg.contains("`f`") && msg.contains("invalid"),
+            "{args:?}: {msg}"
+        );
+    }
+    assert_eq!(target.code(), code);
+    assert_eq!(target.version(), (1, 1));
+    assert_no_thread_stopped(pid);
+    forge_record(pid, &good);
+    revert(pid, None);
+    assert_eq!(target.version(), (0, 0));
+}

@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod engine;
+pub mod entry_state;
 pub mod image;
 pub mod patchability;
 pub mod patchfile;

@@ -124,9 +124,84 @@ pub enum StateError {
     TooSmall { size: usize, need: usize },
     #[error("the state record is corrupt: {0}")]
     Corrupt(String),
+    /// Decoded, but not what this tool ever writes (forged, or damaged by
+    /// the process): acting on it could go wrong.
+    #[error("the state record is invalid: {0}; nothing written")]
+    Invalid(String),
+}
+
+/// The most bytes one recorded write holds (an entry flip writes 1 or 5
+/// bytes, a route 6 to 16).
+pub const MAX_WRITE: usize = 64;
+/// How far from a function's entry the writes that flip it may be.
+pub const ENTRY_WINDOW: u64 = 32;
+/// The most bytes a detour may displace (whole instructions covering 5).
+pub const MAX_DISPLACED: u64 = 32;
+
+/// `text`, cut to a length fit for one line of an error message.
+pub fn short(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
 }
 
 impl FunctionRecord {
+    /// Check what the engine relies on before it acts on this record: each
+    /// write's lengths, the entry writes next to the entry, a sane detour.
+    pub fn check(&self) -> Result<(), StateError> {
+        let bad = |what: String| {
+            StateError::Invalid(format!(
+                "function `{}` at {:#x}: {what}",
+                short(&self.name),
+                self.entry
+            ))
+        };
+        for w in &self.undo {
+            if w.expected.len() != w.new.len() || w.new.is_empty() || w.new.len() > MAX_WRITE {
+                return Err(bad(format!(
+                    "a recorded write at {:#x} has {} expected and {} new bytes (1 to {MAX_WRITE}, the same)",
+                    w.address,
+                    w.expected.len(),
+                    w.new.len()
+                )));
+            }
+            if w.address.checked_add(w.new.len() as u64).is_none() {
+                return Err(bad(format!(
+                    "a recorded write at {:#x} runs past the address space",
+                    w.address
+                )));
+            }
+        }
+        let need = self.route.entry_writes();
+        if self.undo.len() < need {
+            return Err(bad(format!(
+                "{} recorded writes; its {} entry needs {need}",
+                self.undo.len(),
+                self.route.name()
+            )));
+        }
+        if let Some(w) = self
+            .entry_undo()
+            .iter()
+            .find(|w| w.address.abs_diff(self.entry) > ENTRY_WINDOW)
+        {
+            return Err(bad(format!(
+                "its entry write at {:#x} is not at its entry",
+                w.address
+            )));
+        }
+        if let Route::Detour { patch_at, displaced } = self.route
+            && (patch_at.abs_diff(self.entry) > ENTRY_WINDOW || !(5..=MAX_DISPLACED).contains(&displaced))
+        {
+            return Err(bad(format!(
+                "a detour at {patch_at:#x} over {displaced} bytes does not fit its entry"
+            )));
+        }
+        Ok(())
+    }
+
     /// The writes that put the original entry back, in order.
     pub fn entry_undo(&self) -> &[Write] {
         &self.undo[..self.route.entry_writes().min(self.undo.len())]
@@ -160,6 +235,26 @@ impl FunctionRecord {
 }
 
 impl State {
+    /// Check what the engine relies on before it acts on a record read
+    /// from a process (which may have written anything there).
+    pub fn check(&self) -> Result<(), StateError> {
+        if self.next_patch_id == u32::MAX {
+            return Err(StateError::Invalid("the next patch id is at its limit".into()));
+        }
+        for f in &self.functions {
+            f.check()?;
+        }
+        for r in &self.scratch {
+            if r.base.checked_add(r.size).is_none() || r.used > r.size {
+                return Err(StateError::Invalid(format!(
+                    "scratch at {:#x}: {} of {} bytes used",
+                    r.base, r.used, r.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Each recorded function's index in `functions`, by entry: one
     /// lookup per function of a large patch instead of a scan.
     pub fn index_by_entry(&self) -> std::collections::HashMap<u64, usize> {

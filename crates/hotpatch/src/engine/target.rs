@@ -184,6 +184,8 @@ impl StateRegion {
         let mem = Mem::open(pid)?;
         let (state, cursor) =
             state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))?;
+        // The process may have written anything there.
+        state.check().map_err(EngineError::state(pid))?;
         let shared = if m.private {
             Self::shared_mappings(maps).next()
         } else {
