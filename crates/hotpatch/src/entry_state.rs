@@ -369,7 +369,12 @@ mod tests {
                 })
                 .collect(),
             functions,
-            scratch: vec![],
+            scratch: vec![ScratchRecord {
+                base: 0x9000,
+                size: 0x1000,
+                used: 0x100,
+                executable: false,
+            }],
         }
     }
 
@@ -498,12 +503,13 @@ mod tests {
             prop::collection::vec(arb_write(), 0..5),
             prop::collection::vec((0u32..5, any::<u64>()), 0..4),
             any::<bool>(),
+            prop_oneof![(0x9000u64..0xa010).prop_map(|s| s & !7), any::<u64>()],
         )
-            .prop_map(|(entry, route, undo, versions, live_safe)| FunctionRecord {
+            .prop_map(|(entry, route, undo, versions, live_safe, slot)| FunctionRecord {
                 image: "i".into(),
                 name: "f".into(),
                 entry,
-                slot: entry ^ 0x5555,
+                slot,
                 route,
                 undo,
                 live_safe,
@@ -525,14 +531,16 @@ mod tests {
             .prop_map(|(functions, ids, scratch, next)| {
                 let mut s = state_with(functions, &ids);
                 s.next_patch_id = next;
-                s.scratch = scratch
-                    .into_iter()
-                    .map(|(base, size, used)| ScratchRecord {
+                s.scratch = s
+                    .scratch
+                    .iter()
+                    .cloned()
+                    .chain(scratch.into_iter().map(|(base, size, used)| ScratchRecord {
                         base,
                         size,
                         used,
                         executable: base & 1 == 1,
-                    })
+                    }))
                     .collect();
                 s
             })

@@ -192,12 +192,28 @@ impl FunctionRecord {
                 w.address
             )));
         }
-        if let Route::Detour { patch_at, displaced } = self.route
-            && (patch_at.abs_diff(self.entry) > ENTRY_WINDOW || !(5..=MAX_DISPLACED).contains(&displaced))
-        {
-            return Err(bad(format!(
-                "a detour at {patch_at:#x} over {displaced} bytes does not fit its entry"
-            )));
+        match self.route {
+            Route::Detour { patch_at, displaced } => {
+                if patch_at.abs_diff(self.entry) > ENTRY_WINDOW || !(5..=MAX_DISPLACED).contains(&displaced) {
+                    return Err(bad(format!(
+                        "a detour at {patch_at:#x} over {displaced} bytes does not fit its entry"
+                    )));
+                }
+                // A multi-byte jump is never written with threads running.
+                if self.live_safe {
+                    return Err(bad(
+                        "a detour recorded as safe to write with threads running".into()
+                    ));
+                }
+            }
+            Route::Prepared => {
+                // Only single bytes change atomically for a running thread.
+                if self.entry_undo().iter().any(|w| w.new.len() != 1) {
+                    return Err(bad(
+                        "a prepared entry recorded with writes of more than one byte".into()
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -243,6 +259,23 @@ impl State {
         }
         for f in &self.functions {
             f.check()?;
+            // Slots are 8-aligned in a data page the tool mapped: a live
+            // slot is changed by a store inside the process.
+            let in_scratch = self.scratch.iter().any(|r| {
+                !r.executable
+                    && f.slot >= r.base
+                    && f.slot
+                        .checked_add(8)
+                        .is_some_and(|end| end <= r.base.saturating_add(r.size))
+            });
+            if f.slot % 8 != 0 || !in_scratch {
+                return Err(StateError::Invalid(format!(
+                    "function `{}` at {:#x}: its slot at {:#x} is not in the tool's scratch memory",
+                    short(&f.name),
+                    f.entry,
+                    f.slot
+                )));
+            }
         }
         for r in &self.scratch {
             if r.base.checked_add(r.size).is_none() || r.used > r.size {
@@ -537,6 +570,51 @@ mod tests {
         let mut foreign = vec![0u8; 4096];
         foreign[13] = 1;
         assert_eq!(decode(&foreign), Err(StateError::BadMagic));
+    }
+
+    /// Records the tool never writes are refused before anything acts on
+    /// them, each naming the function.
+    #[test]
+    fn check_refuses_what_the_tool_never_records() {
+        let w = |address: u64, expected: &[u8], new: &[u8]| Write {
+            address,
+            expected: expected.to_vec(),
+            new: new.to_vec(),
+        };
+        let mut state = sample();
+        state.scratch = vec![ScratchRecord {
+            base: 0x5555_1000_0000,
+            size: 0x1000,
+            used: 8,
+            executable: false,
+        }];
+        state.functions[0].undo = vec![w(0x5555_0000_1446, &[0xe9, 0, 0, 0, 0], &[1, 2, 3, 4, 5])];
+        assert_eq!(state.check(), Ok(()));
+        let refused = |change: &dyn Fn(&mut State), what: &str| {
+            let mut s = state.clone();
+            change(&mut s);
+            match s.check() {
+                Err(StateError::Invalid(m)) => {
+                    assert!(m.contains("`compute_fee`") && m.contains(what), "{m}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        };
+        refused(&|s| s.functions[0].undo[0].new.push(6), "5 expected and 6 new");
+        refused(&|s| s.functions[0].undo.clear(), "needs 1");
+        refused(&|s| s.functions[0].undo[0].address = 0x1000, "not at its entry");
+        refused(&|s| s.functions[0].live_safe = true, "threads running");
+        refused(&|s| s.functions[0].slot += 0x2000, "not in the tool's scratch");
+        refused(&|s| s.functions[0].slot += 4, "not in the tool's scratch");
+        refused(
+            &|s| {
+                s.functions[0].route = Route::Prepared;
+                s.functions[0].undo.push(w(0x5555_0000_1447, &[1], &[2]));
+            },
+            "more than one byte",
+        );
+        state.next_patch_id = u32::MAX;
+        assert!(matches!(state.check(), Err(StateError::Invalid(_))));
     }
 
     #[test]

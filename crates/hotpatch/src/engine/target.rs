@@ -262,7 +262,7 @@ impl StateRegion {
 }
 
 fn within_reach(record: &ScratchRecord, near: u64) -> bool {
-    record.base.abs_diff(near) < REACH && (record.base + record.size).abs_diff(near) < REACH
+    record.base.abs_diff(near) < REACH && record.base.saturating_add(record.size).abs_diff(near) < REACH
 }
 
 /// Hand out `bytes` of scratch (8-aligned) within reach of `near`: data
@@ -275,13 +275,11 @@ pub fn scratch(
     executable: bool,
     bytes: u64,
 ) -> Result<u64, EngineError> {
-    if let Some(r) = state
-        .scratch
-        .iter_mut()
-        .find(|r| r.executable == executable && within_reach(r, near) && r.used + bytes <= r.size)
-    {
-        let at = r.base + r.used;
-        r.used += bytes.next_multiple_of(8);
+    if let Some(r) = state.scratch.iter_mut().find(|r| {
+        r.executable == executable && within_reach(r, near) && r.used.saturating_add(bytes) <= r.size
+    }) {
+        let at = r.base.saturating_add(r.used);
+        r.used = r.used.saturating_add(bytes.next_multiple_of(8));
         return Ok(at);
     }
     let record = if executable {
@@ -340,6 +338,24 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
     let Some(&(first, _)) = stores.first() else {
         return Ok(());
     };
+    // The slots come from the record, which the process can write: store
+    // only into 8-aligned words of writable, non-executable memory.
+    let maps = Process::open(remote.pid())?.maps()?;
+    for &(slot, _) in stores {
+        let ok = slot % 8 == 0
+            && maps.iter().any(|m| {
+                m.writable
+                    && !m.executable
+                    && slot >= m.start
+                    && slot.checked_add(8).is_some_and(|e| e <= m.end)
+            });
+        if !ok {
+            return Err(EngineError::Failed {
+                pid: remote.pid(),
+                what: format!("the slot at {slot:#x} is not in writable data memory; no slot changed"),
+            });
+        }
+    }
     let routine = store64_many(state, remote, first)?;
     for chunk in stores.chunks(PAIRS_PER_CALL) {
         let pairs: Vec<u8> = chunk
@@ -376,7 +392,30 @@ pub fn sync_cores(remote: &mut Remote, state: &State) {
             return;
         }
     }
-    let Some(page) = state.scratch.iter().find(|r| !r.executable).map(|r| r.base) else {
+    // A data page the tool mapped (anonymous, private, read-write): never
+    // change the protection of anything else, whatever the record says.
+    let maps = Process::open(remote.pid())
+        .and_then(|p| p.maps())
+        .unwrap_or_default();
+    let ours = |base: u64| {
+        maps.iter().any(|m| {
+            m.start <= base
+                && base.checked_add(4096).is_some_and(|e| e <= m.end)
+                && m.readable
+                && m.writable
+                && !m.executable
+                && m.private
+                && m.inode == 0
+                && m.path.is_none()
+        })
+    };
+    let Some(page) = state
+        .scratch
+        .iter()
+        .filter(|r| !r.executable && r.base % 4096 == 0)
+        .map(|r| r.base)
+        .find(|&base| ours(base))
+    else {
         tracing::warn!("no scratch page for a TLB shootdown; cores not serialised");
         return;
     };
