@@ -114,7 +114,21 @@ fn each_forked_process_owns_its_record() {
 
     // Workers forked before the apply keep their own, original, code.
     let old_workers = server.workers.clone();
+    let shared = |pid: i32| -> Vec<String> {
+        maps(pid)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.ends_with('s')))
+            .map(str::to_string)
+            .collect()
+    };
+    let shared_before = shared(master);
     apply(master, &patch_a, &[]);
+    // Nothing the tool maps (record, scratch, call region) is shared.
+    assert_eq!(
+        shared(master),
+        shared_before,
+        "new shared mappings after the apply"
+    );
     assert_eq!(listed_ids(master), [1]);
     server.check(1, &[0, 0], "after apply on the master");
     for &w in &old_workers {

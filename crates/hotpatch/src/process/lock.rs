@@ -252,6 +252,12 @@ impl LockDir {
 mod tests {
     use super::*;
 
+    /// The tests that lock this test process run one at a time.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn names_round_trip() {
         assert_eq!(file_name(42, 1234, None), "42-1234.lock");
@@ -287,8 +293,42 @@ mod tests {
         assert_eq!(dir_path(1000), Path::new("/run/user/1000/hotpatch"));
     }
 
+    /// Lock files of processes that no longer exist (or whose pid now
+    /// belongs to a process started later) go; live ones stay.
+    #[test]
+    fn taking_a_lock_prunes_the_files_of_exited_processes() {
+        let _serial = serial();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id() as i32;
+        child.wait().unwrap();
+        let me = std::process::id() as i32;
+        let my_start = start_time(me).unwrap();
+        let dir = dir_path(nix::unistd::geteuid().as_raw());
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale = [
+            dir.join(file_name(gone, 7, None)),
+            dir.join(file_name(gone, 7, Some(0x7f00_0000))),
+            // This pid, but another start: a process before this one.
+            dir.join(file_name(me, my_start + 1, None)),
+        ];
+        let live = dir.join(file_name(me, my_start, Some(0x1000)));
+        for p in stale.iter().chain([&live]) {
+            std::fs::write(p, b"").unwrap();
+        }
+        let Taken::Locked(lock) = lock_process(me).unwrap() else {
+            panic!("lock held by someone else")
+        };
+        for p in &stale {
+            assert!(!p.exists(), "{} not pruned", p.display());
+        }
+        assert!(live.exists(), "a live process's lock file was pruned");
+        std::fs::remove_file(&live).unwrap();
+        std::fs::remove_file(lock.path()).unwrap();
+    }
+
     #[test]
     fn own_process_lock_excludes_a_second_taker() {
+        let _serial = serial();
         let pid = std::process::id() as i32;
         let Taken::Locked(first) = lock_process(pid).unwrap() else {
             panic!("lock held by someone else")
