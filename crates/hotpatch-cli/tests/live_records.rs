@@ -23,8 +23,8 @@ struct Forking {
 }
 
 impl Forking {
-    fn start(exe: &std::path::Path, workers: usize) -> Forking {
-        let mut master = Proc::spawn(Command::new(exe).arg(workers.to_string()));
+    fn start(exe: &std::path::Path, workers: usize, args: &[&str]) -> Forking {
+        let mut master = Proc::spawn(Command::new(exe).arg(workers.to_string()).args(args));
         master.line("ready", |l| l.starts_with("ready "));
         let mut s = Forking {
             master,
@@ -105,7 +105,7 @@ fn each_forked_process_owns_its_record() {
     let exe = build_target(d, "gcc", "forking", FORKING_C, &[]);
     let patch_a = build_patch(d, "patch_a", PATCH_A_C);
     let patch_b = build_patch(d, "patch_b", PATCH_B_C);
-    let mut server = Forking::start(&exe, 2);
+    let mut server = Forking::start(&exe, 2, &[]);
     let master = server.pid();
     let f = symbol_in_process(master, &exe, None, "f");
     let g = symbol_in_process(master, &exe, None, "g");
@@ -184,6 +184,57 @@ fn each_forked_process_owns_its_record() {
     assert_eq!(listed_ids(master), Vec::<u64>::new());
     assert_eq!(listed_ids(workers[0]), Vec::<u64>::new());
     revert(workers[1], None);
+    server.check(0, &[0, 0], "at the end");
+}
+
+/// A process family that still shares a record an older hotpatch mapped
+/// shared: the first change in one process moves its record to a private
+/// copy (and unmaps the shared one); the others keep theirs, unchanged.
+#[test]
+fn a_shared_record_from_an_older_hotpatch_becomes_private() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "forking", FORKING_C, &[]);
+    let patch_a = build_patch(d, "patch_a", PATCH_A_C);
+    let patch_b = build_patch(d, "patch_b", PATCH_B_C);
+    let mut server = Forking::start(&exe, 2, &["legacy"]);
+    let master = server.pid();
+    let workers = server.workers.clone();
+    for &p in workers.iter().chain([&master]) {
+        assert_eq!(
+            state_mapping(p).map(|(_, private)| private),
+            Some(false),
+            "process {p}"
+        );
+        assert_eq!(
+            listed_ids(p),
+            Vec::<u64>::new(),
+            "process {p}: the empty shared record"
+        );
+    }
+    apply(master, &patch_a, &[]);
+    assert_eq!(state_mapping(master).map(|(_, private)| private), Some(true));
+    assert_eq!(
+        maps(master).matches("/memfd:hotpatch-state").count(),
+        1,
+        "the shared record is still mapped in the master:\n{}",
+        maps(master)
+    );
+    assert_eq!(listed_ids(master), [1]);
+    for &w in &workers {
+        assert_eq!(
+            listed_ids(w),
+            Vec::<u64>::new(),
+            "worker {w} sees the master's patch"
+        );
+    }
+    server.check(1, &[0, 0], "after apply on the master");
+    apply(workers[0], &patch_b, &[]);
+    server.check(1, &[2, 0], "after apply on worker 0");
+    assert_eq!(listed_ids(workers[1]), Vec::<u64>::new());
+    revert(workers[0], None);
+    revert(master, None);
     server.check(0, &[0, 0], "at the end");
 }
 

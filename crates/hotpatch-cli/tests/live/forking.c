@@ -3,7 +3,10 @@
  * worker processes forked from it, all calling the prepared functions f()
  * and g() of target.c (so patch_a.c and patch_b.c patch them).
  *
- * Usage: forking WORKERS
+ * Usage: forking WORKERS [legacy]
+ * With "legacy", the master first maps a shared, empty state record
+ * (memfd "hotpatch-state", 16 MiB, MAP_SHARED), as hotpatch versions
+ * before private records left in a process, which its workers inherit.
  * Prints "ready master=PID f=ADDR g=ADDR", then "workers PID…" each time
  * it has forked a set of workers. SIGHUP makes the master "reload": it
  * kills its workers and forks new ones. Commands on stdin, one per line
@@ -18,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -111,6 +115,13 @@ int main(int argc, char **argv)
     sigaction(SIGHUP, &sa, NULL);
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
+    if (argc > 2 && strcmp(argv[2], "legacy") == 0) {
+        size_t size = 16 << 20;
+        int fd = memfd_create("hotpatch-state", MFD_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, size) != 0) return 4;
+        if (mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) == MAP_FAILED) return 4;
+        close(fd);
+    }
     say("ready master=%d f=%p g=%p", (int)getpid(), (void *)f, (void *)g);
     fork_workers();
 
