@@ -238,6 +238,53 @@ fn a_shared_record_from_an_older_hotpatch_becomes_private() {
     server.check(0, &[0, 0], "at the end");
 }
 
+/// A replacement of a shared record cut short (the private region mapped,
+/// never written: all zeros): the shared record still holds the truth;
+/// the next change writes it into the private region and unmaps the
+/// shared one.
+#[test]
+fn a_replacement_cut_short_keeps_the_shared_record() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "forking", FORKING_C, &[]);
+    let patch_a = build_patch(d, "patch_a", PATCH_A_C);
+    let mut server = Forking::start(&exe, 1, &[]);
+    let master = server.pid();
+    apply(master, &patch_a, &[]);
+    let (private, _) = state_mapping(master).expect("a private record");
+    // The record as an older hotpatch kept it: in a shared mapping.
+    server.master.send("share");
+    let l = server.master.line("shared", |l| l.starts_with("shared "));
+    let shared = u64::from_str_radix(l.trim_start_matches("shared 0x"), 16).expect("address");
+    assert_ne!(shared, 0, "the server could not map a shared record");
+    let active = u64::from(read_mem(master, private + 12, 1)[0] & 1);
+    let half = ((16u64 << 20) - 16) / 2;
+    let body_at = 16 + active * half;
+    let len = u32::from_le_bytes(
+        read_mem(master, private + body_at + 8, 4)
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let body = read_mem(master, private + body_at, 12 + len as usize);
+    write_mem(master, shared + body_at, &body);
+    write_mem(master, shared, &read_mem(master, private, 16));
+    // The private one as a tool killed right after mapping it leaves it.
+    write_mem(master, private, &[0; 16]);
+
+    assert_eq!(listed_ids(master), [1], "the shared record is the truth");
+    revert(master, None);
+    server.check(0, &[0], "after reverting the master");
+    assert_eq!(listed_ids(master), Vec::<u64>::new());
+    assert_eq!(
+        maps(master).matches("/memfd:hotpatch-state").count(),
+        1,
+        "the shared record is still mapped:\n{}",
+        maps(master)
+    );
+    assert_eq!(state_mapping(master), Some((private, true)));
+}
+
 /// Patch A of `f` alone, and of `g` alone.
 const PATCH_F_C: &str =
     "#include \"hotpatch.h\"\nlong f_a(long x) { return x * 5 + 2; }\nHOTPATCH_REPLACE(f, f_a);\n";

@@ -13,6 +13,8 @@
  * (the master and its workers exit on EOF or "quit"):
  *   values     every process prints "value PID f=.. g=.." (f(11), g(11))
  *   reload     the same as SIGHUP
+ *   share      the master maps a shared, empty state record now and
+ *              prints "shared ADDR"
  * Workers die with the master (PR_SET_PDEATHSIG).
  */
 #define _GNU_SOURCE
@@ -56,6 +58,18 @@ static void say(const char *fmt, ...)
     if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
     buf[n++] = '\n';
     if (write(1, buf, n) != n) _exit(3);
+}
+
+/* A shared, empty state record, as hotpatch versions before private
+ * records mapped it; NULL if it cannot be made. */
+static void *map_shared_record(void)
+{
+    size_t size = 16 << 20;
+    int fd = memfd_create("hotpatch-state", MFD_CLOEXEC);
+    if (fd < 0) return NULL;
+    void *p = ftruncate(fd, size) == 0 ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
 }
 
 static void on_hup(int sig) { (void)sig; reload_asked = 1; }
@@ -115,13 +129,8 @@ int main(int argc, char **argv)
     sigaction(SIGHUP, &sa, NULL);
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
-    if (argc > 2 && strcmp(argv[2], "legacy") == 0) {
-        size_t size = 16 << 20;
-        int fd = memfd_create("hotpatch-state", MFD_CLOEXEC);
-        if (fd < 0 || ftruncate(fd, size) != 0) return 4;
-        if (mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) == MAP_FAILED) return 4;
-        close(fd);
-    }
+    if (argc > 2 && strcmp(argv[2], "legacy") == 0 && !map_shared_record())
+        return 4;
     say("ready master=%d f=%p g=%p", (int)getpid(), (void *)f, (void *)g);
     fork_workers();
 
@@ -146,6 +155,8 @@ int main(int argc, char **argv)
                 long x = 11;
                 for (int i = 0; i < nworkers; i++) kill(worker_pids[i], SIGUSR1);
                 say("value %d f=%ld g=%ld", (int)getpid(), f(x), g(x));
+            } else if (strcmp(line, "share") == 0) {
+                say("shared %p", map_shared_record());
             } else if (strcmp(line, "reload") == 0) {
                 reload_asked = 1;
             } else if (strcmp(line, "quit") == 0) {

@@ -152,50 +152,48 @@ fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Ve
 }
 
 impl StateRegion {
-    /// The mapping named after [`state::MEMFD_NAME`], if the process has
-    /// one: a private one first (a shared one next to it is what an
-    /// interrupted replacement left).
-    fn mapping(maps: &[MapEntry]) -> Option<&MapEntry> {
+    /// The record mappings in `maps` (named after [`state::MEMFD_NAME`],
+    /// of the size the tool maps): the private one, and a shared one (an
+    /// older hotpatch's, or what an interrupted replacement left).
+    fn mappings(maps: &[MapEntry]) -> (Option<&MapEntry>, Option<&MapEntry>) {
         let name = format!("/memfd:{}", state::MEMFD_NAME);
         let named = |m: &&MapEntry| {
             m.path.as_deref() == Some(name.as_str())
                 && m.readable
                 && m.end.checked_sub(m.start) == Some(state::REGION_SIZE as u64)
         };
-        maps.iter()
-            .filter(named)
-            .find(|m| m.private)
-            .or_else(|| maps.iter().find(named))
-    }
-
-    /// Shared record mappings in `maps` (left by an older hotpatch).
-    fn shared_mappings(maps: &[MapEntry]) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let name = format!("/memfd:{}", state::MEMFD_NAME);
-        maps.iter()
-            .filter(move |m| m.path.as_deref() == Some(name.as_str()) && !m.private)
-            .map(|m| (m.start, m.end.saturating_sub(m.start)))
+        (
+            maps.iter().filter(named).find(|m| m.private),
+            maps.iter().filter(named).find(|m| !m.private),
+        )
     }
 
     /// Read the recorded state, if the process has a region.
     pub fn find(pid: i32, maps: &[MapEntry]) -> Result<Option<(StateRegion, State)>, EngineError> {
-        let Some(m) = Self::mapping(maps) else {
+        let (private, shared) = Self::mappings(maps);
+        let Some(m) = private.or(shared) else {
             return Ok(None);
         };
         let mem = Mem::open(pid)?;
-        let (state, cursor) =
-            state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))?;
+        let read_at = |m: &MapEntry| {
+            state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))
+        };
+        let (mut state, cursor) = read_at(m)?;
+        if m.private
+            && cursor.is_none()
+            && let Some(s) = shared
+        {
+            // A replacement of the shared record cut short before the
+            // private one was written: the shared one still holds the truth.
+            state = read_at(s)?.0;
+        }
         // The process may have written anything there.
         state.check().map_err(EngineError::state(pid))?;
-        let shared = if m.private {
-            Self::shared_mappings(maps).next()
-        } else {
-            Some((m.start, m.end.saturating_sub(m.start)))
-        };
         Ok(Some((
             StateRegion {
                 address: m.start,
                 cursor,
-                shared,
+                shared: shared.map(|s| (s.start, s.end.saturating_sub(s.start))),
             },
             state,
         )))
@@ -227,17 +225,19 @@ impl StateRegion {
     }
 
     /// If the record is (or a leftover is) a shared mapping made by an
-    /// older hotpatch: copy `state` into a new private region, then unmap
-    /// the shared one. A tool killed in between leaves both; the private
-    /// one is read from then on.
+    /// older hotpatch: copy `state` into a private region (new, or one a
+    /// cut-short replacement left unwritten), then unmap the shared one. A
+    /// tool killed in between leaves both; the private one is read from
+    /// then on once written, the shared one until then.
     pub fn make_private(&mut self, remote: &mut Remote, state: &State) -> Result<(), EngineError> {
         let Some((start, len)) = self.shared else {
             return Ok(());
         };
         if start == self.address {
-            let mut private = StateRegion::create(remote)?;
-            private.write(remote.mem(), state)?;
-            *self = private;
+            *self = StateRegion::create(remote)?;
+        }
+        if self.cursor.is_none() {
+            self.write(remote.mem(), state)?;
         }
         remote.syscall_ok("munmap of the shared state region", NR_MUNMAP, &[start, len])?;
         self.shared = None;
