@@ -42,6 +42,14 @@
 //! route: one atomic slot store, then the entry flips.
 //! - Every byte written is compare-and-swap against the bytes the plan
 //!   expects; a mismatch stops with an error naming the address.
+//! - The record comes from the process, which can write anything there:
+//!   one the tool would never write is refused ([`State::check`]), and
+//!   before anything is written every entry the revert goes back on is
+//!   compared with the record ([`crate::entry_state`]): patched, original,
+//!   or between the two (a flip cut short: only the writes left are done);
+//!   anything else refuses the whole revert, naming the function, its
+//!   address and the bytes. `revert --all` also reverts patches that only
+//!   a function's versions still name.
 
 mod apply;
 mod error;
