@@ -668,3 +668,60 @@ fn forged_records_are_refused_cleanly() {
     revert(pid, None);
     assert_eq!(target.version(), (0, 0));
 }
+
+/// First applies (which map the call region and create the state record)
+/// SIGKILLed at random moments, each on a fresh process: the target
+/// survives, and the next tool can always list and revert to the original.
+#[test]
+fn first_applies_killed_at_random_moments_leave_a_usable_record() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    let mut rng = XorShift::seeded();
+    let args = |pid: i32| vec!["apply".to_string(), pid.to_string(), patch.display().to_string()];
+    // How long a whole first apply takes here.
+    let window = {
+        let target = Target::start(&exe, 2, None, Workers::Duty);
+        let run = hotpatch(&args(target.pid()));
+        assert_eq!(run.code(), 0, "{run:?}");
+        run.took.as_micros() as u64
+    };
+    let mut outcomes = BTreeMap::<&str, usize>::new();
+    for round in 0..30 {
+        let mut target = Target::start(&exe, 2, None, Workers::Duty);
+        let pid = target.pid();
+        let original = target.code();
+        let delay = rng.below(window * 11 / 10);
+        let (mut tool, output) = spawn_piped(&mut hotpatch_command(&args(pid)));
+        std::thread::sleep(std::time::Duration::from_micros(delay));
+        let _ = tool.kill();
+        let status = tool.wait().expect("reap hotpatch");
+        let (_, stderr) = output();
+        if let Some(code) = status.code() {
+            assert_eq!(code, 0, "round {round}: {stderr}");
+        }
+        assert!(
+            target.proc.alive(),
+            "round {round} (delay {delay} µs): the target died"
+        );
+        assert_no_thread_stopped(pid);
+        let (fv, gv) = target.version();
+        assert!(fv <= 1 && gv <= 1, "round {round}: versions {fv} {gv}");
+        let record = match state_mapping(pid) {
+            None => "no record",
+            Some((at, _)) if read_mem(pid, at, 8) == [0; 8] => "record never written",
+            Some(_) => "record",
+        };
+        *outcomes.entry(record).or_default() += 1;
+        let listed = hotpatch(&["list".to_string(), pid.to_string(), "--json".to_string()]);
+        assert_eq!(listed.code(), 0, "round {round} ({record}): {listed:?}");
+        let reverted = hotpatch(&["revert".to_string(), pid.to_string(), "--all".to_string()]);
+        assert_eq!(reverted.code(), 0, "round {round} ({record}): {reverted:?}");
+        assert_eq!(target.version(), (0, 0), "round {round} ({record})");
+        check_reverted(&target.code(), &original).unwrap_or_else(|e| panic!("round {round} ({record}): {e}"));
+        assert_eq!(listed_ids(pid), Vec::<u64>::new());
+    }
+    eprintln!("outcomes: {outcomes:?}");
+}
