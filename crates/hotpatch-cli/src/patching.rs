@@ -5,6 +5,7 @@ use crate::signing::TrustArgs;
 use anyhow::{Result, anyhow, bail};
 use hotpatch::audit::{Outcome, Record};
 use hotpatch::engine::{self, Applied, ApplyOptions, FlipMode, Which};
+use hotpatch::entry_state::{EntryCheck, EntryState};
 use hotpatch::patchfile::CommandLineRecords;
 use hotpatch::policy::{Policy, PolicyError, rules::DEFAULT_AUDIT_SOCKET, trusted_file};
 use std::path::PathBuf;
@@ -149,16 +150,17 @@ fn approve_and_apply(
 }
 
 pub fn list(args: ListArgs) -> Result<()> {
-    let state = engine::list(args.pid)?;
+    let listing = engine::list_checked(args.pid)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&state)?);
+        println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(());
     }
+    let state = &listing.state;
     if state.patches.is_empty() {
         println!("process {}: no patches applied", args.pid);
-        return Ok(());
+    } else {
+        println!("process {}: {} patch(es)", args.pid, state.patches.len());
     }
-    println!("process {}: {} patch(es)", args.pid, state.patches.len());
     for p in &state.patches {
         let origin = match (&p.sha256, &p.signer) {
             (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {signer})", short(sha)),
@@ -181,18 +183,40 @@ pub fn list(args: ListArgs) -> Result<()> {
             if let Some(f) = state.function(*entry) {
                 let live = f.versions.last().is_some_and(|v| v.patch == p.id);
                 println!(
-                    "    {} at {:#x} ({}){}",
+                    "    {} at {:#x} ({}{}){}",
                     f.name,
                     f.entry,
                     f.route.name(),
+                    listing.entry(f.entry).map(entry_note).unwrap_or_default(),
                     if live {
                         ""
                     } else {
                         "  (superseded by a newer patch)"
-                    }
+                    },
                 );
             }
         }
+    }
+    // Functions no patch record lists (a patch recorded only in their
+    // versions), or recorded as reverted, whose code is not original.
+    let listed = |entry: u64| state.patches.iter().any(|p| p.functions.contains(&entry));
+    for check in listing
+        .entries
+        .iter()
+        .filter(|e| !listed(e.entry))
+        .filter(|e| e.recorded_patched || e.state != EntryState::Original)
+    {
+        println!(
+            "  {} at {:#x} (recorded as {}{})",
+            check.name,
+            check.entry,
+            if check.recorded_patched {
+                "patched by a patch with no record"
+            } else {
+                "reverted"
+            },
+            entry_note(check)
+        );
     }
     Ok(())
 }
@@ -200,6 +224,24 @@ pub fn list(args: ListArgs) -> Result<()> {
 /// The first 16 hex digits of a SHA-256.
 fn short(sha: &str) -> &str {
     sha.get(..16).unwrap_or(sha)
+}
+
+/// How a function's entry compares with its record, for people: its
+/// state, and the bytes when they are not what the record says.
+fn entry_note(check: &EntryCheck) -> String {
+    let state = match check.state {
+        EntryState::Patched => "patched",
+        EntryState::Original => "original",
+        EntryState::Partly { .. } => "HALF FLIPPED",
+        EntryState::Drifted => "DRIFTED",
+    };
+    if check.agrees() {
+        return format!(", entry {state}");
+    }
+    format!(
+        ", entry {state}: {:#x} holds {}; patched is {}, original {}",
+        check.address, check.found, check.patched, check.original
+    )
 }
 
 /// `revert`, with one audit record per reverted patch (or one for the

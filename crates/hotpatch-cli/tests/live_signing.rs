@@ -423,7 +423,7 @@ fn audit_records_apply_and_revert() {
     let run_as_alice = |args: &[&str]| {
         let mut cmd = hotpatch_command(args);
         cmd.env("SUDO_USER", "alice");
-        run_within(WAIT, cmd)
+        run_within(WAIT, &mut cmd)
     };
     let pid_s = pid.to_string();
     let policy = path_str(&s.strict);

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod audit;
 pub mod engine;
+pub mod entry_state;
 pub mod image;
 pub mod patchability;
 pub mod patchfile;

@@ -15,7 +15,10 @@
 //!
 //! An update writes the inactive half completely, then flips the one
 //! "active" byte: a tool killed mid-update leaves the previous state
-//! intact. This module only encodes and decodes; the engine does the I/O.
+//! intact. A region whose header is all zeros was never written (a tool
+//! killed right after mapping it): it reads as empty, and its first update
+//! writes half 0 and then, last, the header. This module only encodes and
+//! decodes; the engine does the I/O.
 
 use crate::plan::{EntryFlip, Overwrite, Route, Write};
 use serde::{Deserialize, Serialize};
@@ -121,9 +124,100 @@ pub enum StateError {
     TooSmall { size: usize, need: usize },
     #[error("the state record is corrupt: {0}")]
     Corrupt(String),
+    /// Decoded, but not what this tool ever writes (forged, or damaged by
+    /// the process): acting on it could go wrong.
+    #[error("the state record is invalid: {0}; nothing written")]
+    Invalid(String),
+}
+
+/// The most bytes one recorded write holds (an entry flip writes 1 or 5
+/// bytes, a route 6 to 16).
+pub const MAX_WRITE: usize = 64;
+/// How far from a function's entry the writes that flip it may be.
+pub const ENTRY_WINDOW: u64 = 32;
+/// The most bytes a detour may displace (whole instructions covering 5).
+pub const MAX_DISPLACED: u64 = 32;
+
+/// `text`, cut to a length fit for one line of an error message.
+pub fn short(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
 }
 
 impl FunctionRecord {
+    /// Check what the engine relies on before it acts on this record: each
+    /// write's lengths, the entry writes next to the entry, a sane detour.
+    pub fn check(&self) -> Result<(), StateError> {
+        let bad = |what: String| {
+            StateError::Invalid(format!(
+                "function `{}` at {:#x}: {what}",
+                short(&self.name),
+                self.entry
+            ))
+        };
+        for w in &self.undo {
+            if w.expected.len() != w.new.len() || w.new.is_empty() || w.new.len() > MAX_WRITE {
+                return Err(bad(format!(
+                    "a recorded write at {:#x} has {} expected and {} new bytes (1 to {MAX_WRITE}, the same)",
+                    w.address,
+                    w.expected.len(),
+                    w.new.len()
+                )));
+            }
+            if w.address.checked_add(w.new.len() as u64).is_none() {
+                return Err(bad(format!(
+                    "a recorded write at {:#x} runs past the address space",
+                    w.address
+                )));
+            }
+        }
+        let need = self.route.entry_writes();
+        if self.undo.len() < need {
+            return Err(bad(format!(
+                "{} recorded writes; its {} entry needs {need}",
+                self.undo.len(),
+                self.route.name()
+            )));
+        }
+        if let Some(w) = self
+            .entry_undo()
+            .iter()
+            .find(|w| w.address.abs_diff(self.entry) > ENTRY_WINDOW)
+        {
+            return Err(bad(format!(
+                "its entry write at {:#x} is not at its entry",
+                w.address
+            )));
+        }
+        match self.route {
+            Route::Detour { patch_at, displaced } => {
+                if patch_at.abs_diff(self.entry) > ENTRY_WINDOW || !(5..=MAX_DISPLACED).contains(&displaced) {
+                    return Err(bad(format!(
+                        "a detour at {patch_at:#x} over {displaced} bytes does not fit its entry"
+                    )));
+                }
+                // A multi-byte jump is never written with threads running.
+                if self.live_safe {
+                    return Err(bad(
+                        "a detour recorded as safe to write with threads running".into()
+                    ));
+                }
+            }
+            Route::Prepared => {
+                // Only single bytes change atomically for a running thread.
+                if self.entry_undo().iter().any(|w| w.new.len() != 1) {
+                    return Err(bad(
+                        "a prepared entry recorded with writes of more than one byte".into()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The writes that put the original entry back, in order.
     pub fn entry_undo(&self) -> &[Write] {
         &self.undo[..self.route.entry_writes().min(self.undo.len())]
@@ -157,6 +251,43 @@ impl FunctionRecord {
 }
 
 impl State {
+    /// Check what the engine relies on before it acts on a record read
+    /// from a process (which may have written anything there).
+    pub fn check(&self) -> Result<(), StateError> {
+        if self.next_patch_id == u32::MAX {
+            return Err(StateError::Invalid("the next patch id is at its limit".into()));
+        }
+        for f in &self.functions {
+            f.check()?;
+            // Slots are 8-aligned in a data page the tool mapped: a live
+            // slot is changed by a store inside the process.
+            let in_scratch = self.scratch.iter().any(|r| {
+                !r.executable
+                    && f.slot >= r.base
+                    && f.slot
+                        .checked_add(8)
+                        .is_some_and(|end| end <= r.base.saturating_add(r.size))
+            });
+            if f.slot % 8 != 0 || !in_scratch {
+                return Err(StateError::Invalid(format!(
+                    "function `{}` at {:#x}: its slot at {:#x} is not in the tool's scratch memory",
+                    short(&f.name),
+                    f.entry,
+                    f.slot
+                )));
+            }
+        }
+        for r in &self.scratch {
+            if r.base.checked_add(r.size).is_none() || r.used > r.size {
+                return Err(StateError::Invalid(format!(
+                    "scratch at {:#x}: {} of {} bytes used",
+                    r.base, r.used, r.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Each recorded function's index in `functions`, by entry: one
     /// lookup per function of a large patch instead of a scan.
     pub fn index_by_entry(&self) -> std::collections::HashMap<u64, usize> {
@@ -206,7 +337,6 @@ pub fn header() -> Vec<u8> {
 /// A fresh region of `size` bytes holding an empty state.
 pub fn init(size: usize) -> Result<Vec<u8>, StateError> {
     let mut region = vec![0u8; size];
-    region[..HEADER].copy_from_slice(&header());
     let (writes, _) = encode(size, None, &State::default())?;
     for (offset, bytes) in writes {
         region[offset..offset + bytes.len()].copy_from_slice(&bytes);
@@ -216,10 +346,12 @@ pub fn init(size: usize) -> Result<Vec<u8>, StateError> {
 
 /// Read the active state of a region of `size` bytes through `read`
 /// (offset, length → bytes), touching only the header and the active half.
+/// A region never written (its header all zeros) holds the empty state and
+/// has no cursor: its first [`encode`] initialises it.
 pub fn read(
     size: usize,
     mut read: impl FnMut(usize, usize) -> Result<Vec<u8>, StateError>,
-) -> Result<(State, Cursor), StateError> {
+) -> Result<(State, Option<Cursor>), StateError> {
     if size < HEADER + 2 * 12 {
         return Err(StateError::TooSmall {
             size,
@@ -227,6 +359,9 @@ pub fn read(
         });
     }
     let h = read(0, HEADER)?;
+    if h.len() == HEADER && h.iter().all(|&b| b == 0) {
+        return Ok((State::default(), None));
+    }
     if h.len() < HEADER || &h[..8] != MAGIC {
         return Err(StateError::BadMagic);
     }
@@ -256,11 +391,11 @@ pub fn read(
     }
     let json = read(start + 12, len)?;
     let state = serde_json::from_slice(&json).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    Ok((state, Cursor { active, generation }))
+    Ok((state, Some(Cursor { active, generation })))
 }
 
 /// Decode the active state of a whole region held in memory.
-pub fn decode(region: &[u8]) -> Result<(State, Cursor), StateError> {
+pub fn decode(region: &[u8]) -> Result<(State, Option<Cursor>), StateError> {
     read(region.len(), |offset, len| {
         region
             .get(offset..offset + len)
@@ -270,8 +405,10 @@ pub fn decode(region: &[u8]) -> Result<(State, Cursor), StateError> {
 }
 
 /// The writes (offset, bytes) that replace the state of a region of `size`
-/// bytes, now at `cursor` (`None`: a fresh region), with `state`: first the
-/// whole inactive half, then — last, one byte — the active flag.
+/// bytes, now at `cursor`, with `state`: first the whole inactive half,
+/// then — last, one byte — the active flag. A region without a cursor
+/// (never written: all zeros) gets half 0, then — last — the whole header,
+/// so that until that write it still reads as never written.
 pub fn encode(
     size: usize,
     cursor: Option<Cursor>,
@@ -287,19 +424,17 @@ pub fn encode(
     let next = Cursor {
         // A fresh region gets half 0.
         active: cursor.map_or(0, |c| 1 - (c.active & 1)),
-        generation: cursor.map_or(1, |c| c.generation + 1),
+        generation: cursor.map_or(1, |c| c.generation.wrapping_add(1)),
     };
     let mut body = Vec::with_capacity(json.len() + 12);
     body.extend_from_slice(&next.generation.to_le_bytes());
     body.extend_from_slice(&(json.len() as u32).to_le_bytes());
     body.extend_from_slice(&json);
-    Ok((
-        vec![
-            (half_offset(size, next.active), body),
-            (ACTIVE_OFFSET, vec![next.active]),
-        ],
-        next,
-    ))
+    let last = match cursor {
+        Some(_) => (ACTIVE_OFFSET, vec![next.active]),
+        None => (0, header()),
+    };
+    Ok((vec![(half_offset(size, next.active), body), last], next))
 }
 
 #[cfg(test)]
@@ -353,6 +488,7 @@ mod tests {
     fn round_trip_and_generations() {
         let mut region = init(4096).unwrap();
         let (state, cursor) = decode(&region).unwrap();
+        let cursor = cursor.unwrap();
         assert_eq!(
             (state, cursor.generation, cursor.active),
             (State::default(), 1, 0)
@@ -360,7 +496,7 @@ mod tests {
         let (w, next) = encode(region.len(), Some(cursor), &sample()).unwrap();
         assert_eq!((next.generation, next.active), (2, 1));
         apply(&mut region, &w);
-        assert_eq!(decode(&region).unwrap(), (sample(), next));
+        assert_eq!(decode(&region).unwrap(), (sample(), Some(next)));
     }
 
     #[test]
@@ -401,7 +537,7 @@ mod tests {
     fn interrupted_update_keeps_the_old_state() {
         let mut region = init(4096).unwrap();
         let (_, cursor) = decode(&region).unwrap();
-        let (w, cursor) = encode(region.len(), Some(cursor), &sample()).unwrap();
+        let (w, cursor) = encode(region.len(), cursor, &sample()).unwrap();
         apply(&mut region, &w);
         let mut next = sample();
         next.next_patch_id = 3;
@@ -416,9 +552,76 @@ mod tests {
         assert_eq!(decode(&region).unwrap().0, next);
     }
 
+    /// A tool killed right after mapping the region leaves it all zeros:
+    /// that reads as empty, and the next update initialises it — header
+    /// last, so a kill before that still reads as never written.
+    #[test]
+    fn a_region_never_written_reads_as_empty() {
+        let mut region = vec![0u8; 4096];
+        assert_eq!(decode(&region).unwrap(), (State::default(), None));
+        let (w, cursor) = encode(region.len(), None, &sample()).unwrap();
+        assert_eq!(w.last().map(|(o, b)| (*o, b.clone())), Some((0, header())));
+        let mut partly = region.clone();
+        apply(&mut partly, &w[..w.len() - 1]);
+        assert_eq!(decode(&partly).unwrap(), (State::default(), None));
+        apply(&mut region, &w);
+        assert_eq!(decode(&region).unwrap(), (sample(), Some(cursor)));
+        // Not all zeros and no magic: someone else's bytes.
+        let mut foreign = vec![0u8; 4096];
+        foreign[13] = 1;
+        assert_eq!(decode(&foreign), Err(StateError::BadMagic));
+    }
+
+    /// Records the tool never writes are refused before anything acts on
+    /// them, each naming the function.
+    #[test]
+    fn check_refuses_what_the_tool_never_records() {
+        let w = |address: u64, expected: &[u8], new: &[u8]| Write {
+            address,
+            expected: expected.to_vec(),
+            new: new.to_vec(),
+        };
+        let mut state = sample();
+        state.scratch = vec![ScratchRecord {
+            base: 0x5555_1000_0000,
+            size: 0x1000,
+            used: 8,
+            executable: false,
+        }];
+        state.functions[0].undo = vec![w(0x5555_0000_1446, &[0xe9, 0, 0, 0, 0], &[1, 2, 3, 4, 5])];
+        assert_eq!(state.check(), Ok(()));
+        let refused = |change: &dyn Fn(&mut State), what: &str| {
+            let mut s = state.clone();
+            change(&mut s);
+            match s.check() {
+                Err(StateError::Invalid(m)) => {
+                    assert!(m.contains("`compute_fee`") && m.contains(what), "{m}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        };
+        refused(&|s| s.functions[0].undo[0].new.push(6), "5 expected and 6 new");
+        refused(&|s| s.functions[0].undo.clear(), "needs 1");
+        refused(&|s| s.functions[0].undo[0].address = 0x1000, "not at its entry");
+        refused(&|s| s.functions[0].live_safe = true, "threads running");
+        refused(&|s| s.functions[0].slot += 0x2000, "not in the tool's scratch");
+        refused(&|s| s.functions[0].slot += 4, "not in the tool's scratch");
+        refused(
+            &|s| {
+                s.functions[0].route = Route::Prepared;
+                s.functions[0].undo.push(w(0x5555_0000_1447, &[1], &[2]));
+            },
+            "more than one byte",
+        );
+        state.next_patch_id = u32::MAX;
+        assert!(matches!(state.check(), Err(StateError::Invalid(_))));
+    }
+
     #[test]
     fn refuses_foreign_or_small_regions() {
-        assert_eq!(decode(&[0u8; 64]), Err(StateError::BadMagic));
+        let mut foreign = [0u8; 64];
+        foreign[..8].copy_from_slice(b"NOTHOTPA");
+        assert_eq!(decode(&foreign), Err(StateError::BadMagic));
         assert!(matches!(decode(&[0u8; 4]), Err(StateError::TooSmall { .. })));
         let mut region = init(4096).unwrap();
         region[8] = 9;

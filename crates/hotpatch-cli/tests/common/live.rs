@@ -22,6 +22,8 @@ pub const TARGET_C: &str = include_str!("../live/target.c");
 /// Patch A and patch B of `f` and `g` in [`TARGET_C`].
 pub const PATCH_A_C: &str = include_str!("../live/patch_a.c");
 pub const PATCH_B_C: &str = include_str!("../live/patch_b.c");
+/// A pre-forking server (master and workers) calling the same `f` and `g`.
+pub const FORKING_C: &str = include_str!("../live/forking.c");
 
 /// The versions of `f` and `g` in [`TARGET_C`]: 0 original, 1 A, 2 B.
 pub fn f_version(v: u8, x: i64) -> i64 {
@@ -443,14 +445,14 @@ pub fn spawn_piped(cmd: &mut Command) -> (Child, impl FnOnce() -> (String, Strin
 /// Run `hotpatch ARGS…`, killing it (and failing) if it takes longer than
 /// `limit`.
 pub fn hotpatch_within<S: AsRef<std::ffi::OsStr>>(limit: Duration, args: &[S]) -> Run {
-    run_within(limit, hotpatch_command(args))
+    run_within(limit, &mut hotpatch_command(args))
 }
 
-/// Run `cmd` (a [`hotpatch_command`], perhaps with more environment),
-/// killing it (and failing) if it takes longer than `limit`.
-pub fn run_within(limit: Duration, mut cmd: Command) -> Run {
+/// Run `cmd` (a `hotpatch` command, with its environment), killing it (and
+/// failing) if it takes longer than `limit`.
+pub fn run_within(limit: Duration, cmd: &mut Command) -> Run {
     let started = Instant::now();
-    let (mut child, output) = spawn_piped(&mut cmd);
+    let (mut child, output) = spawn_piped(cmd);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for hotpatch") {
             break s;
@@ -520,6 +522,33 @@ pub fn read_mem(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     file.read_exact_at(&mut buf, addr)
         .unwrap_or_else(|e| panic!("read {len} bytes at {addr:#x} of {pid}: {e}"));
     buf
+}
+
+/// Write `bytes` at `addr` of process `pid`, through `/proc/PID/mem`
+/// (behind the tool's back).
+pub fn write_mem(pid: i32, addr: u64, bytes: &[u8]) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open /proc/PID/mem for writing");
+    file.write_all_at(bytes, addr)
+        .unwrap_or_else(|e| panic!("write {} bytes at {addr:#x} of {pid}: {e}", bytes.len()));
+}
+
+/// Where the state record of `pid` is mapped (`/memfd:hotpatch-state`),
+/// and whether privately (`p`) — `None` if it has none.
+pub fn state_mapping(pid: i32) -> Option<(u64, bool)> {
+    maps(pid)
+        .lines()
+        .find(|l| l.contains("/memfd:hotpatch-state"))
+        .map(|l| {
+            let start = l.split('-').next().expect("start");
+            let perms = l.split_whitespace().nth(1).expect("perms");
+            (
+                u64::from_str_radix(start, 16).expect("hex start"),
+                perms.ends_with('p'),
+            )
+        })
 }
 
 /// A function's 6 bytes of padding and first 8 bytes (entry nops or

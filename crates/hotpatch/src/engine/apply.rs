@@ -204,6 +204,9 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         None => (None, State::default()),
     };
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    if let Some(r) = region.as_mut() {
+        r.make_private(&mut remote, &state)?;
+    }
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: attached");
     let result = apply_in(
         &mut remote,

@@ -42,6 +42,14 @@
 //! route: one atomic slot store, then the entry flips.
 //! - Every byte written is compare-and-swap against the bytes the plan
 //!   expects; a mismatch stops with an error naming the address.
+//! - The record comes from the process, which can write anything there:
+//!   one the tool would never write is refused ([`State::check`]), and
+//!   before anything is written every entry the revert goes back on is
+//!   compared with the record ([`crate::entry_state`]): patched, original,
+//!   or between the two (a flip cut short: only the writes left are done);
+//!   anything else refuses the whole revert, naming the function, its
+//!   address and the bytes. `revert --all` also reverts patches that only
+//!   a function's versions still name.
 
 mod apply;
 mod error;
@@ -53,8 +61,45 @@ pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply, apply_f
 pub use error::EngineError;
 pub use revert::{Reverted, Which, revert};
 
-use crate::process::Process;
+use crate::entry_state::{EntryCheck, check_entry};
+use crate::process::{Mem, Process};
 use crate::state::State;
+
+/// What is recorded in a process, and whether its code agrees.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Listing {
+    #[serde(flatten)]
+    pub state: State,
+    /// Each recorded function's entry compared with its record.
+    pub entries: Vec<EntryCheck>,
+}
+
+impl Listing {
+    /// The check of the function whose entry is `entry`.
+    pub fn entry(&self, entry: u64) -> Option<&EntryCheck> {
+        self.entries.iter().find(|e| e.entry == entry)
+    }
+}
+
+/// What is applied to process `pid`, as recorded in the process, with
+/// each recorded function's entry bytes compared with the record.
+pub fn list_checked(pid: i32) -> Result<Listing, EngineError> {
+    in_process(pid, "the list", || {
+        let process = Process::open(pid)?;
+        let maps = process.maps()?;
+        let Some((_, state)) = target::StateRegion::find(pid, &maps)? else {
+            return Ok(Listing::default());
+        };
+        let mem = Mem::open(pid)?;
+        let mut read = |address, len| mem.read(address, len);
+        let entries = state
+            .functions
+            .iter()
+            .map(|f| check_entry(f, &mut read)?.map_err(EngineError::state(pid)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(Listing { state, entries })
+    })
+}
 
 /// What is applied to process `pid`, as recorded in the process.
 pub fn list(pid: i32) -> Result<State, EngineError> {

@@ -3,6 +3,7 @@
 use super::EngineError;
 use super::apply::write_entries;
 use super::target::{self, Lock, StateRegion};
+use crate::entry_state::{self, EntryState, RevertRefused};
 use crate::plan::EntryFlip;
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::State;
@@ -45,19 +46,43 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     };
     let ids: Vec<u32> = match which {
         Which::Patch(id) => {
-            if state.patch(id).is_none() {
+            if state.patch(id).is_none() && entry_state::functions_of(&state, id).is_empty() {
                 return Err(EngineError::NoSuchPatch { pid, id });
             }
             vec![id]
         }
-        Which::All => state.patches.iter().rev().map(|p| p.id).collect(),
+        // Also patches only a function's versions name (their own record
+        // lost): code the record says is patched is never left so.
+        Which::All => entry_state::all_patches(&state),
     };
     if ids.is_empty() {
         remove_call_regions(pid);
         return Ok(Vec::new());
     }
     let mem = Mem::open(pid)?;
+    // Every entry the revert goes back on must be what the record says
+    // (patched, original, or between): else nothing is written at all.
+    for &id in &ids {
+        for index in entry_state::functions_of(&state, id) {
+            let f = &state.functions[index];
+            let span = entry_state::EntrySpan::of(f).map_err(EngineError::state(pid))?;
+            let found = mem.read(span.start, span.len())?;
+            if span.classify(&found) == EntryState::Drifted {
+                return Err(refused(
+                    pid,
+                    RevertRefused::Drifted {
+                        name: crate::state::short(&f.name),
+                        address: span.start,
+                        patched: span.hex(0),
+                        original: span.hex(span.states.len() - 1),
+                        found: crate::image::hex(&found),
+                    },
+                ));
+            }
+        }
+    }
     let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    region.make_private(&mut remote, &state)?;
     let mut out = Vec::new();
     let mut result = Ok(());
     for id in ids {
@@ -82,6 +107,17 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     result.map(|()| out)
 }
 
+fn refused(pid: i32, why: RevertRefused) -> EngineError {
+    match why {
+        RevertRefused::NoSuchPatch(id) => EngineError::NoSuchPatch { pid, id },
+        RevertRefused::Record(error) => EngineError::State { pid, error },
+        why @ RevertRefused::Drifted { .. } => EngineError::Failed {
+            pid,
+            what: why.to_string(),
+        },
+    }
+}
+
 /// `revert --all` with nothing applied also unmaps the remote-call regions
 /// earlier runs left mapped (idle ones; see `Remote`).
 fn remove_call_regions(pid: i32) {
@@ -98,10 +134,8 @@ fn revert_one(
     state: &mut State,
     id: u32,
 ) -> Result<Reverted, EngineError> {
-    let patch = state
-        .patch(id)
-        .cloned()
-        .ok_or(EngineError::NoSuchPatch { pid, id })?;
+    let plan = entry_state::plan_revert(state, id, &mut |address, len| mem.read(address, len))?
+        .map_err(|why| refused(pid, why))?;
     let mut reverted = Reverted {
         patch: id,
         restored: Vec::new(),
@@ -109,45 +143,26 @@ fn revert_one(
     };
     // Live slots that step back to an older version, and entries restored:
     // each kind in one batch.
-    let mut stores = Vec::new();
-    let mut restores: Vec<(usize, EntryFlip)> = Vec::new();
-    let recorded = state.index_by_entry();
-    for entry in &patch.functions {
-        let Some(&index) = recorded.get(entry) else {
-            continue;
-        };
-        let f = &state.functions[index];
-        let was_live = f.versions.last().is_some_and(|v| v.patch == id);
-        let remaining: Vec<_> = f.versions.iter().filter(|v| v.patch != id).cloned().collect();
-        if remaining.is_empty() {
-            // The entry goes back (bytes an apply killed early never
-            // changed are left as they are). The route stays, dormant.
-            let mut restore = f.entry_restore();
-            restore.writes.retain(|w| {
-                mem.read(w.address, w.new.len())
-                    .map(|b| b != w.new)
-                    .unwrap_or(true)
-            });
-            restores.push((index, restore));
-        } else {
-            if was_live && let Some(top) = remaining.last() {
-                stores.push((f.slot, top.replacement));
-            }
-            reverted.stepped_back.push(f.name.clone());
-            state.functions[index].versions = remaining;
-        }
-    }
-    let flips: Vec<EntryFlip> = restores
+    let flips: Vec<EntryFlip> = plan
+        .restores
         .iter()
         .filter(|(_, r)| !r.writes.is_empty())
         .map(|(_, r)| r.clone())
         .collect();
     write_entries(pid, mem, &flips, &mut Vec::new())?;
-    for (index, _) in restores {
-        state.functions[index].versions.clear();
-        reverted.restored.push(state.functions[index].name.clone());
+    for (index, _) in &plan.restores {
+        if let Some(f) = state.functions.get_mut(*index) {
+            f.versions.clear();
+            reverted.restored.push(f.name.clone());
+        }
     }
-    target::store_slots(state, remote, &stores)?;
+    for (index, versions) in plan.stepped_back {
+        if let Some(f) = state.functions.get_mut(index) {
+            f.versions = versions;
+            reverted.stepped_back.push(f.name.clone());
+        }
+    }
+    target::store_slots(state, remote, &plan.stores)?;
     state.patches.retain(|p| p.id != id);
     Ok(reverted)
 }

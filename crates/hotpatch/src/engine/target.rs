@@ -5,18 +5,18 @@
 use super::EngineError;
 use crate::image::Image;
 use crate::patchfile::TargetImage;
-use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, ProcessError, Remote};
+use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, Remote, lock};
 use crate::state::{self, Cursor, ScratchRecord, State, StateError};
-use std::fs::File;
 
 const PROT_READ: u64 = 1;
 const PROT_WRITE: u64 = 2;
 const PROT_EXEC: u64 = 4;
-const MAP_SHARED: u64 = 1;
+const MAP_PRIVATE: u64 = 2;
 const MFD_CLOEXEC: u64 = 1;
 const NR_CLOSE: u64 = 3;
 const NR_MMAP: u64 = 9;
 const NR_MPROTECT: u64 = 10;
+const NR_MUNMAP: u64 = 11;
 const NR_FTRUNCATE: u64 = 77;
 const NR_MEMFD_CREATE: u64 = 319;
 const NR_MEMBARRIER: u64 = 324;
@@ -44,33 +44,16 @@ const PAIRS_PER_CALL: usize = 256;
 const REACH: u64 = (1 << 31) - (1 << 24);
 
 /// An exclusive lock per target process, held while a tool changes it.
-/// Released by the kernel if the tool dies.
+/// Released by the kernel if the tool dies (see [`crate::process::lock`]).
 pub struct Lock {
-    _file: File,
+    _lock: lock::Lock,
 }
 
 impl Lock {
     pub fn take(pid: i32) -> Result<Lock, EngineError> {
-        // The start time tells a recycled pid from the process we mean.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_err(|e| ProcessError::from_io(pid, format!("/proc/{pid}/stat").into(), e))?;
-        let start = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-            .unwrap_or("0");
-        let path = std::env::temp_dir().join(format!("hotpatch-{pid}-{start}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| EngineError::Failed {
-                pid,
-                what: format!("cannot open lock {}: {e}", path.display()),
-            })?;
-        match file.try_lock() {
-            Ok(()) => Ok(Lock { _file: file }),
-            Err(_) => Err(EngineError::Busy {
+        match lock::lock_process(pid)? {
+            lock::Taken::Locked(l) => Ok(Lock { _lock: l }),
+            lock::Taken::Busy(path) => Err(EngineError::Busy {
                 pid,
                 lock: path.display().to_string(),
             }),
@@ -145,9 +128,19 @@ pub fn target_image(
 }
 
 /// The state region in the process: where, and its cursor.
+///
+/// The record is mapped private (`MAP_PRIVATE`) and read-only: the tool
+/// writes it through `/proc/PID/mem`, which copies each page it writes
+/// into the process, so a child forked after a patch owns a copy of the
+/// record that it and its parent then change independently, as they do
+/// their code. An older hotpatch mapped it shared (one record for every
+/// process forked from the one patched); such a record is read as it is,
+/// and replaced by a private copy before the first change.
 pub struct StateRegion {
     pub address: u64,
     pub cursor: Option<Cursor>,
+    /// A shared record (start, length) still to replace by a private one.
+    shared: Option<(u64, u64)>,
 }
 
 fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Vec<u8>, StateError> + '_ {
@@ -158,33 +151,56 @@ fn region_read(mem: &Mem, address: u64) -> impl FnMut(usize, usize) -> Result<Ve
 }
 
 impl StateRegion {
-    /// The mapping named after [`state::MEMFD_NAME`], if the process has one.
-    fn mapping(maps: &[MapEntry]) -> Option<&MapEntry> {
+    /// The record mappings in `maps` (named after [`state::MEMFD_NAME`],
+    /// of the size the tool maps): the private one, and a shared one (an
+    /// older hotpatch's, or what an interrupted replacement left).
+    fn mappings(maps: &[MapEntry]) -> (Option<&MapEntry>, Option<&MapEntry>) {
         let name = format!("/memfd:{}", state::MEMFD_NAME);
-        maps.iter()
-            .find(|m| m.path.as_deref() == Some(name.as_str()) && m.readable)
+        let named = |m: &&MapEntry| {
+            m.path.as_deref() == Some(name.as_str())
+                && m.readable
+                && m.end.checked_sub(m.start) == Some(state::REGION_SIZE as u64)
+        };
+        (
+            maps.iter().filter(named).find(|m| m.private),
+            maps.iter().filter(named).find(|m| !m.private),
+        )
     }
 
     /// Read the recorded state, if the process has a region.
     pub fn find(pid: i32, maps: &[MapEntry]) -> Result<Option<(StateRegion, State)>, EngineError> {
-        let Some(m) = Self::mapping(maps) else {
+        let (private, shared) = Self::mappings(maps);
+        let Some(m) = private.or(shared) else {
             return Ok(None);
         };
         let mem = Mem::open(pid)?;
-        let (state, cursor) =
-            state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))?;
+        let read_at = |m: &MapEntry| {
+            state::read(state::REGION_SIZE, region_read(&mem, m.start)).map_err(EngineError::state(pid))
+        };
+        let (mut state, cursor) = read_at(m)?;
+        if m.private
+            && cursor.is_none()
+            && let Some(s) = shared
+        {
+            // A replacement of the shared record cut short before the
+            // private one was written: the shared one still holds the truth.
+            state = read_at(s)?.0;
+        }
+        // The process may have written anything there.
+        state.check().map_err(EngineError::state(pid))?;
         Ok(Some((
             StateRegion {
                 address: m.start,
-                cursor: Some(cursor),
+                cursor,
+                shared: shared.map(|s| (s.start, s.end.saturating_sub(s.start))),
             },
             state,
         )))
     }
 
-    /// Create the region: a sparse memfd mapped shared, then its header.
+    /// Create the region: a sparse memfd mapped private and read-only. It
+    /// reads as empty (all zeros) until its first [`StateRegion::write`].
     pub fn create(remote: &mut Remote) -> Result<StateRegion, EngineError> {
-        let pid = remote.pid();
         let mut name = state::MEMFD_NAME.as_bytes().to_vec();
         name.push(0);
         let name_at = remote.write_scratch(&name)?;
@@ -196,20 +212,40 @@ impl StateRegion {
                 remote.syscall_ok(
                     "mmap of the state region",
                     NR_MMAP,
-                    &[0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0],
+                    &[0, size, PROT_READ, MAP_PRIVATE, fd, 0],
                 )
             });
         let _ = remote.syscall(NR_CLOSE, &[fd]);
-        let address = mapped?;
-        let mem = remote.mem();
-        mem.write(address, &state::header())?;
-        let mut region = StateRegion {
-            address,
+        Ok(StateRegion {
+            address: mapped?,
             cursor: None,
+            shared: None,
+        })
+    }
+
+    /// If the record is (or a leftover is) a shared mapping made by an
+    /// older hotpatch: copy `state` into a private region (new, or one a
+    /// cut-short replacement left unwritten), then unmap the shared one. A
+    /// tool killed in between leaves both; the private one is read from
+    /// then on once written, the shared one until then.
+    pub fn make_private(&mut self, remote: &mut Remote, state: &State) -> Result<(), EngineError> {
+        let Some((start, len)) = self.shared else {
+            return Ok(());
         };
-        region.write(mem, &State::default())?;
-        let _ = pid;
-        Ok(region)
+        if start == self.address {
+            *self = StateRegion::create(remote)?;
+        }
+        if self.cursor.is_none() {
+            self.write(remote.mem(), state)?;
+        }
+        remote.syscall_ok("munmap of the shared state region", NR_MUNMAP, &[start, len])?;
+        self.shared = None;
+        tracing::debug!(
+            pid = remote.pid(),
+            start,
+            "shared state region replaced by a private one"
+        );
+        Ok(())
     }
 
     /// Replace the recorded state: the inactive half, then the active flag.
@@ -225,7 +261,7 @@ impl StateRegion {
 }
 
 fn within_reach(record: &ScratchRecord, near: u64) -> bool {
-    record.base.abs_diff(near) < REACH && (record.base + record.size).abs_diff(near) < REACH
+    record.base.abs_diff(near) < REACH && record.base.saturating_add(record.size).abs_diff(near) < REACH
 }
 
 /// Hand out `bytes` of scratch (8-aligned) within reach of `near`: data
@@ -238,13 +274,11 @@ pub fn scratch(
     executable: bool,
     bytes: u64,
 ) -> Result<u64, EngineError> {
-    if let Some(r) = state
-        .scratch
-        .iter_mut()
-        .find(|r| r.executable == executable && within_reach(r, near) && r.used + bytes <= r.size)
-    {
-        let at = r.base + r.used;
-        r.used += bytes.next_multiple_of(8);
+    if let Some(r) = state.scratch.iter_mut().find(|r| {
+        r.executable == executable && within_reach(r, near) && r.used.saturating_add(bytes) <= r.size
+    }) {
+        let at = r.base.saturating_add(r.used);
+        r.used = r.used.saturating_add(bytes.next_multiple_of(8));
         return Ok(at);
     }
     let record = if executable {
@@ -303,6 +337,24 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
     let Some(&(first, _)) = stores.first() else {
         return Ok(());
     };
+    // The slots come from the record, which the process can write: store
+    // only into 8-aligned words of writable, non-executable memory.
+    let maps = Process::open(remote.pid())?.maps()?;
+    for &(slot, _) in stores {
+        let ok = slot % 8 == 0
+            && maps.iter().any(|m| {
+                m.writable
+                    && !m.executable
+                    && slot >= m.start
+                    && slot.checked_add(8).is_some_and(|e| e <= m.end)
+            });
+        if !ok {
+            return Err(EngineError::Failed {
+                pid: remote.pid(),
+                what: format!("the slot at {slot:#x} is not in writable data memory; no slot changed"),
+            });
+        }
+    }
     let routine = store64_many(state, remote, first)?;
     for chunk in stores.chunks(PAIRS_PER_CALL) {
         let pairs: Vec<u8> = chunk
@@ -339,7 +391,30 @@ pub fn sync_cores(remote: &mut Remote, state: &State) {
             return;
         }
     }
-    let Some(page) = state.scratch.iter().find(|r| !r.executable).map(|r| r.base) else {
+    // A data page the tool mapped (anonymous, private, read-write): never
+    // change the protection of anything else, whatever the record says.
+    let maps = Process::open(remote.pid())
+        .and_then(|p| p.maps())
+        .unwrap_or_default();
+    let ours = |base: u64| {
+        maps.iter().any(|m| {
+            m.start <= base
+                && base.checked_add(4096).is_some_and(|e| e <= m.end)
+                && m.readable
+                && m.writable
+                && !m.executable
+                && m.private
+                && m.inode == 0
+                && m.path.is_none()
+        })
+    };
+    let Some(page) = state
+        .scratch
+        .iter()
+        .filter(|r| !r.executable && r.base % 4096 == 0)
+        .map(|r| r.base)
+        .find(|&base| ours(base))
+    else {
         tracing::warn!("no scratch page for a TLB shootdown; cores not serialised");
         return;
     };

@@ -73,6 +73,8 @@ pub enum ProcessError {
     },
     #[error("process {pid}: {what}")]
     Unsupported { pid: i32, what: String },
+    #[error("process {pid}: lock {}: {what}; nothing in the process changed", path.display())]
+    Lock { pid: i32, path: PathBuf, what: String },
     #[error("process {pid}: the remote session is unusable: {why}")]
     Poisoned { pid: i32, why: String },
 }

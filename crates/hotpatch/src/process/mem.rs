@@ -43,9 +43,24 @@ impl Mem {
         }
     }
 
+    /// A range that wraps around the address space (from a bad record)
+    /// is an error, not an overflow.
+    fn check_range(&self, op: &'static str, addr: u64, len: usize) -> Result<(), ProcessError> {
+        match addr.checked_add(len as u64) {
+            Some(_) => Ok(()),
+            None => Err(self.mem_error(
+                op,
+                addr,
+                len,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "the range wraps around"),
+            )),
+        }
+    }
+
     /// Fill `buf` from `addr`. A short read (the range runs into unmapped
     /// memory, or the process has exited) is an error.
     pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
+        self.check_range("read", addr, buf.len())?;
         let mut done = 0;
         while done < buf.len() {
             let at = addr + done as u64;
@@ -107,6 +122,7 @@ impl Mem {
 
     /// Write `bytes` at `addr`, unconditionally.
     pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), ProcessError> {
+        self.check_range("write", addr, bytes.len())?;
         let mut done = 0;
         while done < bytes.len() {
             let at = addr + done as u64;
@@ -142,11 +158,20 @@ impl Mem {
     /// `/proc/PID/mem` is): it protects against a wrong plan, another tool,
     /// or a stale view, not against a racing writer inside the target.
     pub fn write_expecting(&self, addr: u64, expected: &[u8], new: &[u8]) -> Result<(), ProcessError> {
-        assert_eq!(
-            expected.len(),
-            new.len(),
-            "compare-and-swap with different lengths is a bug in the caller"
-        );
+        // The writes may come from a record read from the process itself.
+        if expected.len() != new.len() {
+            return Err(ProcessError::Mismatch {
+                pid: self.pid,
+                addr,
+                expected: format!(
+                    "{} ({} bytes, to be replaced by {} bytes: a compare-and-swap needs the same length)",
+                    hex(expected),
+                    expected.len(),
+                    new.len()
+                ),
+                found: "nothing read".into(),
+            });
+        }
         let found = self.read(addr, expected.len())?;
         if found != expected {
             return Err(ProcessError::Mismatch {
@@ -192,6 +217,21 @@ mod tests {
         mem.write_expecting(addr, &[1, 2, 3, 4], &[5, 6, 7, 8]).unwrap();
         assert_eq!(mem.read(addr, 4).unwrap(), [5, 6, 7, 8]);
         assert_eq!(mem.read_u32(addr).unwrap(), u32::from_le_bytes([5, 6, 7, 8]));
+        drop(buf);
+    }
+
+    /// A compare-and-swap of different lengths (a forged record) and a
+    /// range wrapping around are errors, never panics; nothing is written.
+    #[test]
+    fn bad_writes_are_errors() {
+        let buf = Box::new([1u8, 2, 3, 4]);
+        let addr = buf.as_ptr() as u64;
+        let mem = Mem::open(std::process::id() as i32).unwrap();
+        let err = mem.write_expecting(addr, &[1, 2], &[5, 6, 7]).unwrap_err();
+        assert!(err.to_string().contains("same length"), "{err}");
+        assert_eq!(mem.read(addr, 4).unwrap(), [1, 2, 3, 4]);
+        assert!(mem.read(u64::MAX - 1, 4).is_err());
+        assert!(mem.write(u64::MAX - 1, &[0; 4]).is_err());
         drop(buf);
     }
 

@@ -49,7 +49,7 @@
 //! `munmap` and reading libc's file: the functions a session needs are
 //! recorded in the region). Found regions are checked byte for byte (the
 //! marker, our exact stub). Two sessions never share one: each holds an
-//! exclusive `flock` on a per-region file in the temp directory while it
+//! exclusive `flock` on a per-region file in the lock directory while it
 //! lives (the kernel drops it when the tool dies). A region is taken only
 //! when no call can be using its frame (see `adopt`): its done flag is 1,
 //! or the thread its last call went to has exited. A tool killed between
@@ -383,7 +383,7 @@ pub struct Remote {
     /// Calls made: seeds the choice among equally good threads.
     calls: u64,
     /// Held while the session lives: no other session uses the region.
-    _lock: std::fs::File,
+    _lock: super::lock::Lock,
     /// Whether the region was found in the target (made by an earlier
     /// session) rather than made by this one.
     reused: bool,
@@ -408,7 +408,7 @@ impl Session {
         mem: Mem,
         layout: Layout,
         stub: SessionStub,
-        lock: std::fs::File,
+        lock: super::lock::Lock,
         reused: bool,
         maps: Vec<MapEntry>,
     ) -> Remote {
@@ -484,33 +484,13 @@ fn check_supported(pid: i32) -> Result<(), ProcessError> {
     Ok(())
 }
 
-/// The process's start time (`/proc/PID/stat` field 22): tells a recycled
-/// pid from the process meant.
-fn start_time(pid: i32) -> Result<String, ProcessError> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).map_err(|e| ProcessError::from_io(pid, path.into(), e))?;
-    Ok(stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-        .unwrap_or("0")
-        .to_string())
-}
-
 /// Take the lock of the call region at `base` of process `pid` (an
 /// exclusive `flock` on a file per region, released by the kernel when the
-/// holder exits); `None` when another session holds it.
-fn lock_region(pid: i32, started: &str, base: u64) -> Result<Option<std::fs::File>, ProcessError> {
-    let path = std::env::temp_dir().join(format!("hotpatch-{pid}-{started}-call-{base:x}.lock"));
-    let file = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| ProcessError::from_io(pid, path.clone(), e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(ProcessError::from_io(pid, path, e)),
+/// holder exits; see [`super::lock`]); `None` when another session holds it.
+fn lock_region(pid: i32, started: u64, base: u64) -> Result<Option<super::lock::Lock>, ProcessError> {
+    match super::lock::lock_region(pid, started, base)? {
+        super::lock::Taken::Locked(l) => Ok(Some(l)),
+        super::lock::Taken::Busy(_) => Ok(None),
     }
 }
 
@@ -698,7 +678,7 @@ impl Remote {
         let mem = Mem::open(pid)?;
         let xsave = xsave_size();
         let size = Layout::size_for(xsave);
-        let started = start_time(pid)?;
+        let started = super::lock::start_time(pid)?;
         let session = Session { pid, timeouts };
         // An idle region left by an earlier session.
         for base in region_bases(&maps, xsave) {
@@ -706,7 +686,7 @@ impl Remote {
             if !placed(&layout, placement) {
                 continue;
             }
-            let Some(lock) = lock_region(pid, &started, base)? else {
+            let Some(lock) = lock_region(pid, started, base)? else {
                 tracing::debug!(pid, base, "call region in use by another session");
                 continue;
             };
@@ -734,7 +714,7 @@ impl Remote {
         let mut last_err = None;
         for base in spots.into_iter().take(4) {
             // Locked before it exists: nobody adopts it half made.
-            let Some(lock) = lock_region(pid, &started, base)? else {
+            let Some(lock) = lock_region(pid, started, base)? else {
                 continue;
             };
             let layout = Layout::new(base, xsave);
