@@ -514,6 +514,7 @@ fn stage(
     if region.is_none() {
         *region = Some(StateRegion::create(remote)?);
     }
+    complete_dormant_routes(state, log)?;
     let mut steps = Vec::new();
     let recorded = state.index_by_entry();
     for (p, &replacement) in input.planned.iter().zip(replacements) {
@@ -623,6 +624,29 @@ fn stage(
         target::store64_many(state, remote, near)?;
     }
     Ok(steps)
+}
+
+/// Finish the routes of dormant functions that a killed tool left half
+/// written (or not written at all): it records an apply before its first
+/// write, so a kill before the route is complete leaves a record that a
+/// revert then marks dormant. Each route write still holding the original
+/// bytes gets the route's bytes (compare-and-swap, logged for undo); no
+/// thread runs a route while its entry is original. Writes holding
+/// anything else are left for the dormant-route check to refuse.
+fn complete_dormant_routes(state: &State, log: &mut UndoLog<'_>) -> Result<(), EngineError> {
+    for f in state.functions.iter().filter(|f| f.versions.is_empty()) {
+        for w in f.route_undo() {
+            if log.mem.read(w.address, w.new.len())? == w.new {
+                tracing::debug!(
+                    name = f.name,
+                    at = w.address,
+                    "completing a dormant route a killed tool left"
+                );
+                log.write(&w.inverse())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the original code of the function at `entry` is: its route's, if

@@ -338,8 +338,35 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
         return Ok(());
     };
     // The slots come from the record, which the process can write: store
-    // only into 8-aligned words of writable, non-executable memory.
-    let maps = Process::open(remote.pid())?.maps()?;
+    // only into 8-aligned words of writable, non-executable memory. A page
+    // of our own data scratch found read-only was left so by a tool killed
+    // inside `sync_cores` (between its two `mprotect`s): make it writable
+    // again first, or the store would fault in the target.
+    let mut maps = Process::open(remote.pid())?.maps()?;
+    let left_read_only = |maps: &[MapEntry], slot: u64| {
+        let page = slot & !0xfff;
+        let ours = state
+            .scratch
+            .iter()
+            .any(|r| !r.executable && page >= r.base && page < r.base.saturating_add(r.size));
+        ours && maps
+            .iter()
+            .any(|m| m.readable && !m.writable && !m.executable && page >= m.start && page < m.end)
+    };
+    let mut repaired = false;
+    for &(slot, _) in stores {
+        if slot % 8 == 0 && left_read_only(&maps, slot) {
+            remote.syscall_ok(
+                "mprotect of a scratch page left read-only",
+                NR_MPROTECT,
+                &[slot & !0xfff, 4096, PROT_READ | PROT_WRITE],
+            )?;
+            repaired = true;
+        }
+    }
+    if repaired {
+        maps = Process::open(remote.pid())?.maps()?;
+    }
     for &(slot, _) in stores {
         let ok = slot % 8 == 0
             && maps.iter().any(|m| {
