@@ -12,6 +12,7 @@ pub mod patchfile;
 pub mod plan;
 pub mod prepare;
 pub mod process;
+pub mod seccomp;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};
