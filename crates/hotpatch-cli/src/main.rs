@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+mod doctor;
 mod patching;
 mod prepare;
 
@@ -40,6 +41,9 @@ enum Command {
     /// Revert a patch (or --all): functions go back to the previous version.
     #[command(after_help = EXIT_CODES)]
     Revert(patching::RevertArgs),
+    /// Check whether a process (or every process, --all) can be patched, and why not.
+    #[command(after_help = EXIT_CODES)]
+    Doctor(doctor::Args),
     /// Build the bundled example server, start it, and show what hotpatch sees.
     #[command(after_help = EXIT_CODES)]
     Demo(demo::Args),
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Apply(args) => patching::apply(args),
         Command::List(args) => patching::list(args),
         Command::Revert(args) => patching::revert(args),

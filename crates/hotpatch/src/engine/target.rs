@@ -18,6 +18,7 @@ const MFD_CLOEXEC: u64 = 1;
 const NR_CLOSE: u64 = 3;
 const NR_MMAP: u64 = 9;
 const NR_MPROTECT: u64 = 10;
+const NR_MUNMAP: u64 = 11;
 const NR_FTRUNCATE: u64 = 77;
 const NR_MEMFD_CREATE: u64 = 319;
 const NR_MEMBARRIER: u64 = 324;
@@ -252,12 +253,18 @@ pub fn scratch(
         let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
         let mut header = vec![0xcc; CODE_HEADER as usize];
         header[..STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
-        remote.mem().write(base, &header)?;
-        remote.syscall_ok(
-            "mprotect of the trampoline page",
-            NR_MPROTECT,
-            &[base, CODE_SCRATCH, PROT_READ | PROT_EXEC],
-        )?;
+        let ready = remote.mem().write(base, &header).and_then(|()| {
+            remote.syscall_ok(
+                "mprotect of the trampoline page",
+                NR_MPROTECT,
+                &[base, CODE_SCRATCH, PROT_READ | PROT_EXEC],
+            )
+        });
+        if let Err(e) = ready {
+            // Recorded nowhere yet: unmap it, leave the maps as they were.
+            let _ = remote.syscall(NR_MUNMAP, &[base, CODE_SCRATCH]);
+            return Err(e.into());
+        }
         ScratchRecord {
             base,
             size: CODE_SCRATCH,

@@ -5,6 +5,7 @@
 mod error;
 pub mod maps;
 pub mod mem;
+pub mod preflight;
 pub mod priority;
 pub mod ptrace;
 pub mod remote;
