@@ -233,11 +233,11 @@ impl std::fmt::Display for Outcome {
             ret::KILL_PROCESS => f.write_str("KILL_PROCESS"),
             ret::KILL_THREAD => f.write_str("KILL_THREAD"),
             ret::TRAP => write!(f, "TRAP (SIGSYS)"),
-            ret::ERRNO => write!(
-                f,
-                "ERRNO({data}: {})",
-                std::io::Error::from_raw_os_error(data as i32)
-            ),
+            ret::ERRNO => {
+                let text = std::io::Error::from_raw_os_error(data as i32).to_string();
+                let text = text.split(" (os error").next().unwrap_or(&text);
+                write!(f, "ERRNO({data}: {text})")
+            }
             ret::USER_NOTIF => f.write_str("USER_NOTIF"),
             ret::TRACE => f.write_str("TRACE (ENOSYS without a tracer)"),
             ret::LOG => f.write_str("LOG"),
@@ -603,7 +603,7 @@ mod tests {
         assert!(!Outcome::Unknown.allows() && !Outcome::Unknown.fails_cleanly());
         assert_eq!(
             Outcome::Ret(ret::ERRNO | 1).to_string(),
-            "ERRNO(1: Operation not permitted (os error 1))"
+            "ERRNO(1: Operation not permitted)"
         );
         assert_eq!(Outcome::Ret(ret::KILL_PROCESS).to_string(), "KILL_PROCESS");
     }

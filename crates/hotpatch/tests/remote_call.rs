@@ -516,6 +516,43 @@ fn errors_name_the_process_and_the_cause() {
     assert_eq!(status.code(), Some(3));
 }
 
+/// A patch whose constructor never returns: `dlopen` times out saying so
+/// and naming the thread now held inside the call; the target runs on.
+#[test]
+fn a_constructor_that_never_returns_is_named() {
+    let built = build();
+    let dir = built.target.parent().expect("build dir");
+    std::fs::write(
+        dir.join("hang.c"),
+        "#include <unistd.h>\n__attribute__((constructor)) static void hang(void) { for (;;) pause(); }\n",
+    )
+    .expect("write hang.c");
+    gcc(&["-O2", "-shared", "-fPIC", "-o", "hang.so", "hang.c"], dir);
+    let hang = dir.join("hang.so");
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let mut remote = Remote::attach_with(
+        pid,
+        Placement::Anywhere,
+        Timeouts {
+            stop: Duration::from_secs(2),
+            call: Duration::from_millis(500),
+        },
+    )
+    .expect("attach");
+    let err = remote
+        .dlopen(hang.to_str().expect("utf-8 path"), 2)
+        .expect_err("dlopen of a constructor that never returns");
+    let msg = err.to_string();
+    let ProcessError::Timeout { tid, .. } = err else {
+        panic!("not a timeout: {msg}");
+    };
+    assert!(msg.contains("hang.so") && msg.contains("constructors"), "{msg}");
+    assert!(msg.contains(&format!("thread {tid} is held")), "{msg}");
+    assert!(threads::thread_exists(pid, tid), "{msg}");
+    target.assert_running();
+}
+
 /// Not a test by itself: a tool process that attaches to the pid in
 /// `HOTPATCH_REMOTE_CALL_PERSIST_PID`, makes one call, prints its region
 /// and exits normally (leaving the region for the next tool).

@@ -760,17 +760,38 @@ fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Find
             ),
         );
     };
-    // Refusals: (what, answer) → threads.
-    let mut bad: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    // Refusals in the order of CALLS: what the filter does, the uses
+    // that need the call, the threads.
+    let mut bad: Vec<Refusal> = Vec::new();
+    let mut note = |what: String, why: Option<&'static str>, tid: i32| {
+        let at = match bad.iter().position(|r| r.what == what) {
+            Some(i) => i,
+            None => {
+                bad.push(Refusal {
+                    what,
+                    uses: Vec::new(),
+                    tids: std::collections::BTreeSet::new(),
+                });
+                bad.len() - 1
+            }
+        };
+        let r = &mut bad[at];
+        if let Some(why) = why
+            && !r.uses.contains(&why)
+        {
+            r.uses.push(why);
+        }
+        r.tids.insert(tid);
+    };
     for &tid in &filtered {
         let programs = match filters.get(&tid) {
             Some(Ok(p)) => p,
             Some(Err(e)) => {
-                bad.entry(format!(
-                    "its filters could not be read ({e}), so they may kill it"
-                ))
-                .or_default()
-                .push(tid);
+                note(
+                    format!("its filters could not be read ({e}), so they may kill it"),
+                    None,
+                    tid,
+                );
                 continue;
             }
             // Exited since: nothing to fear from it.
@@ -778,27 +799,19 @@ fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Find
         };
         for c in CALLS {
             let query = Query::x86_64(c.nr, c.args);
-            let answer = match seccomp::strongest(programs, &query) {
-                Ok(Some(a)) => a,
-                Ok(None) => continue,
-                Err(e) => {
-                    bad.entry(format!("a filter cannot be evaluated for {} ({e})", c.name))
-                        .or_default()
-                        .push(tid);
-                    continue;
+            match seccomp::strongest(programs, &query) {
+                Ok(None) => {}
+                Ok(Some(answer)) => {
+                    let ok = answer.allows() || (c.need == Need::Survive && answer.fails_cleanly());
+                    if !ok {
+                        note(
+                            format!("{} gets {answer}{}", c.name, consequence(answer)),
+                            Some(c.why),
+                            tid,
+                        );
+                    }
                 }
-            };
-            let ok = answer.allows() || (c.need == Need::Survive && answer.fails_cleanly());
-            if !ok {
-                bad.entry(format!(
-                    "{} ({}) gets {}{}",
-                    c.name,
-                    c.why,
-                    answer,
-                    consequence(answer)
-                ))
-                .or_default()
-                .push(tid);
+                Err(e) => note(format!("{} cannot be evaluated ({e})", c.name), Some(c.why), tid),
             }
         }
     }
@@ -815,23 +828,37 @@ fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Find
     let all = filtered.len();
     let reasons: Vec<String> = bad
         .into_iter()
-        .map(|(what, tids)| {
-            if tids.len() == all && all > 1 {
-                format!("{what} on every filtered thread")
+        .map(|r| {
+            let tids: Vec<i32> = r.tids.into_iter().collect();
+            let threads = if tids.len() == all && all > 1 {
+                "every filtered thread".to_string()
             } else {
-                format!(
-                    "{what} on thread{} {}",
-                    if tids.len() == 1 { "" } else { "s" },
-                    list(&tids)
-                )
-            }
+                format!("thread{} {}", if tids.len() == 1 { "" } else { "s" }, list(&tids))
+            };
+            let uses = match r.uses.as_slice() {
+                [] => String::new(),
+                [one] => format!(" (needed: {one})"),
+                [first, rest @ ..] => format!(
+                    " (needed: {first}, and {} more use{})",
+                    rest.len(),
+                    if rest.len() == 1 { "" } else { "s" }
+                ),
+            };
+            format!("{} on {threads}{uses}", r.what)
         })
         .collect();
     finding(
         Check::Seccomp,
         Verdict::Refuse,
-        format!("its seccomp filter: {}", reasons.join(", ")),
+        format!("its seccomp filter: {}", reasons.join("; ")),
     )
+}
+
+/// One thing a filter does that hotpatch cannot live with.
+struct Refusal {
+    what: String,
+    uses: Vec<&'static str>,
+    tids: std::collections::BTreeSet<i32>,
 }
 
 fn consequence(answer: Outcome) -> &'static str {
@@ -1014,8 +1041,9 @@ mod tests {
         let s = seccomp_finding(&f, &filters);
         assert_eq!(s.verdict, Verdict::Refuse);
         assert!(
-            s.detail
-                .contains("mprotect (makes the remote-call stub executable) gets KILL_PROCESS"),
+            s.detail.contains(
+                "mprotect gets KILL_PROCESS (it would kill the process) on thread 100 (needed: makes the remote-call stub executable, and 4 more uses)"
+            ),
             "{}",
             s.detail
         );

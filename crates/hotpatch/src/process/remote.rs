@@ -1462,9 +1462,9 @@ fn unmap_failed(mem: &Mem, layout: &Layout, timeouts: Timeouts, error: ProcessEr
     let pid = mem.pid();
     let region = layout.base..layout.end();
     let what = match unmap_through_cave(mem, region.clone(), timeouts) {
-        Ok(()) => "it was unmapped again: nothing is left in the process".to_string(),
+        Ok(()) => "was unmapped again: nothing is left in the process".to_string(),
         Err(e) => format!(
-            "unmapping it failed too ({e}): {:#x}-{:#x} stays mapped, unused",
+            "could not be unmapped ({e}): {:#x}-{:#x} stays mapped, unused",
             region.start, region.end
         ),
     };
