@@ -9,7 +9,8 @@
 //!
 //! Seccomp filters ([`Depth::Full`] only): every thread with filters is
 //! stopped for a moment (`PTRACE_SEIZE` + `PTRACE_INTERRUPT`, never
-//! `EXITKILL`; a restartable system call it was in restarts) to read its
+//! `EXITKILL`; a restartable system call it was in restarts, others such as
+//! `epoll_wait` return `EINTR`, as for any remote call) to read its
 //! classic-BPF programs with `PTRACE_SECCOMP_GET_FILTER`, and is let go
 //! again; then every system call the tool makes in a process ([`CALLS`]) —
 //! the remote-call bootstrap, the state record, scratch pages, core
@@ -519,6 +520,10 @@ pub type ThreadFilters = BTreeMap<i32, Result<Vec<Program>, String>>;
 /// `PTRACE_SECCOMP_GET_FILTER`.
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
 
+/// The kernel's limit on a thread's filters (`MAX_INSNS_PER_PATH` of 32768
+/// instructions, at least 4 per filter, allows fewer than this).
+const MAX_FILTERS: u32 = 8192;
+
 /// How long a thread may take to reach the interrupt stop.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -527,8 +532,10 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 /// when dropped).
 fn read_filters(facts: &Facts) -> ThreadFilters {
     let mut out = BTreeMap::new();
-    for t in facts.live_threads().filter(|t| t.seccomp == 2 && t.filters > 0) {
-        let r = thread_filters(facts.pid, t.tid, t.filters);
+    for t in facts.live_threads().filter(|t| t.seccomp == 2) {
+        // Kernels before 5.9 show no count: read until there is no more.
+        let count = if t.filters > 0 { t.filters } else { MAX_FILTERS };
+        let r = thread_filters(facts.pid, t.tid, count);
         match r {
             Err(ProcessError::NoSuchThread { .. }) => {}
             other => {
@@ -543,7 +550,7 @@ fn thread_filters(pid: i32, tid: i32, count: u32) -> Result<Vec<Program>, Proces
     let mut traced = Traced::seize(pid, tid)?;
     traced.interrupt(STOP_WAIT)?;
     let mut programs = Vec::new();
-    for index in 0..count.min(1024) {
+    for index in 0..count.min(MAX_FILTERS) {
         let get = |buf: *mut libc::c_void| {
             // SAFETY: the thread is our tracee in a ptrace stop; with a null
             // buffer the kernel only returns the length, otherwise it copies
@@ -656,6 +663,9 @@ pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>) -> Vec<Finding> {
             .iter()
             .map(|(tracer, tids)| {
                 let comm = facts.tracers.get(tracer).map_or("?", String::as_str);
+                if comm == "hotpatch" {
+                    return format!("pid {tracer} (another hotpatch, working on it right now: try again)");
+                }
                 let scope = if tids.len() == live.len() {
                     String::new()
                 } else {
@@ -704,7 +714,7 @@ pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>) -> Vec<Finding> {
             ),
         )
     });
-    out.push(judge_seccomp(&live, filters));
+    out.push(judge_seccomp(facts.pid, &live, filters));
     out.push(finding(
         Check::Mdwe,
         Verdict::Ok,
@@ -730,7 +740,7 @@ fn list(tids: &[i32]) -> String {
     s.join(", ")
 }
 
-fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Finding {
+fn judge_seccomp(pid: i32, live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Finding {
     let strict: Vec<i32> = live.iter().filter(|t| t.seccomp == 1).map(|t| t.tid).collect();
     if !strict.is_empty() {
         return finding(
@@ -742,11 +752,7 @@ fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Find
             ),
         );
     }
-    let filtered: Vec<i32> = live
-        .iter()
-        .filter(|t| t.seccomp == 2 && t.filters > 0)
-        .map(|t| t.tid)
-        .collect();
+    let filtered: Vec<i32> = live.iter().filter(|t| t.seccomp == 2).map(|t| t.tid).collect();
     if filtered.is_empty() {
         return finding(Check::Seccomp, Verdict::Ok, "no filter");
     }
@@ -755,7 +761,7 @@ fn judge_seccomp(live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Find
             Check::Seccomp,
             Verdict::Unknown,
             format!(
-                "threads {} have seccomp filters, not read here (`hotpatch doctor PID` reads them)",
+                "threads {} have seccomp filters, not read here (`hotpatch doctor {pid}` reads them)",
                 list(&filtered)
             ),
         );
