@@ -85,10 +85,16 @@ fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
 /// `names`; the target stays alive, its code bytes and its memory map
 /// unchanged, f still the original. Returns the message.
 fn refused(t: &mut Sandboxed, patch: &Path, names: &[&str]) -> String {
+    refused_as(t, t.pid(), patch, names)
+}
+
+/// [`refused`], with the apply naming `as_pid` (the target's pid or one
+/// of its threads).
+fn refused_as(t: &mut Sandboxed, as_pid: i32, patch: &Path, names: &[&str]) -> String {
     let pid = t.pid();
     let code = code_bytes(pid, t.f);
     let before = maps(pid);
-    let run = apply_run(pid, patch);
+    let run = apply_run(as_pid, patch);
     let msg = run.stderr.trim_end();
     assert!(t.proc.alive(), "the target died: {msg}");
     assert_eq!(maps(pid), before, "the memory map changed: {msg}");
@@ -279,6 +285,20 @@ fn a_traced_process_is_refused_naming_its_tracer() {
 fn what_the_process_is_is_named() {
     let _serial = serial();
     let b = build();
+    // A thread's id instead of the process's: the lock and the record are
+    // per process, so two tools naming two threads must not both go on.
+    let mut t = Sandboxed::start(&b, "none");
+    let helper = *tids(t.pid()).last().expect("threads");
+    assert_ne!(helper, t.pid());
+    let pid = t.pid();
+    refused_as(
+        &mut t,
+        helper,
+        &b.patch,
+        &[&format!("{helper} is a thread of process {pid}")],
+    );
+    drop(t);
+
     // Its main thread exited, the helper still runs.
     let t = Sandboxed::start(&b, "leader-exit");
     let pid = t.pid();

@@ -189,6 +189,9 @@ pub struct Facts {
     pub pid: i32,
     pub name: String,
     pub is_self: bool,
+    /// The thread group (process) `pid` belongs to: not `pid` when `pid`
+    /// names a thread other than the main one.
+    pub tgid: i32,
     pub kthread: bool,
     /// State of the main thread (`/proc/PID/stat`).
     pub leader: char,
@@ -285,6 +288,7 @@ impl Facts {
             pid,
             name: field(&status, "Name").unwrap_or("").to_string(),
             is_self: pid == std::process::id() as i32,
+            tgid: field(&status, "Tgid").and_then(|v| v.parse().ok()).unwrap_or(pid),
             kthread,
             leader,
             threads,
@@ -597,7 +601,12 @@ pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>) -> Vec<Finding> {
     let mut out = Vec::new();
     let live: Vec<&ThreadFacts> = facts.live_threads().collect();
     // What the process is.
-    let process = if facts.is_self {
+    let process = if facts.tgid != facts.pid && facts.tgid > 0 {
+        Some(format!(
+            "{} is a thread of process {}: name the process (its locks and records are per process)",
+            facts.pid, facts.tgid
+        ))
+    } else if facts.is_self {
         Some("it is this hotpatch process itself".to_string())
     } else if facts.kthread {
         Some("it is a kernel thread: no user address space to patch".to_string())
@@ -897,6 +906,7 @@ mod tests {
     fn facts(threads: Vec<ThreadFacts>) -> Facts {
         Facts {
             pid: 100,
+            tgid: 100,
             name: "server".into(),
             leader: threads.first().map_or('S', |t| t.state),
             threads,
@@ -938,6 +948,11 @@ mod tests {
 
         let z = facts(vec![thread(100, 'Z')]);
         assert!(refusals(&judge(&z, None))[0].1.contains("zombie"));
+
+        let mut thread_of = facts(vec![thread(100, 'S')]);
+        thread_of.tgid = 99;
+        let r = refusals(&judge(&thread_of, None));
+        assert!(r[0].1.contains("100 is a thread of process 99"), "{r:?}");
 
         let mut leader_gone = facts(vec![thread(100, 'Z'), thread(101, 'S'), thread(102, 'S')]);
         leader_gone.mapped = false;
