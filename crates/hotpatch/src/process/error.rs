@@ -109,7 +109,7 @@ pub fn ptrace_hint(pid: i32, tid: i32) -> String {
             let comm = std::fs::read_to_string(format!("/proc/{t}/comm")).unwrap_or_default();
             format!(
                 "already traced by pid {t} ({}): a thread has only one tracer at a time",
-                comm.trim()
+                super::preflight::printable(comm.trim_end_matches('\n'))
             )
         }
         Some(_) => format!("{}; no other tracer is attached", permission_hint(pid)),

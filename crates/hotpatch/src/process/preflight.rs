@@ -229,6 +229,21 @@ pub fn parse_thread_status(tid: i32, status: &str) -> ThreadFacts {
     }
 }
 
+/// A name another process chose (its `comm`: any bytes but NUL), fit for
+/// one line of a message: control characters escaped, at most 64 chars.
+pub fn printable(name: &str) -> String {
+    name.chars()
+        .take(64)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn read(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -282,11 +297,11 @@ impl Facts {
         let mut tracers = BTreeMap::new();
         for t in threads.iter().filter(|t| t.tracer > 0) {
             let comm = read(&format!("/proc/{}/comm", t.tracer)).unwrap_or_default();
-            tracers.insert(t.tracer, comm.trim().to_string());
+            tracers.insert(t.tracer, printable(comm.trim_end_matches('\n')));
         }
         Ok(Facts {
             pid,
-            name: field(&status, "Name").unwrap_or("").to_string(),
+            name: printable(field(&status, "Name").unwrap_or("")),
             is_self: pid == std::process::id() as i32,
             tgid: field(&status, "Tgid").and_then(|v| v.parse().ok()).unwrap_or(pid),
             kthread,
@@ -998,6 +1013,13 @@ mod tests {
         let mut ns = facts(vec![thread(100, 'S')]);
         ns.access.other_userns = true;
         assert!(ns.access.hidden_reasons().contains("another user namespace"));
+    }
+
+    #[test]
+    fn names_fit_one_line() {
+        assert_eq!(printable("gdb"), "gdb");
+        assert_eq!(printable("a\nhotpatch: ok\r"), "a\\nhotpatch: ok\\r");
+        assert_eq!(printable(&"x".repeat(100)).len(), 64);
     }
 
     #[test]
