@@ -151,6 +151,21 @@ fn a_seccomp_filter_that_kills_is_found_before_anything_is_written() {
     let s = finding(&report, "seccomp");
     assert_eq!(s["verdict"], "refuse");
     assert!(s["detail"].as_str().unwrap().contains("mprotect"), "{s}");
+    let text = hotpatch(&["doctor".to_string(), t.pid().to_string()]);
+    assert_eq!(text.code(), 0, "{}", text.stderr);
+    assert!(
+        text.stdout
+            .starts_with(&format!("process {} (sandboxed): not patchable\n", t.pid())),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.lines().any(|l| l.trim_start().starts_with("seccomp")
+            && l.contains("refuse")
+            && l.contains("KILL_PROCESS")),
+        "{}",
+        text.stdout
+    );
     assert!(t.proc.alive());
 
     // Only the helper thread's filter kills memfd_create (the state
@@ -172,6 +187,13 @@ fn a_seccomp_filter_that_returns_an_error_is_refused_and_leaves_no_mapping() {
     // An errno on mprotect used to leave four 1 MiB call regions behind.
     let mut t = Sandboxed::start(&b, "errno-mprotect");
     refused(&mut t, &b.patch, &["mprotect", "ERRNO(1"]);
+    let report = doctor(t.pid());
+    let s = finding(&report, "seccomp");
+    assert_eq!(s["verdict"], "refuse");
+    assert!(
+        s["detail"].as_str().unwrap().contains("mprotect gets ERRNO(1"),
+        "{s}"
+    );
 }
 
 #[test]
