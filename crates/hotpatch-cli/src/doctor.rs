@@ -1,8 +1,9 @@
 //! `hotpatch doctor PID` and `hotpatch doctor --all`: the preflight checks
-//! `apply` and `revert` run, printed for one process or every process.
+//! `apply` runs (`revert` needs a subset), printed for one process or every
+//! process.
 
 use anyhow::{Context, Result};
-use hotpatch::process::preflight::{self, Depth, Report, Verdict};
+use hotpatch::process::preflight::{self, Depth, Operation, Report, Verdict};
 use std::fmt::Write as _;
 use std::io::Write as _;
 
@@ -53,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut text = String::new();
     match (args.pid, args.all) {
         (Some(pid), _) => {
-            let report = preflight::inspect(pid, Depth::Full)?;
+            let report = preflight::inspect(pid, Depth::Full, Operation::Apply)?;
             if args.json {
                 let json = Json {
                     pid,
@@ -134,7 +135,7 @@ fn all() -> Result<Vec<Report>> {
     pids.sort_unstable();
     Ok(pids
         .into_iter()
-        .filter_map(|pid| preflight::inspect(pid, Depth::Passive).ok())
+        .filter_map(|pid| preflight::inspect(pid, Depth::Passive, Operation::Apply).ok())
         .collect())
 }
 

@@ -216,6 +216,23 @@ fn filters_that_allow_what_hotpatch_does_let_the_apply_through() {
 }
 
 #[test]
+fn revert_is_checked_for_what_revert_does() {
+    let _serial = serial();
+    let b = build();
+    let mut t = Sandboxed::start(&b, "none");
+    apply(t.pid(), &b.patch, &[]);
+    assert_eq!(t.version(), 1);
+    // From now on memfd_create kills the process: an apply may make it
+    // (the record), a revert never does.
+    t.proc.send("restrict");
+    t.proc.line("restricted", |l| l == "restricted");
+    let reverted = revert(t.pid(), None);
+    assert_eq!(reverted.as_array().map(Vec::len), Some(1), "{reverted}");
+    assert_eq!(t.version(), 0);
+    refused(&mut t, &b.patch, &["memfd_create", "KILL_PROCESS"]);
+}
+
+#[test]
 fn mdwe_is_refused_and_the_bootstrap_unmaps_what_it_mapped() {
     let _serial = serial();
     let b = build();

@@ -14,7 +14,9 @@
  *   mdwe            prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)
  *   leader-exit     the main thread exits; the helper thread reads stdin
  * A helper thread sleeps in pause(). Prints "ready f=ADDR" once set up,
- * then answers "call X" lines from stdin with "call X f=F(X)".
+ * then answers "call X" lines from stdin with "call X f=F(X)", and
+ * "restrict" (a filter on every thread: memfd_create -> KILL_PROCESS) with
+ * "restricted".
  */
 #define _GNU_SOURCE
 #include <linux/audit.h>
@@ -108,6 +110,10 @@ static void serve(void)
         long x;
         if (sscanf(line, "call %ld", &x) == 1) {
             printf("call %ld f=%ld\n", x, f(x));
+            fflush(stdout);
+        } else if (strcmp(line, "restrict\n") == 0) {
+            one(SYS_memfd_create, SECCOMP_RET_KILL_PROCESS, SECCOMP_FILTER_FLAG_TSYNC);
+            printf("restricted\n");
             fflush(stdout);
         }
     }

@@ -126,8 +126,8 @@ impl Report {
 
 /// Look at process `pid` and fail, naming every reason, when it cannot be
 /// patched: the engine's single entry point, before it writes anything.
-pub fn require_patchable(pid: i32) -> Result<Report, ProcessError> {
-    let report = inspect(pid, Depth::Full)?;
+pub fn require_patchable(pid: i32, op: Operation) -> Result<Report, ProcessError> {
+    let report = inspect(pid, Depth::Full, op)?;
     let refusals = report.refusals();
     if refusals.is_empty() {
         return Ok(report);
@@ -139,7 +139,7 @@ pub fn require_patchable(pid: i32) -> Result<Report, ProcessError> {
 }
 
 /// Every check for process `pid`.
-pub fn inspect(pid: i32, depth: Depth) -> Result<Report, ProcessError> {
+pub fn inspect(pid: i32, depth: Depth, op: Operation) -> Result<Report, ProcessError> {
     let facts = Facts::read(pid)?;
     let filters = match depth {
         Depth::Full if facts.filters_readable() => Some(read_filters(&facts)),
@@ -148,7 +148,7 @@ pub fn inspect(pid: i32, depth: Depth) -> Result<Report, ProcessError> {
     Ok(Report {
         pid,
         name: facts.name.clone(),
-        findings: judge(&facts, filters.as_ref()),
+        findings: judge(&facts, filters.as_ref(), op),
     })
 }
 
@@ -443,6 +443,16 @@ pub enum Need {
     Survive,
 }
 
+/// What the tool is about to do to the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Everything: the record may be created and the patch is `dlopen`ed.
+    Apply,
+    /// Remote calls on the record's slots and core serialisation only: a
+    /// process that forbids `dlopen` or memfds can still be reverted.
+    Revert,
+}
+
 /// One system call the tool makes in a target (directly, or inside the
 /// target's `dlopen`), with the arguments known in advance.
 #[derive(Debug, Clone, Copy)]
@@ -452,6 +462,14 @@ pub struct Call {
     pub args: [Option<u64>; 6],
     pub need: Need,
     pub why: &'static str,
+    /// Made by `apply` only.
+    pub apply_only: bool,
+}
+
+impl Call {
+    pub fn made_by(&self, op: Operation) -> bool {
+        op == Operation::Apply || !self.apply_only
+    }
 }
 
 const PROT_NONE: u64 = 0;
@@ -477,6 +495,15 @@ const fn call(name: &'static str, nr: u32, args: [Option<u64>; 6], need: Need, w
         args,
         need,
         why,
+        apply_only: false,
+    }
+}
+
+/// A call only `apply` makes (the record's creation, `dlopen`).
+const fn apply(c: Call) -> Call {
+    Call {
+        apply_only: true,
+        ..c
     }
 }
 
@@ -510,25 +537,25 @@ pub const CALLS: &[Call] = &[
     call("mprotect", 10, [U, k(0x1000), k(PROT_R), U, U, U], Need::Survive, "serialises cores (TLB shootdown)"),
     call("mprotect", 10, [U, k(0x1000), k(PROT_RW), U, U, U], Need::Survive, "serialises cores (TLB shootdown)"),
     call("membarrier", 324, [k(32), k(0), k(0), U, U, U], Need::Survive, "serialises cores (SYNC_CORE)"),
-    call("memfd_create", 319, [U; 6], Need::Run, "creates the in-process record of patches"),
-    call("ftruncate", 77, [U; 6], Need::Run, "sizes the record"),
-    call("mmap", 9, [k(0), U, k(PROT_RW), k(MAP_SHARED), U, k(0)], Need::Run, "maps the record"),
-    call("close", 3, [U; 6], Need::Survive, "closes the record's descriptor"),
+    apply(call("memfd_create", 319, [U; 6], Need::Run, "creates the in-process record of patches")),
+    apply(call("ftruncate", 77, [U; 6], Need::Run, "sizes the record")),
+    apply(call("mmap", 9, [k(0), U, k(PROT_RW), k(MAP_SHARED), U, k(0)], Need::Run, "maps the record")),
+    apply(call("close", 3, [U; 6], Need::Survive, "closes the record's descriptor")),
     // glibc's dlopen of the patch
-    call("openat", 257, [k(AT_FDCWD), U, k(O_CLOEXEC), U, U, U], Need::Run, "dlopen opens the patch"),
-    call("read", 0, [U; 6], Need::Run, "dlopen reads the patch's ELF header"),
-    call("newfstatat", 262, [U, U, U, k(AT_EMPTY_PATH), U, U], Need::Run, "dlopen identifies the patch file"),
-    call("fstat", 5, [U; 6], Need::Survive, "dlopen identifies the patch file (older libcs)"),
-    call("pread64", 17, [U; 6], Need::Survive, "dlopen reads program headers and notes"),
-    call("mmap", 9, [U, U, k(PROT_R), k(MAP_PRIVATE | MAP_DENYWRITE), U, k(0)], Need::Run, "dlopen reserves the patch's address range"),
-    call("mmap", 9, [U, U, k(PROT_RX), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's code"),
-    call("mmap", 9, [U, U, k(PROT_R), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's read-only data"),
-    call("mmap", 9, [U, U, k(PROT_RW), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's data"),
-    call("mmap", 9, [U, U, k(PROT_RW), k(MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED), k(NO_FD), k(0)], Need::Run, "dlopen maps the patch's bss"),
-    call("mprotect", 10, [U, U, k(PROT_NONE), U, U, U], Need::Run, "dlopen protects gaps between the patch's segments"),
-    call("mprotect", 10, [U, U, k(PROT_R), U, U, U], Need::Run, "dlopen write-protects the patch's RELRO"),
-    call("futex", 202, [U; 6], Need::Survive, "dlopen's lock"),
-    call("brk", 12, [U; 6], Need::Survive, "malloc inside dlopen"),
+    apply(call("openat", 257, [k(AT_FDCWD), U, k(O_CLOEXEC), U, U, U], Need::Run, "dlopen opens the patch")),
+    apply(call("read", 0, [U; 6], Need::Run, "dlopen reads the patch's ELF header")),
+    apply(call("newfstatat", 262, [U, U, U, k(AT_EMPTY_PATH), U, U], Need::Run, "dlopen identifies the patch file")),
+    apply(call("fstat", 5, [U; 6], Need::Survive, "dlopen identifies the patch file (older libcs)")),
+    apply(call("pread64", 17, [U; 6], Need::Survive, "dlopen reads program headers and notes")),
+    apply(call("mmap", 9, [U, U, k(PROT_R), k(MAP_PRIVATE | MAP_DENYWRITE), U, k(0)], Need::Run, "dlopen reserves the patch's address range")),
+    apply(call("mmap", 9, [U, U, k(PROT_RX), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's code")),
+    apply(call("mmap", 9, [U, U, k(PROT_R), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's read-only data")),
+    apply(call("mmap", 9, [U, U, k(PROT_RW), k(MAP_PRIVATE | MAP_DENYWRITE | MAP_FIXED), U, U], Need::Run, "dlopen maps the patch's data")),
+    apply(call("mmap", 9, [U, U, k(PROT_RW), k(MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED), k(NO_FD), k(0)], Need::Run, "dlopen maps the patch's bss")),
+    apply(call("mprotect", 10, [U, U, k(PROT_NONE), U, U, U], Need::Run, "dlopen protects gaps between the patch's segments")),
+    apply(call("mprotect", 10, [U, U, k(PROT_R), U, U, U], Need::Run, "dlopen write-protects the patch's RELRO")),
+    apply(call("futex", 202, [U; 6], Need::Survive, "dlopen's lock")),
+    apply(call("brk", 12, [U; 6], Need::Survive, "malloc inside dlopen")),
     // a thread interrupted in a sleep, when it resumes
     call("restart_syscall", 219, [U; 6], Need::Survive, "a sleep the remote call interrupted restarts"),
 ];
@@ -612,7 +639,7 @@ fn thread_filters(pid: i32, tid: i32, count: u32) -> Result<Vec<Program>, Proces
 // --------------------------------------------------------------- judging
 
 /// The findings for `facts` (pure); `filters` as read by a full look.
-pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>) -> Vec<Finding> {
+pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>, op: Operation) -> Vec<Finding> {
     let mut out = Vec::new();
     let live: Vec<&ThreadFacts> = facts.live_threads().collect();
     // What the process is.
@@ -738,7 +765,7 @@ pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>) -> Vec<Finding> {
             ),
         )
     });
-    out.push(judge_seccomp(facts.pid, &live, filters));
+    out.push(judge_seccomp(facts.pid, &live, filters, op));
     out.push(finding(
         Check::Mdwe,
         Verdict::Ok,
@@ -764,7 +791,7 @@ fn list(tids: &[i32]) -> String {
     s.join(", ")
 }
 
-fn judge_seccomp(pid: i32, live: &[&ThreadFacts], filters: Option<&ThreadFilters>) -> Finding {
+fn judge_seccomp(pid: i32, live: &[&ThreadFacts], filters: Option<&ThreadFilters>, op: Operation) -> Finding {
     let strict: Vec<i32> = live.iter().filter(|t| t.seccomp == 1).map(|t| t.tid).collect();
     if !strict.is_empty() {
         return finding(
@@ -827,7 +854,7 @@ fn judge_seccomp(pid: i32, live: &[&ThreadFacts], filters: Option<&ThreadFilters
             // Exited since: nothing to fear from it.
             None => continue,
         };
-        for c in CALLS {
+        for c in CALLS.iter().filter(|c| c.made_by(op)) {
             let query = Query::x86_64(c.nr, c.args);
             match seccomp::strongest(programs, &query) {
                 Ok(None) => {}
@@ -947,7 +974,11 @@ mod tests {
 
     #[test]
     fn a_plain_process_passes() {
-        let f = judge(&facts(vec![thread(100, 'S'), thread(101, 'R')]), None);
+        let f = judge(
+            &facts(vec![thread(100, 'S'), thread(101, 'R')]),
+            None,
+            Operation::Apply,
+        );
         assert!(refusals(&f).is_empty(), "{f:?}");
         assert!(f.iter().all(|f| f.verdict == Verdict::Ok));
     }
@@ -957,21 +988,25 @@ mod tests {
         let mut k = facts(vec![thread(2, 'S')]);
         k.kthread = true;
         k.mapped = false;
-        let r = refusals(&judge(&k, None));
+        let r = refusals(&judge(&k, None, Operation::Apply));
         assert_eq!(r.len(), 1);
         assert!(r[0].1.contains("kernel thread"), "{r:?}");
 
         let z = facts(vec![thread(100, 'Z')]);
-        assert!(refusals(&judge(&z, None))[0].1.contains("zombie"));
+        assert!(
+            refusals(&judge(&z, None, Operation::Apply))[0]
+                .1
+                .contains("zombie")
+        );
 
         let mut thread_of = facts(vec![thread(100, 'S')]);
         thread_of.tgid = 99;
-        let r = refusals(&judge(&thread_of, None));
+        let r = refusals(&judge(&thread_of, None, Operation::Apply));
         assert!(r[0].1.contains("100 is a thread of process 99"), "{r:?}");
 
         let mut leader_gone = facts(vec![thread(100, 'Z'), thread(101, 'S'), thread(102, 'S')]);
         leader_gone.mapped = false;
-        let r = refusals(&judge(&leader_gone, None));
+        let r = refusals(&judge(&leader_gone, None, Operation::Apply));
         assert!(
             r[0].1
                 .contains("main thread has exited while 2 other threads still run"),
@@ -982,7 +1017,7 @@ mod tests {
     #[test]
     fn names_a_stop_and_the_tracer() {
         let f = facts(vec![thread(100, 'T'), thread(101, 'T')]);
-        let r = refusals(&judge(&f, None));
+        let r = refusals(&judge(&f, None, Operation::Apply));
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0, Check::Stopped);
         assert!(r[0].1.contains("kill -CONT 100"), "{r:?}");
@@ -992,7 +1027,7 @@ mod tests {
             th.tracer = 555;
         }
         t.tracers.insert(555, "strace".into());
-        let r = refusals(&judge(&t, None));
+        let r = refusals(&judge(&t, None, Operation::Apply));
         assert_eq!(r.len(), 1);
         assert!(r[0].1.contains("traced by pid 555 (strace)"), "{r:?}");
     }
@@ -1001,15 +1036,19 @@ mod tests {
     fn says_why_ptrace_is_refused_even_for_root() {
         let mut f = facts(vec![thread(100, 'S')]);
         f.access.yama = Some(3);
-        let r = refusals(&judge(&f, None));
+        let r = refusals(&judge(&f, None, Operation::Apply));
         assert!(r[0].1.contains("ptrace_scope is 3"), "{r:?}");
         let mut user = facts(vec![thread(100, 'S')]);
         user.access.cap_sys_ptrace = false;
         user.access.euid = 1001;
-        let r = refusals(&judge(&user, None));
+        let r = refusals(&judge(&user, None, Operation::Apply));
         assert!(r[0].1.contains("uid 1000, the tool as uid 1001"), "{r:?}");
         user.access.euid = 1000;
-        assert!(refusals(&judge(&user, None))[0].1.contains("ptrace_scope is 1"));
+        assert!(
+            refusals(&judge(&user, None, Operation::Apply))[0]
+                .1
+                .contains("ptrace_scope is 1")
+        );
         let mut ns = facts(vec![thread(100, 'S')]);
         ns.access.other_userns = true;
         assert!(ns.access.hidden_reasons().contains("another user namespace"));
@@ -1046,7 +1085,10 @@ mod tests {
         let mut f = facts(vec![thread(100, 'S')]);
         f.threads[0].shadow_stack = true;
         f.libc = None;
-        let checks: Vec<Check> = refusals(&judge(&f, None)).into_iter().map(|r| r.0).collect();
+        let checks: Vec<Check> = refusals(&judge(&f, None, Operation::Apply))
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(checks, [Check::Cet, Check::Libc]);
     }
 
@@ -1072,7 +1114,7 @@ mod tests {
     }
 
     fn seccomp_finding(f: &Facts, filters: &ThreadFilters) -> Finding {
-        judge(f, Some(filters))
+        judge(f, Some(filters), Operation::Apply)
             .into_iter()
             .find(|f| f.check == Check::Seccomp)
             .unwrap()
@@ -1105,6 +1147,36 @@ mod tests {
     }
 
     #[test]
+    fn revert_needs_fewer_calls_than_apply() {
+        let (f, filters) = filtered(vec![(
+            100,
+            vec![one(319, ret::KILL_PROCESS), one(257, ret::ERRNO | 1)],
+        )]);
+        let at = |op| {
+            judge(&f, Some(&filters), op)
+                .into_iter()
+                .find(|x| x.check == Check::Seccomp)
+                .unwrap()
+        };
+        let apply = at(Operation::Apply);
+        assert_eq!(apply.verdict, Verdict::Refuse);
+        assert!(
+            apply.detail.contains("memfd_create") && apply.detail.contains("openat"),
+            "{}",
+            apply.detail
+        );
+        assert_eq!(at(Operation::Revert).verdict, Verdict::Ok);
+        let (f, filters) = filtered(vec![(100, vec![one(324, ret::TRAP)])]);
+        let revert = judge(&f, Some(&filters), Operation::Revert);
+        let seccomp = revert.iter().find(|x| x.check == Check::Seccomp).unwrap();
+        assert_eq!(
+            seccomp.verdict,
+            Verdict::Refuse,
+            "membarrier is made by revert too"
+        );
+    }
+
+    #[test]
     fn seccomp_errno_refuses_needed_calls_and_spares_optional_ones() {
         let (f, filters) = filtered(vec![(100, vec![one(10, ret::ERRNO | 1)])]);
         let s = seccomp_finding(&f, &filters);
@@ -1125,7 +1197,7 @@ mod tests {
     fn seccomp_unread_filters_are_unknown_or_refused() {
         let (f, _) = filtered(vec![(100, vec![one(10, ret::ALLOW)])]);
         assert_eq!(
-            judge(&f, None)
+            judge(&f, None, Operation::Apply)
                 .iter()
                 .find(|x| x.check == Check::Seccomp)
                 .unwrap()
