@@ -38,7 +38,9 @@
 //! registers baked into it and jumps back. Once the thread has been seen
 //! outside the cave (via `/proc/PID/task/TID/syscall`, or by interrupting it
 //! again), the cave is put back to zeros. [`Remote::release`] unmaps the
-//! region the same way.
+//! region the same way, and so does a bootstrap whose `mprotect` is
+//! refused (MDWE, an LSM: then no other spot is tried) or whose stub cannot
+//! be written: a failed bootstrap leaves the maps as they were.
 //!
 //! # Reuse
 //!
