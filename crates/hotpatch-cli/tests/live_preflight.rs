@@ -166,7 +166,14 @@ fn a_seccomp_filter_that_kills_is_found_before_anything_is_written() {
         "{}",
         text.stdout
     );
-    assert!(t.proc.alive());
+    // Reading the filters stopped each thread for a moment only: none is
+    // left stopped or traced, and the main thread's read of stdin
+    // restarted (it answers).
+    assert_no_thread_stopped(t.pid());
+    for tid in tids(t.pid()) {
+        assert_eq!(state_of(t.pid(), tid).1, 0, "thread {tid} still traced");
+    }
+    assert_eq!(t.version(), 0);
 
     // Only the helper thread's filter kills memfd_create (the state
     // record): every thread is checked.
