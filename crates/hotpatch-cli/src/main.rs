@@ -42,6 +42,9 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Revert(patching::RevertArgs),
     /// Check whether a process (or every process, --all) can be patched, and why not.
+    ///
+    /// The checks `apply` runs before touching a process. Exits 0 when they
+    /// ran, whatever they found (`verdict` in --json).
     #[command(after_help = EXIT_CODES)]
     Doctor(doctor::Args),
     /// Build the bundled example server, start it, and show what hotpatch sees.
