@@ -373,17 +373,21 @@ fn what_the_process_is_is_named() {
     assert!(msg.contains("zombie"), "{msg}");
     drop(zombie);
 
-    // A kernel thread.
+    // A kernel thread (none is visible inside a PID namespace of its own).
     let kthread = std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| s.contains("Kthread:\t1"))
-        })
-        .expect("a kernel thread in /proc");
-    let msg = apply_run(kthread, &b.patch).failure().to_string();
-    assert!(msg.contains("kernel thread"), "{msg}");
-    assert!(!msg.contains("no mapped image"), "{msg}");
+        });
+    match kthread {
+        Some(k) => {
+            let msg = apply_run(k, &b.patch).failure().to_string();
+            assert!(msg.contains("kernel thread"), "{msg}");
+            assert!(!msg.contains("no mapped image"), "{msg}");
+        }
+        None => eprintln!("no kernel thread in /proc (a PID namespace?): that case is not run"),
+    }
 }
 
 #[test]
