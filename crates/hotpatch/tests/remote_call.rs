@@ -516,6 +516,51 @@ fn errors_name_the_process_and_the_cause() {
     assert_eq!(status.code(), Some(3));
 }
 
+/// A process stopped by SIGSTOP: the session cannot start, says why, and
+/// leaves the process stopped and unchanged.
+#[test]
+fn a_stopped_process_is_named_and_left_stopped() {
+    let built = build();
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let before = maps();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !threads::threads(pid)
+        .expect("threads")
+        .iter()
+        .all(|t| t.state == 'T')
+    {
+        assert!(Instant::now() < deadline, "the target never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let err = Remote::attach(pid, Placement::Anywhere).expect_err("a session with a stopped process");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stopped by a signal") && msg.contains(&format!("kill -CONT {pid}")),
+        "{msg}"
+    );
+    assert!(
+        threads::threads(pid)
+            .expect("threads")
+            .iter()
+            .all(|t| t.state == 'T'),
+        "{msg}"
+    );
+    assert_eq!(maps(), before);
+    signal("-CONT");
+    target.assert_running();
+}
+
 /// A patch whose constructor never returns: `dlopen` times out saying so
 /// and naming the thread now held inside the call; the target runs on.
 #[test]

@@ -1331,9 +1331,12 @@ fn hijack(
         );
         return Ok(t.tid);
     }
-    Err(last_err.unwrap_or(ProcessError::NoUsableThread {
+    Err(last_err.unwrap_or_else(|| ProcessError::NoUsableThread {
         pid,
-        why: "no running or sleeping thread could be interrupted with a usable stack".into(),
+        why: threads::threads(pid).map_or_else(
+            |_| "no running or sleeping thread could be interrupted with a usable stack".into(),
+            |all| threads::why_none_usable(pid, &all),
+        ),
     }))
 }
 
