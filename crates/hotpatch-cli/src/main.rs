@@ -3,6 +3,7 @@
 mod audit;
 mod check;
 mod demo;
+mod doctor;
 mod patching;
 mod prepare;
 mod signing;
@@ -53,6 +54,12 @@ enum Command {
     /// Check a patch's signature against the trusted keys.
     #[command(after_help = EXIT_CODES)]
     Verify(signing::VerifyArgs),
+    /// Check whether a process (or every process, --all) can be patched, and why not.
+    ///
+    /// The checks `apply` runs before touching a process. Exits 0 when they
+    /// ran, whatever they found (`verdict` in --json).
+    #[command(after_help = EXIT_CODES)]
+    Doctor(doctor::Args),
     /// Build the bundled example server, start it, and show what hotpatch sees.
     #[command(after_help = EXIT_CODES)]
     Demo(demo::Args),
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Apply(args) => patching::apply(args, &cli.trust),
         Command::List(args) => patching::list(args),
         Command::Revert(args) => patching::revert(args, &cli.trust),

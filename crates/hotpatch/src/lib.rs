@@ -15,6 +15,7 @@ pub mod plan;
 pub mod policy;
 pub mod prepare;
 pub mod process;
+pub mod seccomp;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};

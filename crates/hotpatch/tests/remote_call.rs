@@ -516,6 +516,88 @@ fn errors_name_the_process_and_the_cause() {
     assert_eq!(status.code(), Some(3));
 }
 
+/// A process stopped by SIGSTOP: the session cannot start, says why, and
+/// leaves the process stopped and unchanged.
+#[test]
+fn a_stopped_process_is_named_and_left_stopped() {
+    let built = build();
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let before = maps();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !threads::threads(pid)
+        .expect("threads")
+        .iter()
+        .all(|t| t.state == 'T')
+    {
+        assert!(Instant::now() < deadline, "the target never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let err = Remote::attach(pid, Placement::Anywhere).expect_err("a session with a stopped process");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stopped by a signal") && msg.contains(&format!("kill -CONT {pid}")),
+        "{msg}"
+    );
+    assert!(
+        threads::threads(pid)
+            .expect("threads")
+            .iter()
+            .all(|t| t.state == 'T'),
+        "{msg}"
+    );
+    assert_eq!(maps(), before);
+    signal("-CONT");
+    target.assert_running();
+}
+
+/// A patch whose constructor never returns: `dlopen` times out saying so
+/// and naming the thread now held inside the call; the target runs on.
+#[test]
+fn a_constructor_that_never_returns_is_named() {
+    let built = build();
+    let dir = built.target.parent().expect("build dir");
+    std::fs::write(
+        dir.join("hang.c"),
+        "#include <unistd.h>\n__attribute__((constructor)) static void hang(void) { for (;;) pause(); }\n",
+    )
+    .expect("write hang.c");
+    gcc(&["-O2", "-shared", "-fPIC", "-o", "hang.so", "hang.c"], dir);
+    let hang = dir.join("hang.so");
+    let mut target = start_target(&built, true);
+    let pid = target.proc.pid();
+    let mut remote = Remote::attach_with(
+        pid,
+        Placement::Anywhere,
+        Timeouts {
+            stop: Duration::from_secs(2),
+            call: Duration::from_millis(500),
+        },
+    )
+    .expect("attach");
+    let err = remote
+        .dlopen(hang.to_str().expect("utf-8 path"), 2)
+        .expect_err("dlopen of a constructor that never returns");
+    let msg = err.to_string();
+    let ProcessError::Timeout { tid, .. } = err else {
+        panic!("not a timeout: {msg}");
+    };
+    assert!(msg.contains("hang.so") && msg.contains("constructors"), "{msg}");
+    assert!(msg.contains(&format!("thread {tid} is held")), "{msg}");
+    assert!(threads::thread_exists(pid, tid), "{msg}");
+    target.assert_running();
+}
+
 /// Not a test by itself: a tool process that attaches to the pid in
 /// `HOTPATCH_REMOTE_CALL_PERSIST_PID`, makes one call, prints its region
 /// and exits normally (leaving the region for the next tool).

@@ -120,6 +120,7 @@ pub fn apply_file(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<
 fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
     let started = Instant::now();
     let file = patch.file();
+    crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Apply)?;
     let path = file.path();
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::from_file(file, &options.records)?;

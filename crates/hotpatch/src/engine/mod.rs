@@ -121,9 +121,13 @@ pub(crate) fn in_process<T>(
     work: impl FnOnce() -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {
     work().map_err(|e| {
+        // (A refusal names the process's state itself.)
         let never_there = matches!(
             e,
-            EngineError::Process(crate::process::ProcessError::NoSuchProcess { .. })
+            EngineError::Process(
+                crate::process::ProcessError::NoSuchProcess { .. }
+                    | crate::process::ProcessError::NotPatchable { .. }
+            )
         );
         if !never_there && process_gone(pid) {
             EngineError::Exited {

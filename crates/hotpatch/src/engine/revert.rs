@@ -32,6 +32,7 @@ pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
 }
 
 fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+    crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Revert)?;
     let process = Process::open(pid)?;
     let _lock = Lock::take(pid)?;
     let maps = process.maps()?;

@@ -285,12 +285,18 @@ pub fn scratch(
         let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
         let mut header = vec![0xcc; CODE_HEADER as usize];
         header[..STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
-        remote.mem().write(base, &header)?;
-        remote.syscall_ok(
-            "mprotect of the trampoline page",
-            NR_MPROTECT,
-            &[base, CODE_SCRATCH, PROT_READ | PROT_EXEC],
-        )?;
+        let ready = remote.mem().write(base, &header).and_then(|()| {
+            remote.syscall_ok(
+                "mprotect of the trampoline page",
+                NR_MPROTECT,
+                &[base, CODE_SCRATCH, PROT_READ | PROT_EXEC],
+            )
+        });
+        if let Err(e) = ready {
+            // Recorded nowhere yet: unmap it, leave the maps as they were.
+            let _ = remote.syscall(NR_MUNMAP, &[base, CODE_SCRATCH]);
+            return Err(e.into());
+        }
         ScratchRecord {
             base,
             size: CODE_SCRATCH,

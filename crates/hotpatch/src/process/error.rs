@@ -75,6 +75,8 @@ pub enum ProcessError {
     Unsupported { pid: i32, what: String },
     #[error("process {pid}: lock {}: {what}; nothing in the process changed", path.display())]
     Lock { pid: i32, path: PathBuf, what: String },
+    #[error("process {pid} cannot be patched: {reasons}; nothing in it was changed")]
+    NotPatchable { pid: i32, reasons: String },
     #[error("process {pid}: the remote session is unusable: {why}")]
     Poisoned { pid: i32, why: String },
 }
@@ -86,7 +88,7 @@ impl ProcessError {
             std::io::ErrorKind::PermissionDenied => ProcessError::PermissionDenied {
                 pid,
                 path,
-                hint: permission_hint(),
+                hint: permission_hint(pid),
             },
             _ => ProcessError::Io { pid, path, error: e },
         }
@@ -103,31 +105,40 @@ pub fn ptrace_hint(pid: i32, tid: i32) -> String {
                 .find_map(|l| l.strip_prefix("TracerPid:"))
                 .and_then(|v| v.trim().parse::<i32>().ok())
         });
-    let tracer = match tracer {
-        Some(0) => "no other tracer is attached".to_string(),
-        Some(t) => {
+    match tracer {
+        // The reason, whoever the tool runs as.
+        Some(t) if t > 0 => {
             let comm = std::fs::read_to_string(format!("/proc/{t}/comm")).unwrap_or_default();
             format!(
-                "already traced by pid {t} ({}): only one tracer at a time",
-                comm.trim()
+                "already traced by pid {t} ({}): a thread has only one tracer at a time",
+                super::preflight::printable(comm.trim_end_matches('\n'))
             )
         }
-        None => "TracerPid unknown".to_string(),
-    };
-    format!("{}; {tracer}", permission_hint())
+        Some(_) => format!("{}; no other tracer is attached", permission_hint(pid)),
+        None => format!("{}; TracerPid unknown", permission_hint(pid)),
+    }
 }
 
-/// What decides whether we may read another process, on this machine.
-pub fn permission_hint() -> String {
-    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .ok()
-        .and_then(|s| s.trim().parse::<u8>().ok());
-    let yama = match scope {
-        Some(0) => "Yama ptrace_scope is 0 (classic: same uid suffices)".to_string(),
-        Some(1) => "Yama ptrace_scope is 1 (only descendants, or with CAP_SYS_PTRACE)".to_string(),
-        Some(2) => "Yama ptrace_scope is 2 (CAP_SYS_PTRACE required)".to_string(),
-        Some(3) => "Yama ptrace_scope is 3 (ptrace disabled until reboot)".to_string(),
-        _ => "no Yama LSM".to_string(),
+/// Why reading or tracing process `pid` is refused, as far as this
+/// machine tells: the tool's uid and CAP_SYS_PTRACE against the process's
+/// uid, Yama's `ptrace_scope`, and what remains when those allow it (user
+/// namespaces, an LSM).
+pub fn permission_hint(pid: i32) -> String {
+    let access = super::preflight::Access::of(pid);
+    if let Some(why) = access.obstacle() {
+        return why;
+    }
+    let yama = match access.yama {
+        Some(s) => format!("Yama's ptrace_scope {s} allows that"),
+        None => "there is no Yama".to_string(),
     };
-    format!("reading or tracing another process needs the same uid or CAP_SYS_PTRACE (run as root?); {yama}")
+    let who = if access.cap_sys_ptrace {
+        format!("the tool runs as uid {} with CAP_SYS_PTRACE", access.euid)
+    } else {
+        format!("the tool runs as the process's uid {}", access.euid)
+    };
+    format!(
+        "{who} and {yama}, so the refusal comes from {}",
+        access.hidden_reasons()
+    )
 }

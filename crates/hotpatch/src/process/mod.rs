@@ -6,6 +6,7 @@ mod error;
 pub mod lock;
 pub mod maps;
 pub mod mem;
+pub mod preflight;
 pub mod priority;
 pub mod ptrace;
 pub mod remote;

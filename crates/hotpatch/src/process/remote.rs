@@ -38,7 +38,9 @@
 //! registers baked into it and jumps back. Once the thread has been seen
 //! outside the cave (via `/proc/PID/task/TID/syscall`, or by interrupting it
 //! again), the cave is put back to zeros. [`Remote::release`] unmaps the
-//! region the same way.
+//! region the same way, and so does a bootstrap whose `mprotect` is
+//! refused (MDWE, an LSM: then no other spot is tried) or whose stub cannot
+//! be written: a failed bootstrap leaves the maps as they were.
 //!
 //! # Reuse
 //!
@@ -155,10 +157,7 @@ impl TargetLibc {
         let images = super::maps::images(maps, pid);
         let libc = images
             .iter()
-            .find(|i| {
-                let name = i.path.rsplit('/').next().unwrap_or("");
-                name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("ld-musl-")
-            })
+            .find(|i| super::preflight::is_libc(i.path.rsplit('/').next().unwrap_or("")))
             .ok_or_else(|| ProcessError::SymbolNotFound {
                 pid,
                 name: "libc".into(),
@@ -720,13 +719,10 @@ impl Remote {
             let layout = Layout::new(base, xsave);
             match bootstrap(&mem, &layout, timeouts) {
                 Ok(()) => {
-                    let stub = stub::session_stub(&layout).map_err(|e| ProcessError::Unsupported {
-                        pid,
-                        what: format!("assembling the stub: {e}"),
-                    })?;
-                    let zeros = vec![0u8; stub.bytes.len()];
-                    mem.write_expecting(layout.code(), &zeros, &stub.bytes)?;
-                    mem.write_u32(layout.frame() + frame::DONE, 1)?;
+                    let stub = match install_stub(&mem, &layout) {
+                        Ok(stub) => stub,
+                        Err(e) => return Err(unmap_failed(&mem, &layout, timeouts, e)),
+                    };
                     let mut r = session.into_remote(mem, layout, stub, lock, false, maps);
                     r.name_region();
                     tracing::debug!(
@@ -837,26 +833,7 @@ impl Remote {
                 });
             }
         }
-        let op = CaveOp {
-            nr: NR_MUNMAP,
-            args: [self.layout.base, self.layout.size(), 0, 0, 0, 0],
-            then: None,
-            marker: None,
-        };
-        let region = self.region();
-        let pid = self.pid;
-        let gone = || {
-            let maps = super::Process::open(pid).and_then(|p| p.maps()).ok()?;
-            (!maps.iter().any(|m| m.start < region.end && region.start < m.end)).then_some(0)
-        };
-        match run_cave(&self.mem, &op, self.timeouts, &gone)? {
-            Some(_) => Ok(()),
-            None => Err(ProcessError::CallFailed {
-                pid,
-                what: format!("munmap({:#x}, {:#x})", region.start, region.end - region.start),
-                detail: "the region is still mapped".into(),
-            }),
-        }
+        unmap_through_cave(&self.mem, self.region(), self.timeouts)
     }
 
     /// The address of function `name` in the target's libc.
@@ -957,7 +934,22 @@ impl Remote {
     pub fn dlopen(&mut self, path: &str, flags: i32) -> Result<u64, ProcessError> {
         let f = self.libc_function("dlopen")?;
         let p = self.c_string(path)?;
-        let out = self.call_full(f, &[p, flags as u32 as u64], 0)?;
+        let out = match self.call_full(f, &[p, flags as u32 as u64], 0) {
+            Ok(out) => out,
+            Err(ProcessError::Timeout { pid, tid, after, .. }) => {
+                return Err(ProcessError::Timeout {
+                    pid,
+                    tid,
+                    after,
+                    what: format!(
+                        "waiting for dlopen({path:?}) to return: the patch's constructors (or the \
+                         loader) did not return; thread {tid} is held inside that call until they \
+                         do (its call region stays reserved for it)"
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let handle = out.value;
         if handle == 0 {
             let detail = self.dlerror(out.tid);
@@ -1333,9 +1325,12 @@ fn hijack(
         );
         return Ok(t.tid);
     }
-    Err(last_err.unwrap_or(ProcessError::NoUsableThread {
+    Err(last_err.unwrap_or_else(|| ProcessError::NoUsableThread {
         pid,
-        why: "no running or sleeping thread could be interrupted with a usable stack".into(),
+        why: threads::threads(pid).map_or_else(
+            |_| "no running or sleeping thread could be interrupted with a usable stack".into(),
+            |all| threads::why_none_usable(pid, &all),
+        ),
     }))
 }
 
@@ -1394,11 +1389,22 @@ fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<(), Proce
     };
     match run_cave(mem, &op, timeouts, &probe)? {
         Some(m) if m >> 32 == 0 => Ok(()),
-        Some(m) => Err(ProcessError::CallFailed {
-            pid,
-            what: format!("mprotect({:#x}, RX) of the new region", layout.base),
-            detail: std::io::Error::from_raw_os_error(-((m >> 32) as u32 as i32)).to_string(),
-        }),
+        Some(m) => {
+            // Mapped, but it cannot hold code: nowhere else will either
+            // (MDWE and LSMs refuse per process), so unmap it and stop.
+            let errno = -((m >> 32) as u32 as i32);
+            let refused = ProcessError::Unsupported {
+                pid,
+                what: format!(
+                    "mprotect({:#x}, PROT_READ|PROT_EXEC) of the new remote-call region failed: {}: \
+                     the process may not make memory executable (MDWE, set with prctl \
+                     PR_SET_MDWE, or an LSM policy)",
+                    layout.base,
+                    std::io::Error::from_raw_os_error(errno)
+                ),
+            };
+            Err(unmap_failed(mem, layout, timeouts, refused))
+        }
         None => Err(ProcessError::CallFailed {
             pid,
             what: format!(
@@ -1408,6 +1414,65 @@ fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<(), Proce
             ),
             detail: "no marker: the address was taken, or mmap is refused".into(),
         }),
+    }
+}
+
+/// The session stub, written into the code page of a freshly bootstrapped
+/// region, and the frame marked idle.
+fn install_stub(mem: &Mem, layout: &Layout) -> Result<SessionStub, ProcessError> {
+    let stub = stub::session_stub(layout).map_err(|e| ProcessError::Unsupported {
+        pid: mem.pid(),
+        what: format!("assembling the stub: {e}"),
+    })?;
+    let zeros = vec![0u8; stub.bytes.len()];
+    mem.write_expecting(layout.code(), &zeros, &stub.bytes)?;
+    mem.write_u32(layout.frame() + frame::DONE, 1)?;
+    Ok(stub)
+}
+
+/// `munmap` of `region` run from a cave (code cannot unmap the page it
+/// runs from); done once the region is gone from the maps.
+fn unmap_through_cave(mem: &Mem, region: Range<u64>, timeouts: Timeouts) -> Result<(), ProcessError> {
+    let pid = mem.pid();
+    let op = CaveOp {
+        nr: NR_MUNMAP,
+        args: [region.start, region.end - region.start, 0, 0, 0, 0],
+        then: None,
+        marker: None,
+    };
+    let gone = || {
+        let maps = super::Process::open(pid).and_then(|p| p.maps()).ok()?;
+        (!maps.iter().any(|m| m.start < region.end && region.start < m.end)).then_some(0)
+    };
+    match run_cave(mem, &op, timeouts, &gone)? {
+        Some(_) => Ok(()),
+        None => Err(ProcessError::CallFailed {
+            pid,
+            what: format!("munmap({:#x}, {:#x})", region.start, region.end - region.start),
+            detail: "the region is still mapped".into(),
+        }),
+    }
+}
+
+/// A region was mapped and then `error` stopped its set-up: unmap it, so
+/// that the process's maps are as they were, and return `error` saying
+/// so (or that the region stays, if unmapping failed too).
+fn unmap_failed(mem: &Mem, layout: &Layout, timeouts: Timeouts, error: ProcessError) -> ProcessError {
+    let pid = mem.pid();
+    let region = layout.base..layout.end();
+    let what = match unmap_through_cave(mem, region.clone(), timeouts) {
+        Ok(()) => "was unmapped again: nothing is left in the process".to_string(),
+        Err(e) => format!(
+            "could not be unmapped ({e}): {:#x}-{:#x} stays mapped, unused",
+            region.start, region.end
+        ),
+    };
+    ProcessError::Unsupported {
+        pid,
+        what: format!(
+            "{}; the call region {what}",
+            error.to_string().trim_start_matches(&format!("process {pid}: "))
+        ),
     }
 }
 

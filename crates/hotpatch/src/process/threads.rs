@@ -237,6 +237,24 @@ pub fn pick_rotating(threads: &[ThreadInfo], turn: usize) -> Option<&ThreadInfo>
     Some(equal[turn % equal.len()])
 }
 
+/// Why no thread of process `pid` (its threads `all`) could run a remote
+/// call, from their states.
+pub fn why_none_usable(pid: i32, all: &[ThreadInfo]) -> String {
+    let live: Vec<&ThreadInfo> = all.iter().filter(|t| !matches!(t.state, 'Z' | 'X')).collect();
+    if live.is_empty() {
+        return "every thread has exited".into();
+    }
+    if live.iter().all(|t| t.state == 'T') {
+        return format!(
+            "the process is stopped by a signal (job control, state T); `kill -CONT {pid}` resumes it"
+        );
+    }
+    if live.iter().all(|t| t.is_stopped()) {
+        return "its threads are stopped by a debugger or tracer (state t): detach it first".into();
+    }
+    "no running or sleeping thread could be interrupted with a usable stack".into()
+}
+
 /// Like [`pick`], but spread over the equally good threads: the one
 /// `seed` chooses. (A fixed rotation, or always avoiding the last thread,
 /// locks a caller whose calls come in a fixed period onto one thread.)
@@ -345,6 +363,18 @@ mod tests {
         assert_eq!(pick_spread(&all[2..], 1).map(|t| t.tid), Some(6));
         let stopped = [t(1, 'T', SyscallState::Unknown)];
         assert_eq!(pick_spread(&stopped, 0), None);
+    }
+
+    #[test]
+    fn says_why_no_thread_is_usable() {
+        let stopped = [t(7, 'T', SyscallState::Unknown), t(8, 'T', SyscallState::Unknown)];
+        assert!(why_none_usable(7, &stopped).contains("kill -CONT 7"));
+        let traced = [t(7, 't', SyscallState::Unknown), t(8, 'T', SyscallState::Unknown)];
+        assert!(why_none_usable(7, &traced).contains("debugger"));
+        let gone = [t(7, 'Z', SyscallState::Unknown)];
+        assert!(why_none_usable(7, &gone).contains("exited"));
+        let odd = [t(7, 'S', SyscallState::Unknown)];
+        assert!(why_none_usable(7, &odd).contains("usable stack"));
     }
 
     #[test]
