@@ -222,13 +222,32 @@ fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
         .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
 }
 
-/// Sorted targets of every direct branch and call in every function, one
+/// Sorted targets of every direct branch and call in the image's code, one
 /// entry per branch site (so a target's count is its number of callers).
+///
+/// Every byte of executable code is decoded, not only the code symbols
+/// cover: stripped code (most of a distribution binary's `.text`) calls
+/// and jumps too. The decoder restarts at every function entry and padded
+/// site, so it stays in step with the code the symbols describe; in code
+/// no symbol covers, data mixed into the code can throw the linear decode
+/// out of step until it resynchronises. That can add a caller that is not
+/// one (the tool is then more careful than needed) but it only misses a
+/// real caller whose bytes were decoded as part of another instruction.
 fn branch_targets(image: &Image) -> Vec<u64> {
+    let mut starts: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
+    starts.extend_from_slice(image.padded_sites());
+    starts.sort_unstable();
+    starts.dedup();
     let mut targets = Vec::new();
-    for f in image.functions() {
-        if let Some(code) = image.bytes_at(f.address, f.size) {
-            direct_branch_targets(f.address, code, &mut targets);
+    for range in image.code_ranges() {
+        let first = starts.partition_point(|&a| a <= range.start);
+        let cuts = starts[first..].iter().take_while(|&&a| a < range.end);
+        let mut from = range.start;
+        for &to in cuts.chain(std::iter::once(&range.end)) {
+            if let Some(code) = image.bytes_at(from, to - from) {
+                direct_branch_targets(from, code, &mut targets);
+            }
+            from = to;
         }
     }
     targets.sort_unstable();
