@@ -58,13 +58,14 @@ pub fn run(args: Args) -> Result<()> {
             image.functions.clear();
         }
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &output)?;
         writeln!(out)?;
     } else {
         print_tables(&mut out, &output, args.functions)?;
     }
+    crate::output::emit(&String::from_utf8_lossy(&out), || None)?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `hotpatch prepare FILE -o OUT`.
 
 use anyhow::{Context, Result};
+use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
@@ -27,22 +28,26 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("{}: cannot write", args.output.display()))?;
     std::fs::set_permissions(&args.output, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("{}: cannot set permissions", args.output.display()))?;
+    let mut text = String::new();
     if args.json {
-        println!(
+        writeln!(
+            text,
             "{}",
             serde_json::json!({
                 "input": args.file,
                 "output": args.output,
                 "rewritten": copy.rewritten,
             })
-        );
+        )?;
     } else {
-        println!(
+        writeln!(
+            text,
             "{}: rewrote {} entries from `90 90` to `66 90`, wrote {}",
             args.file.display(),
             copy.rewritten.len(),
             args.output.display()
-        );
+        )?;
     }
+    crate::output::emit(&text, || Some(format!("{} WAS written", args.output.display())))?;
     Ok(())
 }

@@ -66,12 +66,21 @@ pub fn keygen(args: KeygenArgs) -> Result<()> {
         let _ = std::fs::remove_file(&private);
         return Err(e);
     }
-    println!("private key: {} (keep it secret)", private.display());
-    println!(
-        "public key:  {} (install it in /etc/hotpatch/keys/ where patches are applied)",
-        public.display()
+    let text = format!(
+        "private key: {} (keep it secret)\n\
+         public key:  {} (install it in /etc/hotpatch/keys/ where patches are applied)\n\
+         fingerprint: {}\n",
+        private.display(),
+        public.display(),
+        signature::fingerprint(&key.public().key)
     );
-    println!("fingerprint: {}", signature::fingerprint(&key.public().key));
+    crate::output::emit(&text, || {
+        Some(format!(
+            "{} and {} WERE written",
+            private.display(),
+            public.display()
+        ))
+    })?;
     Ok(())
 }
 
@@ -101,12 +110,13 @@ pub fn sign(args: SignArgs) -> Result<()> {
     // Never group- or world-writable: apply would refuse it.
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o755;
     write_by_rename(out, &signed, mode)?;
-    println!(
-        "{}: signed by {} (key {})",
+    let text = format!(
+        "{}: signed by {} (key {})\n",
         out.display(),
         key.name,
         signature::fingerprint(&key.key.verifying_key())
     );
+    crate::output::emit(&text, || Some(format!("{} WAS signed", out.display())))?;
     Ok(())
 }
 
@@ -139,11 +149,12 @@ pub fn verify(args: VerifyArgs, trust: &TrustArgs) -> Result<()> {
     let keys = policy.keyring()?;
     match policy::verdict(&file, &keys)? {
         Verdict::Trusted { name, fingerprint } => {
-            println!(
-                "{}: signed by {name} (key {fingerprint}), trusted in {}",
+            let text = format!(
+                "{}: signed by {name} (key {fingerprint}), trusted in {}\n",
                 args.patch.display(),
                 policy.keys_dir().display()
             );
+            crate::output::emit(&text, || None)?;
             Ok(())
         }
         Verdict::Untrusted { fingerprint } => bail!(
