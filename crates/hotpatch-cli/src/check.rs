@@ -76,7 +76,7 @@ pub fn check_process(pid: i32) -> Result<CheckOutput> {
     let mut images = Vec::new();
     let mut skipped = Vec::new();
     for mapped in process.mapped_images()? {
-        let data = match hotpatch::image::file::read_regular(&mapped.open_path) {
+        let data = match hotpatch::image::file::read_image(&mapped.open_path) {
             Ok(d) => d,
             Err(e) => {
                 skipped.push(Skipped {

@@ -64,7 +64,7 @@ impl Image {
     /// Read and parse the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref();
-        Image::parse(path, file::read_regular(path)?)
+        Image::parse(path, file::read_image(path)?)
     }
 
     /// Parse `data`, the contents of the file at `path` (used in messages).

@@ -266,7 +266,7 @@ struct DynSymbols {
 
 impl DynSymbols {
     fn read(path: &std::path::Path) -> Result<DynSymbols, crate::image::ImageError> {
-        let data = crate::image::file::read_regular(path)?;
+        let data = crate::image::file::read_image(path)?;
         Self::parse(&data).map_err(|what| crate::image::ImageError::Corrupt {
             path: path.to_path_buf(),
             what,
