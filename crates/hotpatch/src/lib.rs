@@ -15,6 +15,7 @@ pub mod plan;
 pub mod policy;
 pub mod prepare;
 pub mod process;
+pub mod reserved;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};

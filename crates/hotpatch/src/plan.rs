@@ -139,6 +139,8 @@ pub enum PlanError {
         name: String,
         detail: String,
     },
+    #[error("{image}: {functions}; nothing was changed")]
+    UsedByTheTool { image: String, functions: String },
     #[error("{image}: `{name}`: {detail}")]
     OutOfRange {
         image: String,

@@ -155,6 +155,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             replacement_symbol: r.replacement.clone(),
         });
     }
+    refuse_what_the_tool_runs(&planner, &planned)?;
     let hazards: Vec<String> = planned
         .iter()
         .filter_map(|p| match p.method {
@@ -281,6 +282,25 @@ impl Step {
             Step::Supersede { .. } => None,
         }
     }
+}
+
+/// Refuse, before anything touches the process, to replace a function
+/// the tool itself runs inside it (see [`crate::reserved`]).
+fn refuse_what_the_tool_runs(planner: &Planner<'_>, planned: &[Planned]) -> Result<(), EngineError> {
+    let entries: Vec<(String, u64)> = planned.iter().map(|p| (p.name.clone(), p.entry)).collect();
+    let refused = crate::reserved::refusals(planner, &entries);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let functions: Vec<String> = refused
+        .iter()
+        .map(|r| format!("`{}` cannot be replaced: {}", r.name, r.why))
+        .collect();
+    Err(crate::plan::PlanError::UsedByTheTool {
+        image: planner.image().path().display().to_string(),
+        functions: functions.join("; "),
+    }
+    .into())
 }
 
 fn dlclose(remote: &mut Remote, handle: u64) {

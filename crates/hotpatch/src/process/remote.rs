@@ -155,10 +155,7 @@ impl TargetLibc {
         let images = super::maps::images(maps, pid);
         let libc = images
             .iter()
-            .find(|i| {
-                let name = i.path.rsplit('/').next().unwrap_or("");
-                name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("ld-musl-")
-            })
+            .find(|i| crate::reserved::is_c_library(&i.path))
             .ok_or_else(|| ProcessError::SymbolNotFound {
                 pid,
                 name: "libc".into(),
@@ -196,17 +193,16 @@ struct LibcInfo {
 
 impl LibcInfo {
     const MAGIC: &'static [u8; 8] = b"HPLIBC01";
-    const NAMES: [&'static str; 5] = ["dlopen", "dlsym", "dlerror", "dlclose", "__errno_location"];
-
     fn of(libc: Option<&TargetLibc>) -> LibcInfo {
         let Some(libc) = libc else {
             return LibcInfo::default();
         };
         LibcInfo {
             path: Some(libc.path.clone()),
-            functions: Self::NAMES
+            // The functions the tool calls; a patch may not replace them.
+            functions: crate::reserved::CALLED
                 .iter()
-                .filter_map(|n| Some((n.to_string(), libc.function(n)?)))
+                .filter_map(|c| Some((c.name.to_string(), libc.function(c.name)?)))
                 .collect(),
         }
     }
