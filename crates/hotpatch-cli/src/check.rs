@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use hotpatch::patchability::{Class, ImageReport};
 use hotpatch::process::Process;
+use hotpatch::shorten::name;
 use hotpatch::{Image, survey};
 use serde::Serialize;
 use std::io::Write;
@@ -146,7 +147,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
         writeln!(
             out,
             "{:<name_width$}  {:>14}  {:>9}  {:>9}  {:>8}  {:>9}  {:>10}  {:>7}  {:>8}  {}",
-            image.path,
+            name(&image.path),
             image
                 .load_bias
                 .map(|b| format!("{b:#x}"))
@@ -170,7 +171,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
     }
     if functions {
         for image in &output.images {
-            writeln!(out, "\n{}", image.path)?;
+            writeln!(out, "\n{}", name(&image.path))?;
             writeln!(
                 out,
                 "{:>18}  {:>6}  {:<15}  {:<32}  NAME",
@@ -201,7 +202,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
                     f.size,
                     f.class.name(),
                     how,
-                    f.name
+                    name(&f.name)
                 )?;
             }
         }

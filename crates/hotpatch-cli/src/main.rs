@@ -21,6 +21,9 @@ Exit codes:
      written) but its output could not be written to stdout; stderr says
      what was done";
 
+/// The longest error line printed whole, in bytes.
+const MESSAGE_MAX: usize = 4096;
+
 /// Hot-patch running Linux x86-64 processes: check what can be patched,
 /// apply patch libraries to running processes, list and revert them.
 #[derive(Parser)]
@@ -88,7 +91,10 @@ fn main() -> ExitCode {
                 ExitCode::from(output::EXIT_UNWRITTEN)
             }
             None => {
-                output::warn(&format!("hotpatch: {e:#}"));
+                // Names from a patch or a target can be any length; each
+                // is cut where it is quoted, and the line as a whole here.
+                let message = format!("hotpatch: {e:#}");
+                output::warn(&hotpatch::shorten::shorten(&message, MESSAGE_MAX));
                 ExitCode::from(1)
             }
         },

@@ -9,6 +9,7 @@ use hotpatch::engine::{self, Applied, ApplyOptions, FlipMode, Which};
 use hotpatch::entry_state::{EntryCheck, EntryState};
 use hotpatch::patchfile::CommandLineRecords;
 use hotpatch::policy::{Policy, PolicyError, rules::DEFAULT_AUDIT_SOCKET, trusted_file};
+use hotpatch::shorten::name;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -95,12 +96,12 @@ fn print_applied(applied: &Applied, json: bool) -> Result<()> {
             "process {}: patch {} applied ({}{} in {:.2} ms)",
             applied.pid,
             applied.patch.id,
-            applied.patch.path,
+            name(&applied.patch.path),
             applied
                 .patch
                 .signer
                 .as_ref()
-                .map_or_else(String::new, |s| format!(", signed by {s}")),
+                .map_or_else(String::new, |s| format!(", signed by {}", name(s))),
             applied.elapsed_us as f64 / 1000.0
         )?;
         for f in &applied.functions {
@@ -112,7 +113,10 @@ fn print_applied(applied: &Applied, json: bool) -> Result<()> {
             writeln!(
                 text,
                 "  {} at {:#x} -> {:#x} ({}, {how})",
-                f.name, f.entry, f.replacement, f.route
+                name(&f.name),
+                f.entry,
+                f.replacement,
+                f.route
             )?;
         }
     }
@@ -186,17 +190,17 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
     }
     for p in &state.patches {
         let origin = match (&p.sha256, &p.signer) {
-            (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {signer})", short(sha)),
+            (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {})", short(sha), name(signer)),
             (Some(sha), None) => format!(" (sha256 {}, unsigned)", short(sha)),
-            (None, Some(signer)) => format!(" (signed by {signer})"),
+            (None, Some(signer)) => format!(" (signed by {})", name(signer)),
             (None, None) => String::new(),
         };
         writeln!(
             text,
             "  patch {}: {} on {}{origin}{}",
             p.id,
-            p.path,
-            p.image,
+            name(&p.path),
+            name(&p.image),
             if p.complete {
                 ""
             } else {
@@ -209,7 +213,7 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
                 writeln!(
                     text,
                     "    {} at {:#x} ({}{}){}",
-                    f.name,
+                    name(&f.name),
                     f.entry,
                     f.route.name(),
                     listing.entry(f.entry).map(entry_note).unwrap_or_default(),
@@ -234,7 +238,7 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
         writeln!(
             text,
             "  {} at {:#x} (recorded as {}{})",
-            check.name,
+            name(&check.name),
             check.entry,
             if check.recorded_patched {
                 "patched by a patch with no record"
@@ -340,10 +344,10 @@ fn print_reverted(pid: i32, reverted: &[engine::Reverted], json: bool) -> Result
         for r in reverted {
             writeln!(text, "process {pid}: patch {} reverted", r.patch)?;
             for n in &r.restored {
-                writeln!(text, "  {}: original code", n)?;
+                writeln!(text, "  {}: original code", name(n))?;
             }
             for n in &r.stepped_back {
-                writeln!(text, "  {}: back to the previous patch", n)?;
+                writeln!(text, "  {}: back to the previous patch", name(n))?;
             }
         }
     }

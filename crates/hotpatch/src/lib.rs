@@ -16,6 +16,7 @@ pub mod policy;
 pub mod prepare;
 pub mod process;
 pub mod reserved;
+pub mod shorten;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};

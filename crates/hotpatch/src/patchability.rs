@@ -337,7 +337,8 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
         return Class::NotPatchable {
             reason: Reason::SymbolInsideEntry,
             detail: format!(
-                "function {name} starts at {other:#x}, inside the {} bytes a jump would overwrite",
+                "function {} starts at {other:#x}, inside the {} bytes a jump would overwrite",
+                crate::shorten::name(&name),
                 detour.displaced
             ),
         };

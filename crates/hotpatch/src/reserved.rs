@@ -108,7 +108,7 @@ pub fn refusals(planner: &Planner<'_>, planned: &[(String, u64)]) -> Vec<Refusal
             let why = if name == c.name {
                 c.why.to_string()
             } else {
-                format!("`{name}` is `{}`: {}", c.name, c.why)
+                format!("`{}` is `{}`: {}", crate::shorten::name(name), c.name, c.why)
             };
             Some(Refusal {
                 name: name.clone(),

@@ -161,7 +161,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         .filter_map(|p| match p.method {
             Method::Detour { direct_calls, .. } if direct_calls > 0 => Some(format!(
                 "`{}` ({direct_calls} direct call{})",
-                p.name,
+                crate::shorten::name(&p.name),
                 if direct_calls == 1 { "" } else { "s" }
             )),
             _ => None,
@@ -294,7 +294,13 @@ fn refuse_what_the_tool_runs(planner: &Planner<'_>, planned: &[Planned]) -> Resu
     }
     let functions: Vec<String> = refused
         .iter()
-        .map(|r| format!("`{}` cannot be replaced: {}", r.name, r.why))
+        .map(|r| {
+            format!(
+                "`{}` cannot be replaced: {}",
+                crate::shorten::name(&r.name),
+                r.why
+            )
+        })
         .collect();
     Err(crate::plan::PlanError::UsedByTheTool {
         image: planner.image().path().display().to_string(),

@@ -145,6 +145,9 @@ mod tests {
         }
         let elf = dir.path().join("elf");
         std::fs::write(&elf, b"\x7fELF\x02\x01 and the rest of the file").unwrap();
-        assert_eq!(read_image(&elf).unwrap(), b"\x7fELF\x02\x01 and the rest of the file");
+        assert_eq!(
+            read_image(&elf).unwrap(),
+            b"\x7fELF\x02\x01 and the rest of the file"
+        );
     }
 }
