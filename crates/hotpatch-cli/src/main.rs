@@ -3,6 +3,7 @@
 mod audit;
 mod check;
 mod demo;
+mod files;
 mod output;
 mod patching;
 mod prepare;

@@ -109,7 +109,7 @@ pub fn sign(args: SignArgs) -> Result<()> {
     let out = args.output.as_deref().unwrap_or(&args.patch);
     // Never group- or world-writable: apply would refuse it.
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o755;
-    write_by_rename(out, &signed, mode)?;
+    crate::files::replace_file(out, &signed, mode)?;
     let text = format!(
         "{}: signed by {} (key {})\n",
         out.display(),
@@ -117,29 +117,6 @@ pub fn sign(args: SignArgs) -> Result<()> {
         signature::fingerprint(&key.key.verifying_key())
     );
     crate::output::emit(&text, || Some(format!("{} WAS signed", out.display())))?;
-    Ok(())
-}
-
-/// Write `bytes` to a new file beside `path` and rename it over `path`: a
-/// process that has the old file mapped keeps its pages, and `path` is
-/// never seen half written.
-fn write_by_rename(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".hotpatch-sign-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .and_then(|()| tmp.write_all(bytes))
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot rename the signed file to {}", path.display()))?;
     Ok(())
 }
 
