@@ -16,9 +16,9 @@ pub fn log(socket: &Path, record: &Record) {
     if let Err(e) = audit::send(socket, &datagram)
         && !WARNED.swap(true, Ordering::Relaxed)
     {
-        eprintln!(
+        crate::output::warn(&format!(
             "hotpatch: warning: audit record not logged ({}: {e}); is a syslog daemon running?",
             socket.display()
-        );
+        ));
     }
 }

@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use hotpatch::patchability::{Class, ImageReport};
 use hotpatch::process::Process;
+use hotpatch::shorten::name;
 use hotpatch::{Image, survey};
 use serde::Serialize;
 use std::io::Write;
@@ -58,13 +59,14 @@ pub fn run(args: Args) -> Result<()> {
             image.functions.clear();
         }
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &output)?;
         writeln!(out)?;
     } else {
         print_tables(&mut out, &output, args.functions)?;
     }
+    crate::output::emit(&String::from_utf8_lossy(&out), || None)?;
     Ok(())
 }
 
@@ -75,7 +77,7 @@ pub fn check_process(pid: i32) -> Result<CheckOutput> {
     let mut images = Vec::new();
     let mut skipped = Vec::new();
     for mapped in process.mapped_images()? {
-        let data = match hotpatch::image::file::read_regular(&mapped.open_path) {
+        let data = match hotpatch::image::file::read_image(&mapped.open_path) {
             Ok(d) => d,
             Err(e) => {
                 skipped.push(Skipped {
@@ -145,7 +147,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
         writeln!(
             out,
             "{:<name_width$}  {:>14}  {:>9}  {:>9}  {:>8}  {:>9}  {:>10}  {:>7}  {:>8}  {}",
-            image.path,
+            name(&image.path),
             image
                 .load_bias
                 .map(|b| format!("{b:#x}"))
@@ -169,7 +171,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
     }
     if functions {
         for image in &output.images {
-            writeln!(out, "\n{}", image.path)?;
+            writeln!(out, "\n{}", name(&image.path))?;
             writeln!(
                 out,
                 "{:>18}  {:>6}  {:<15}  {:<32}  NAME",
@@ -200,7 +202,7 @@ pub fn print_tables(out: &mut impl Write, output: &CheckOutput, functions: bool)
                     f.size,
                     f.class.name(),
                     how,
-                    f.name
+                    name(&f.name)
                 )?;
             }
         }

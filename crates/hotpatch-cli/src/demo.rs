@@ -8,6 +8,7 @@
 //! without, then reverts. With `--unprepared` the server is built without
 //! padding, and the same fix goes in through a detour.
 
+use crate::output::say;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -238,7 +239,7 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
             args.clients + 2
         );
     }
-    println!(
+    say!(
         "== building fee-server ({} {}) and fix.so",
         args.cc,
         server_flags(args.unprepared).join(" ")
@@ -259,12 +260,12 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
         .and_then(|p| p.parse().ok())
         .context("the server did not start")?;
     let pid = i32::try_from(server.0.id())?;
-    println!(
+    say!(
         "== fee-server pid {pid}, {} worker threads, 127.0.0.1:{port}",
         args.workers
     );
     let mut control = Control::connect(port)?;
-    println!(
+    say!(
         "   before:  {}   (the bug: large amounts pay no fee)",
         answers(&mut control)?
     );
@@ -277,7 +278,7 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
         })
         .collect();
     let window = Duration::from_millis(args.window_ms);
-    println!("== {} client threads hammering the server", args.clients);
+    say!("== {} client threads hammering the server", args.clients);
 
     // An equal window without patching, for comparison.
     std::thread::sleep(Duration::from_millis(200));
@@ -302,7 +303,7 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     std::thread::sleep(window / 2);
     let apply_late = worst_late_us(&mut control)?;
     let apply_rtt = load.worst_rtt_us.swap(0, Ordering::Relaxed);
-    println!(
+    say!(
         "== hotpatch apply {pid} fix.so: patch {} in {:.2} ms",
         applied.patch.id,
         applied.elapsed_us as f64 / 1000.0
@@ -315,12 +316,12 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
             }
             hotpatch::engine::FlipMode::Superseded => "superseded an earlier patch".to_string(),
         };
-        println!("   {} -> fix.so ({}, {how})", f.name, f.route);
+        say!("   {} -> fix.so ({}, {how})", f.name, f.route);
     }
-    println!("   after:   {}", answers(&mut control)?);
+    say!("   after:   {}", answers(&mut control)?);
 
     let state = hotpatch::engine::list(pid)?;
-    println!(
+    say!(
         "== hotpatch list {pid}: {} patch(es) recorded inside the server",
         state.patches.len()
     );
@@ -333,11 +334,11 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     for c in clients {
         let _ = c.join();
     }
-    println!(
+    say!(
         "== hotpatch revert --all {pid}: {} patch(es) reverted",
         reverted.len()
     );
-    println!("   after revert: {}", answers(&mut control)?);
+    say!("   after revert: {}", answers(&mut control)?);
 
     let requests = load.requests.load(Ordering::Relaxed);
     let failed = load.failed.load(Ordering::Relaxed);
@@ -345,20 +346,20 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     let stale_apply = load.stale_after_apply.load(Ordering::Relaxed);
     let stale_revert = load.stale_after_revert.load(Ordering::Relaxed);
     let stale = stale_apply + stale_revert;
-    println!(
+    say!(
         "== {requests} requests: {failed} failed, {wrong} wrong answers, {stale_apply} old answers after apply \
          returned, {stale_revert} new answers after revert returned"
     );
-    println!(
+    say!(
         "   worst stall, {} ms window      without patching   with apply",
         args.window_ms
     );
-    println!("   server ticker thread lateness  {base_late:>10} µs   {apply_late:>7} µs");
-    println!("   client request round trip      {base_rtt:>10} µs   {apply_rtt:>7} µs");
+    say!("   server ticker thread lateness  {base_late:>10} µs   {apply_late:>7} µs");
+    say!("   client request round trip      {base_rtt:>10} µs   {apply_rtt:>7} µs");
     drop(server);
     if failed + wrong + stale > 0 {
         bail!("the demo saw {failed} failed requests, {wrong} wrong answers and {stale} stale answers");
     }
-    println!("== done: no failed request, server stopped");
+    say!("== done: no failed request, server stopped");
     Ok(())
 }

@@ -4,6 +4,8 @@ mod audit;
 mod check;
 mod demo;
 mod doctor;
+mod files;
+mod output;
 mod patching;
 mod prepare;
 mod signing;
@@ -16,9 +18,16 @@ Exit codes:
   0  success
   1  the request failed: bad input (file, pid, patch) or the target refused;
      the message names what and where, and nothing in a target was changed
-  2  bad command line";
+  2  bad command line
+  3  the command did its work (a patch WAS applied or reverted, a file
+     written) but its output could not be written to stdout; stderr says
+     what was done";
 
-/// Hot-patch running Linux x86-64 processes.
+/// The longest error line printed whole, in bytes.
+const MESSAGE_MAX: usize = 4096;
+
+/// Hot-patch running Linux x86-64 processes: check what can be patched,
+/// apply patch libraries to running processes, list and revert them.
 #[derive(Parser)]
 #[command(name = "hotpatch", version, about, after_help = EXIT_CODES)]
 struct Cli {
@@ -85,9 +94,18 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hotpatch: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => match e.downcast_ref::<output::Unwritten>() {
+            Some(unwritten) => {
+                output::warn(&format!("hotpatch: {unwritten}"));
+                ExitCode::from(output::EXIT_UNWRITTEN)
+            }
+            None => {
+                // Names from a patch or a target can be any length; each
+                // is cut where it is quoted, and the line as a whole here.
+                let message = format!("hotpatch: {e:#}");
+                output::warn(&hotpatch::shorten::shorten(&message, MESSAGE_MAX));
+                ExitCode::from(1)
+            }
+        },
     }
 }

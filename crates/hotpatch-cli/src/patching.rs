@@ -1,6 +1,7 @@
 //! `hotpatch apply`, `list` and `revert`.
 
 use crate::audit;
+use crate::output;
 use crate::signing::TrustArgs;
 use anyhow::{Result, anyhow, bail};
 use hotpatch::audit::{Outcome, Record};
@@ -8,6 +9,8 @@ use hotpatch::engine::{self, Applied, ApplyOptions, FlipMode, Which};
 use hotpatch::entry_state::{EntryCheck, EntryState};
 use hotpatch::patchfile::CommandLineRecords;
 use hotpatch::policy::{Policy, PolicyError, rules::DEFAULT_AUDIT_SOCKET, trusted_file};
+use hotpatch::shorten::name;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -79,33 +82,50 @@ pub fn apply(args: ApplyArgs, trust: &TrustArgs) -> Result<()> {
         Failure::Refused(e) => anyhow!(e),
         Failure::Failed(e) => e,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&applied)?);
-        return Ok(());
+    print_applied(&applied, args.json)
+}
+
+/// The answer of `apply`; the patch is applied whether or not it can be written.
+fn print_applied(applied: &Applied, json: bool) -> Result<()> {
+    let mut text = String::new();
+    if json {
+        writeln!(text, "{}", serde_json::to_string_pretty(applied)?)?;
+    } else {
+        writeln!(
+            text,
+            "process {}: patch {} applied ({}{} in {:.2} ms)",
+            applied.pid,
+            applied.patch.id,
+            name(&applied.patch.path),
+            applied
+                .patch
+                .signer
+                .as_ref()
+                .map_or_else(String::new, |s| format!(", signed by {}", name(s))),
+            applied.elapsed_us as f64 / 1000.0
+        )?;
+        for f in &applied.functions {
+            let how = match f.mode {
+                FlipMode::Live => "live, no thread stopped".to_string(),
+                FlipMode::Stopped { stopped_us } => format!("threads stopped for {stopped_us} µs"),
+                FlipMode::Superseded => "supersedes the previous patch".to_string(),
+            };
+            writeln!(
+                text,
+                "  {} at {:#x} -> {:#x} ({}, {how})",
+                name(&f.name),
+                f.entry,
+                f.replacement,
+                f.route
+            )?;
+        }
     }
-    println!(
-        "process {}: patch {} applied ({}{} in {:.2} ms)",
-        applied.pid,
-        applied.patch.id,
-        applied.patch.path,
-        applied
-            .patch
-            .signer
-            .as_ref()
-            .map_or_else(String::new, |s| format!(", signed by {s}")),
-        applied.elapsed_us as f64 / 1000.0
-    );
-    for f in &applied.functions {
-        let how = match f.mode {
-            FlipMode::Live => "live, no thread stopped".to_string(),
-            FlipMode::Stopped { stopped_us } => format!("threads stopped for {stopped_us} µs"),
-            FlipMode::Superseded => "supersedes the previous patch".to_string(),
-        };
-        println!(
-            "  {} at {:#x} -> {:#x} ({}, {how})",
-            f.name, f.entry, f.replacement, f.route
-        );
-    }
+    output::emit(&text, || {
+        Some(format!(
+            "patch {} WAS applied to process {}",
+            applied.patch.id, applied.pid
+        ))
+    })?;
     Ok(())
 }
 
@@ -151,40 +171,49 @@ fn approve_and_apply(
 
 pub fn list(args: ListArgs) -> Result<()> {
     let listing = engine::list_checked(args.pid)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&listing)?);
-        return Ok(());
+    let text = list_text(args.pid, &listing, args.json)?;
+    output::emit(&text, || None)?;
+    Ok(())
+}
+
+fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> {
+    let mut text = String::new();
+    if json {
+        writeln!(text, "{}", serde_json::to_string_pretty(listing)?)?;
+        return Ok(text);
     }
     let state = &listing.state;
     if state.patches.is_empty() {
-        println!("process {}: no patches applied", args.pid);
+        writeln!(text, "process {pid}: no patches applied")?;
     } else {
-        println!("process {}: {} patch(es)", args.pid, state.patches.len());
+        writeln!(text, "process {pid}: {} patch(es)", state.patches.len())?;
     }
     for p in &state.patches {
         let origin = match (&p.sha256, &p.signer) {
-            (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {signer})", short(sha)),
+            (Some(sha), Some(signer)) => format!(" (sha256 {}, signed by {})", short(sha), name(signer)),
             (Some(sha), None) => format!(" (sha256 {}, unsigned)", short(sha)),
-            (None, Some(signer)) => format!(" (signed by {signer})"),
+            (None, Some(signer)) => format!(" (signed by {})", name(signer)),
             (None, None) => String::new(),
         };
-        println!(
+        writeln!(
+            text,
             "  patch {}: {} on {}{origin}{}",
             p.id,
-            p.path,
-            p.image,
+            name(&p.path),
+            name(&p.image),
             if p.complete {
                 ""
             } else {
                 "  (INCOMPLETE: the tool stopped during apply; revert it)"
             }
-        );
+        )?;
         for entry in &p.functions {
             if let Some(f) = state.function(*entry) {
                 let live = f.versions.last().is_some_and(|v| v.patch == p.id);
-                println!(
+                writeln!(
+                    text,
                     "    {} at {:#x} ({}{}){}",
-                    f.name,
+                    name(&f.name),
                     f.entry,
                     f.route.name(),
                     listing.entry(f.entry).map(entry_note).unwrap_or_default(),
@@ -193,7 +222,7 @@ pub fn list(args: ListArgs) -> Result<()> {
                     } else {
                         "  (superseded by a newer patch)"
                     },
-                );
+                )?;
             }
         }
     }
@@ -206,9 +235,10 @@ pub fn list(args: ListArgs) -> Result<()> {
         .filter(|e| !listed(e.entry))
         .filter(|e| e.recorded_patched || e.state != EntryState::Original)
     {
-        println!(
+        writeln!(
+            text,
             "  {} at {:#x} (recorded as {}{})",
-            check.name,
+            name(&check.name),
             check.entry,
             if check.recorded_patched {
                 "patched by a patch with no record"
@@ -216,9 +246,9 @@ pub fn list(args: ListArgs) -> Result<()> {
                 "reverted"
             },
             entry_note(check)
-        );
+        )?;
     }
-    Ok(())
+    Ok(text)
 }
 
 /// The first 16 hex digits of a SHA-256.
@@ -256,7 +286,9 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
     let socket = match trust.load() {
         Ok(p) => p.audit_socket().to_path_buf(),
         Err(e) => {
-            eprintln!("hotpatch: warning: {e}; audit records go to {DEFAULT_AUDIT_SOCKET}");
+            output::warn(&format!(
+                "hotpatch: warning: {e}; audit records go to {DEFAULT_AUDIT_SOCKET}"
+            ));
             PathBuf::from(DEFAULT_AUDIT_SOCKET)
         }
     };
@@ -297,21 +329,31 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
         }
     }
     let reverted = result?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reverted)?);
-        return Ok(());
-    }
-    if reverted.is_empty() {
-        println!("process {}: nothing to revert", args.pid);
-    }
-    for r in &reverted {
-        println!("process {}: patch {} reverted", args.pid, r.patch);
-        for name in &r.restored {
-            println!("  {name}: original code");
+    print_reverted(args.pid, &reverted, args.json)
+}
+
+/// The answer of `revert`; the patches are reverted whether or not it can be written.
+fn print_reverted(pid: i32, reverted: &[engine::Reverted], json: bool) -> Result<()> {
+    let mut text = String::new();
+    if json {
+        writeln!(text, "{}", serde_json::to_string_pretty(reverted)?)?;
+    } else {
+        if reverted.is_empty() {
+            writeln!(text, "process {pid}: nothing to revert")?;
         }
-        for name in &r.stepped_back {
-            println!("  {name}: back to the previous patch");
+        for r in reverted {
+            writeln!(text, "process {pid}: patch {} reverted", r.patch)?;
+            for n in &r.restored {
+                writeln!(text, "  {}: original code", name(n))?;
+            }
+            for n in &r.stepped_back {
+                writeln!(text, "  {}: back to the previous patch", name(n))?;
+            }
         }
     }
+    output::emit(&text, || {
+        let ids: Vec<String> = reverted.iter().map(|r| r.patch.to_string()).collect();
+        (!ids.is_empty()).then(|| format!("patch(es) {} WERE reverted in process {pid}", ids.join(", ")))
+    })?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `hotpatch prepare FILE -o OUT`.
 
 use anyhow::{Context, Result};
+use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
@@ -8,7 +9,8 @@ use std::path::PathBuf;
 pub struct Args {
     /// The ELF file to read (left unchanged).
     file: PathBuf,
-    /// Where to write the prepared copy.
+    /// Where to write the prepared copy (may be FILE itself: the copy
+    /// replaces it by a rename, so processes running it are unaffected).
     #[arg(short, long)]
     output: PathBuf,
     /// Print what was done as JSON.
@@ -23,26 +25,27 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("{}", args.file.display()))?
         .permissions()
         .mode();
-    std::fs::write(&args.output, &copy.data)
-        .with_context(|| format!("{}: cannot write", args.output.display()))?;
-    std::fs::set_permissions(&args.output, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("{}: cannot set permissions", args.output.display()))?;
+    crate::files::replace_file(&args.output, &copy.data, mode)?;
+    let mut text = String::new();
     if args.json {
-        println!(
+        writeln!(
+            text,
             "{}",
             serde_json::json!({
                 "input": args.file,
                 "output": args.output,
                 "rewritten": copy.rewritten,
             })
-        );
+        )?;
     } else {
-        println!(
+        writeln!(
+            text,
             "{}: rewrote {} entries from `90 90` to `66 90`, wrote {}",
             args.file.display(),
             copy.rewritten.len(),
             args.output.display()
-        );
+        )?;
     }
+    crate::output::emit(&text, || Some(format!("{} WAS written", args.output.display())))?;
     Ok(())
 }

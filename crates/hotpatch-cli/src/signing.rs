@@ -66,12 +66,21 @@ pub fn keygen(args: KeygenArgs) -> Result<()> {
         let _ = std::fs::remove_file(&private);
         return Err(e);
     }
-    println!("private key: {} (keep it secret)", private.display());
-    println!(
-        "public key:  {} (install it in /etc/hotpatch/keys/ where patches are applied)",
-        public.display()
+    let text = format!(
+        "private key: {} (keep it secret)\n\
+         public key:  {} (install it in /etc/hotpatch/keys/ where patches are applied)\n\
+         fingerprint: {}\n",
+        private.display(),
+        public.display(),
+        signature::fingerprint(&key.public().key)
     );
-    println!("fingerprint: {}", signature::fingerprint(&key.public().key));
+    crate::output::emit(&text, || {
+        Some(format!(
+            "{} and {} WERE written",
+            private.display(),
+            public.display()
+        ))
+    })?;
     Ok(())
 }
 
@@ -100,36 +109,14 @@ pub fn sign(args: SignArgs) -> Result<()> {
     let out = args.output.as_deref().unwrap_or(&args.patch);
     // Never group- or world-writable: apply would refuse it.
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o755;
-    write_by_rename(out, &signed, mode)?;
-    println!(
-        "{}: signed by {} (key {})",
+    crate::files::replace_file(out, &signed, mode)?;
+    let text = format!(
+        "{}: signed by {} (key {})\n",
         out.display(),
         key.name,
         signature::fingerprint(&key.key.verifying_key())
     );
-    Ok(())
-}
-
-/// Write `bytes` to a new file beside `path` and rename it over `path`: a
-/// process that has the old file mapped keeps its pages, and `path` is
-/// never seen half written.
-fn write_by_rename(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".hotpatch-sign-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .and_then(|()| tmp.write_all(bytes))
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot rename the signed file to {}", path.display()))?;
+    crate::output::emit(&text, || Some(format!("{} WAS signed", out.display())))?;
     Ok(())
 }
 
@@ -139,11 +126,12 @@ pub fn verify(args: VerifyArgs, trust: &TrustArgs) -> Result<()> {
     let keys = policy.keyring()?;
     match policy::verdict(&file, &keys)? {
         Verdict::Trusted { name, fingerprint } => {
-            println!(
-                "{}: signed by {name} (key {fingerprint}), trusted in {}",
+            let text = format!(
+                "{}: signed by {name} (key {fingerprint}), trusted in {}\n",
                 args.patch.display(),
                 policy.keys_dir().display()
             );
+            crate::output::emit(&text, || None)?;
             Ok(())
         }
         Verdict::Untrusted { fingerprint } => bail!(

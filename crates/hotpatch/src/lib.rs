@@ -15,7 +15,9 @@ pub mod plan;
 pub mod policy;
 pub mod prepare;
 pub mod process;
+pub mod reserved;
 pub mod seccomp;
+pub mod shorten;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};

@@ -222,16 +222,91 @@ fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
         .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
 }
 
-/// Sorted targets of every direct branch and call in every function, one
+/// Sorted targets of every direct branch and call in the image's code, one
 /// entry per branch site (so a target's count is its number of callers).
+///
+/// Every byte of executable code is decoded, not only the code symbols
+/// cover: stripped code (most of a distribution binary's `.text`) calls
+/// and jumps too. The decoder restarts at every function entry and padded
+/// site, so it stays in step with the code the symbols describe; in code
+/// no symbol covers, data mixed into the code can throw the linear decode
+/// out of step until it resynchronises. That can add a caller that is not
+/// one (the tool is then more careful than needed) but it only misses a
+/// real caller whose bytes were decoded as part of another instruction.
 fn branch_targets(image: &Image) -> Vec<u64> {
-    let mut targets = Vec::new();
-    for f in image.functions() {
-        if let Some(code) = image.bytes_at(f.address, f.size) {
-            direct_branch_targets(f.address, code, &mut targets);
+    let pieces = code_pieces(image);
+    // Decoding all of a large image's code is most of a survey's time; the
+    // pieces are independent, so a few threads share them.
+    let total: usize = pieces.iter().map(|(_, c)| c.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(total / PARALLEL_MIN_BYTES + 1);
+    let mut targets = decode_in_parallel(&pieces, threads);
+    targets.sort_unstable();
+    targets
+}
+
+/// Every byte of the image's code ranges, cut at every function entry and
+/// padded site (where the decoder restarts), with the address of each piece.
+fn code_pieces(image: &Image) -> Vec<(u64, &[u8])> {
+    let mut starts: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
+    starts.extend_from_slice(image.padded_sites());
+    starts.sort_unstable();
+    starts.dedup();
+    let mut pieces: Vec<(u64, &[u8])> = Vec::new();
+    for range in image.code_ranges() {
+        let first = starts.partition_point(|&a| a <= range.start);
+        let cuts = starts[first..].iter().take_while(|&&a| a < range.end);
+        let mut from = range.start;
+        for &to in cuts.chain(std::iter::once(&range.end)) {
+            if let Some(code) = image.bytes_at(from, to - from) {
+                pieces.push((from, code));
+            }
+            from = to;
         }
     }
-    targets.sort_unstable();
+    pieces
+}
+
+/// [`decode_pieces`] of `pieces`, shared by `threads` threads in groups
+/// of about equal size (unsorted).
+fn decode_in_parallel(pieces: &[(u64, &[u8])], threads: usize) -> Vec<u64> {
+    if threads <= 1 {
+        return decode_pieces(pieces);
+    }
+    let total: usize = pieces.iter().map(|(_, c)| c.len()).sum();
+    let share = total.div_ceil(threads).max(1);
+    let mut groups: Vec<&[(u64, &[u8])]> = Vec::new();
+    let (mut begin, mut size) = (0, 0);
+    for (i, (_, code)) in pieces.iter().enumerate() {
+        size += code.len();
+        if size >= share {
+            groups.push(&pieces[begin..=i]);
+            (begin, size) = (i + 1, 0);
+        }
+    }
+    groups.push(&pieces[begin..]);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|group| scope.spawn(move || decode_pieces(group)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// Below this much code, one thread decodes it all.
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+fn decode_pieces(pieces: &[(u64, &[u8])]) -> Vec<u64> {
+    let mut targets = Vec::new();
+    for &(ip, code) in pieces {
+        direct_branch_targets(ip, code, &mut targets);
+    }
     targets
 }
 
@@ -318,7 +393,8 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
         return Class::NotPatchable {
             reason: Reason::SymbolInsideEntry,
             detail: format!(
-                "function {name} starts at {other:#x}, inside the {} bytes a jump would overwrite",
+                "function {} starts at {other:#x}, inside the {} bytes a jump would overwrite",
+                crate::shorten::name(&name),
                 detour.displaced
             ),
         };
@@ -365,4 +441,44 @@ fn summarize(reports: &[FunctionReport]) -> Summary {
     reasons.sort_by(|a, b| b.count.cmp(&a.count).then(a.reason.cmp(&b.reason)));
     s.reasons = reasons;
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+
+    #[test]
+    fn pieces_cover_every_code_byte_once() {
+        let Ok(image) = Image::open(LIBC) else {
+            eprintln!("{LIBC} not readable: skipped");
+            return;
+        };
+        let pieces = code_pieces(&image);
+        let covered: usize = pieces.iter().map(|(_, c)| c.len()).sum();
+        let code: u64 = image.code_ranges().iter().map(|r| r.end - r.start).sum();
+        assert_eq!(covered as u64, code);
+        assert!(pieces.windows(2).all(|w| w[0].0 + w[0].1.len() as u64 <= w[1].0));
+        // More code than the symbols cover (libc's .symtab is stripped).
+        let named: u64 = image.functions().iter().map(|f| f.size).sum();
+        assert!(code > named, "{code} <= {named}");
+    }
+
+    #[test]
+    fn threads_find_the_same_targets_as_one() {
+        let Ok(image) = Image::open(LIBC) else {
+            eprintln!("{LIBC} not readable: skipped");
+            return;
+        };
+        let pieces = code_pieces(&image);
+        let mut one = decode_pieces(&pieces);
+        one.sort_unstable();
+        for threads in [2, 3, 7] {
+            let mut many = decode_in_parallel(&pieces, threads);
+            many.sort_unstable();
+            assert_eq!(many, one, "{threads} threads");
+        }
+        assert!(!one.is_empty());
+    }
 }

@@ -9,6 +9,7 @@
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
 use crate::image::{Image, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
 use crate::patchability::{Class, survey};
+use crate::shorten::name as short;
 
 /// One compare-and-swap write into the target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -131,15 +132,17 @@ pub struct FunctionFlip {
 pub enum PlanError {
     #[error(transparent)]
     Lookup(#[from] LookupError),
-    #[error("{image}: `{name}` is a variable, not a function")]
+    #[error("{}: `{}` is a variable, not a function", short(image), short(name))]
     NotAFunction { image: String, name: String },
-    #[error("{image}: `{name}` cannot be patched: {detail}")]
+    #[error("{}: `{}` cannot be patched: {detail}", short(image), short(name))]
     NotPatchable {
         image: String,
         name: String,
         detail: String,
     },
-    #[error("{image}: `{name}`: {detail}")]
+    #[error("{}: {functions}; nothing was changed", short(image))]
+    UsedByTheTool { image: String, functions: String },
+    #[error("{}: `{}`: {detail}", short(image), short(name))]
     OutOfRange {
         image: String,
         name: String,

@@ -156,12 +156,13 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             replacement_symbol: r.replacement.clone(),
         });
     }
+    refuse_what_the_tool_runs(&planner, &planned)?;
     let hazards: Vec<String> = planned
         .iter()
         .filter_map(|p| match p.method {
             Method::Detour { direct_calls, .. } if direct_calls > 0 => Some(format!(
                 "`{}` ({direct_calls} direct call{})",
-                p.name,
+                crate::shorten::name(&p.name),
                 if direct_calls == 1 { "" } else { "s" }
             )),
             _ => None,
@@ -282,6 +283,31 @@ impl Step {
             Step::Supersede { .. } => None,
         }
     }
+}
+
+/// Refuse, before anything touches the process, to replace a function
+/// the tool itself runs inside it (see [`crate::reserved`]).
+fn refuse_what_the_tool_runs(planner: &Planner<'_>, planned: &[Planned]) -> Result<(), EngineError> {
+    let entries: Vec<(String, u64)> = planned.iter().map(|p| (p.name.clone(), p.entry)).collect();
+    let refused = crate::reserved::refusals(planner, &entries);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let functions: Vec<String> = refused
+        .iter()
+        .map(|r| {
+            format!(
+                "`{}` cannot be replaced: {}",
+                crate::shorten::name(&r.name),
+                r.why
+            )
+        })
+        .collect();
+    Err(crate::plan::PlanError::UsedByTheTool {
+        image: planner.image().path().display().to_string(),
+        functions: functions.join("; "),
+    }
+    .into())
 }
 
 fn dlclose(remote: &mut Remote, handle: u64) {

@@ -23,6 +23,27 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>, ImageError> {
     read_open(path, file, &meta)
 }
 
+/// Like [`read_regular`], for a file that must be an ELF image: its
+/// identification bytes are read and checked first, so a large file that
+/// is no image (a shared mapping of `/dev/zero` seen through
+/// `/proc/PID/map_files`, a data file) is refused after 16 bytes instead
+/// of being read whole.
+pub fn read_image(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let io = |error| ImageError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let (file, meta) = open_regular(path)?;
+    let mut file = file.take(meta.len());
+    let mut ident = Vec::with_capacity(16);
+    (&mut file).take(16).read_to_end(&mut ident).map_err(io)?;
+    super::error::check_ident(path, &ident)?;
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    data.extend_from_slice(&ident);
+    file.read_to_end(&mut data).map_err(io)?;
+    Ok(data)
+}
+
 /// The regular file at `path`, opened as [`read_regular`] does, with its
 /// `fstat`: for a caller that checks more (owner, mode) on the open
 /// descriptor before reading it with [`read_open`].
@@ -109,5 +130,24 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"\x7fELF and more").unwrap();
         assert_eq!(read_regular(&path).unwrap(), b"\x7fELF and more");
+    }
+
+    #[test]
+    fn an_image_is_refused_on_its_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zeros");
+        // Sparse: 1 GiB of zeros that a whole read would allocate.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(1 << 30).unwrap();
+        match read_image(&path) {
+            Err(ImageError::NotElf { found, .. }) => assert!(found.contains("00 00 00 00"), "{found}"),
+            other => panic!("{other:?}"),
+        }
+        let elf = dir.path().join("elf");
+        std::fs::write(&elf, b"\x7fELF\x02\x01 and the rest of the file").unwrap();
+        assert_eq!(
+            read_image(&elf).unwrap(),
+            b"\x7fELF\x02\x01 and the rest of the file"
+        );
     }
 }

@@ -41,14 +41,30 @@ impl SymbolMatch {
 /// A name that names nothing, or more than one thing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
-    #[error("{image}: no function or variable named `{query}`")]
+    #[error("{}: no function or variable named `{}`", name(image), name(query))]
     NotFound { image: String, query: String },
-    #[error("{image}: `{query}` is ambiguous; say which: {}", candidates.join(", "))]
+    #[error(
+        "{}: `{}` is ambiguous; say which: {}",
+        name(image),
+        name(query),
+        list(candidates)
+    )]
     Ambiguous {
         image: String,
         query: String,
         candidates: Vec<String>,
     },
+}
+
+use crate::shorten::name;
+
+/// At most 10 candidates, each cut to a readable length.
+fn list(candidates: &[String]) -> String {
+    let mut shown: Vec<String> = candidates.iter().take(10).map(|c| name(c).into_owned()).collect();
+    if candidates.len() > 10 {
+        shown.push(format!("and {} more", candidates.len() - 10));
+    }
+    shown.join(", ")
 }
 
 /// Every defined function and variable symbol of `.symtab` and `.dynsym`.

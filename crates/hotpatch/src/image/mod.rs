@@ -57,13 +57,14 @@ pub struct Image {
     segments: Vec<Segment>,
     functions: Vec<Function>,
     padded_sites: Vec<u64>,
+    code_ranges: Vec<std::ops::Range<u64>>,
 }
 
 impl Image {
     /// Read and parse the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Image, ImageError> {
         let path = path.as_ref();
-        Image::parse(path, file::read_regular(path)?)
+        Image::parse(path, file::read_image(path)?)
     }
 
     /// Parse `data`, the contents of the file at `path` (used in messages).
@@ -148,6 +149,7 @@ impl Image {
                 .iter()
                 .any(|s| s.executable && f.address >= s.vaddr && f.address < s.vaddr + s.memsz)
         });
+        let code_ranges = read_code_ranges(endian, &sections, &segments);
         Ok(Image {
             path,
             data,
@@ -157,6 +159,7 @@ impl Image {
             segments,
             functions,
             padded_sites,
+            code_ranges,
         })
     }
 
@@ -249,12 +252,65 @@ impl Image {
             .map(|s| s.vaddr.saturating_add(s.filesz))
     }
 
+    /// Every range of executable code with bytes in the file, sorted and
+    /// disjoint: the executable sections (`SHF_EXECINSTR`) that lie in an
+    /// executable segment, or the executable segments themselves when the
+    /// section headers are stripped. Symbols cover only part of this in
+    /// stripped code; scans for callers must read all of it.
+    pub fn code_ranges(&self) -> &[std::ops::Range<u64>] {
+        &self.code_ranges
+    }
+
     /// The lowest `PT_LOAD` address, page-aligned down: the image's base
     /// before relocation. The load bias of a mapped copy is its mapped
     /// base minus this.
     pub fn link_base(&self) -> u64 {
         self.segments.iter().map(|s| s.vaddr & !0xfff).min().unwrap_or(0)
     }
+}
+
+/// See [`Image::code_ranges`].
+fn read_code_ranges(
+    endian: Endianness,
+    sections: &object::read::elf::SectionTable<'_, Header>,
+    segments: &[Segment],
+) -> Vec<std::ops::Range<u64>> {
+    let in_code_segment = |r: &std::ops::Range<u64>| {
+        segments
+            .iter()
+            .any(|s| s.executable && r.start >= s.vaddr && r.end <= s.vaddr.saturating_add(s.filesz))
+    };
+    let mut ranges: Vec<std::ops::Range<u64>> = sections
+        .iter()
+        .filter(|s| {
+            let flags = s.sh_flags(endian);
+            flags & u64::from(elf::SHF_EXECINSTR) != 0
+                && flags & u64::from(elf::SHF_ALLOC) != 0
+                && s.sh_type(endian) != elf::SHT_NOBITS
+        })
+        .filter_map(|s| {
+            let start = s.sh_addr(endian);
+            Some(start..start.checked_add(s.sh_size(endian))?)
+        })
+        .filter(|r| !r.is_empty() && in_code_segment(r))
+        .collect();
+    if ranges.is_empty() {
+        ranges = segments
+            .iter()
+            .filter(|s| s.executable && s.filesz > 0)
+            .map(|s| s.vaddr..s.vaddr.saturating_add(s.filesz))
+            .collect();
+    }
+    ranges.sort_by_key(|r| (r.start, r.end));
+    // Overlapping sections (forged headers) are merged so no byte is read twice.
+    let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 /// Lowercase hex of `bytes`.

@@ -11,7 +11,7 @@ pub enum Record {
 
 /// A record that cannot be read; `offset` is within the section.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("record at offset {offset:#x} ({text:?}): {what}")]
+#[error("record at offset {offset:#x} ({:?}): {what}", crate::shorten::name(text))]
 pub struct RecordError {
     pub offset: usize,
     pub text: String,

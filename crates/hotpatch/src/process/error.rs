@@ -63,7 +63,7 @@ pub enum ProcessError {
     },
     #[error("process {pid}: {what} failed in the target: {detail}")]
     CallFailed { pid: i32, what: String, detail: String },
-    #[error("process {pid}: no {name:?} in {image}")]
+    #[error("process {pid}: no {:?} in {image}", crate::shorten::name(name))]
     SymbolNotFound { pid: i32, name: String, image: String },
     #[error("process {pid}: cannot read image {}: {error}", path.display())]
     Image {

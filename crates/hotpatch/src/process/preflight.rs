@@ -248,11 +248,6 @@ fn read(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-/// Whether `name` (a file name) is a C library `dlopen` can come from.
-pub fn is_libc(name: &str) -> bool {
-    name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("ld-musl-")
-}
-
 impl Facts {
     pub fn read(pid: i32) -> Result<Facts, ProcessError> {
         let status_path = format!("/proc/{pid}/status");
@@ -292,7 +287,7 @@ impl Facts {
         let libc = maps
             .lines()
             .filter_map(|l| l.split_whitespace().nth(5))
-            .find(|p| is_libc(p.rsplit('/').next().unwrap_or(p)))
+            .find(|p| crate::reserved::is_c_library(p))
             .map(str::to_string);
         let mut tracers = BTreeMap::new();
         for t in threads.iter().filter(|t| t.tracer > 0) {

@@ -157,7 +157,7 @@ impl TargetLibc {
         let images = super::maps::images(maps, pid);
         let libc = images
             .iter()
-            .find(|i| super::preflight::is_libc(i.path.rsplit('/').next().unwrap_or("")))
+            .find(|i| crate::reserved::is_c_library(&i.path))
             .ok_or_else(|| ProcessError::SymbolNotFound {
                 pid,
                 name: "libc".into(),
@@ -195,17 +195,16 @@ struct LibcInfo {
 
 impl LibcInfo {
     const MAGIC: &'static [u8; 8] = b"HPLIBC01";
-    const NAMES: [&'static str; 5] = ["dlopen", "dlsym", "dlerror", "dlclose", "__errno_location"];
-
     fn of(libc: Option<&TargetLibc>) -> LibcInfo {
         let Some(libc) = libc else {
             return LibcInfo::default();
         };
         LibcInfo {
             path: Some(libc.path.clone()),
-            functions: Self::NAMES
+            // The functions the tool calls; a patch may not replace them.
+            functions: crate::reserved::CALLED
                 .iter()
-                .filter_map(|n| Some((n.to_string(), libc.function(n)?)))
+                .filter_map(|c| Some((c.name.to_string(), libc.function(c.name)?)))
                 .collect(),
         }
     }
@@ -265,7 +264,7 @@ struct DynSymbols {
 
 impl DynSymbols {
     fn read(path: &std::path::Path) -> Result<DynSymbols, crate::image::ImageError> {
-        let data = crate::image::file::read_regular(path)?;
+        let data = crate::image::file::read_image(path)?;
         Self::parse(&data).map_err(|what| crate::image::ImageError::Corrupt {
             path: path.to_path_buf(),
             what,

@@ -140,16 +140,20 @@ pub fn analyze_detour(entry: u64, code: &[u8]) -> Result<Detour, DetourRefusal> 
 /// skipped one at a time.
 pub fn direct_branch_targets(ip: u64, code: &[u8], out: &mut Vec<u64>) {
     let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    for insn in &mut decoder {
+    let mut insn = iced_x86::Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        // The operand kind is a field; the flow control a table lookup:
+        // test the cheap one first (almost no instruction is a branch).
         let direct = matches!(
+            insn.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        ) && matches!(
             insn.flow_control(),
             FlowControl::UnconditionalBranch
                 | FlowControl::ConditionalBranch
                 | FlowControl::Call
                 | FlowControl::XbeginXabortXend
-        ) && matches!(
-            insn.op0_kind(),
-            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
         );
         if direct {
             out.push(insn.near_branch_target());
