@@ -15,6 +15,17 @@ pub fn read_mem(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Write `bytes` at `addr` of process `pid`, through `/proc/PID/mem`
+/// (behind the tool's back).
+pub fn write_mem(pid: i32, addr: u64, bytes: &[u8]) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open /proc/PID/mem for writing");
+    file.write_all_at(bytes, addr)
+        .unwrap_or_else(|e| panic!("write {} bytes at {addr:#x} of {pid}: {e}", bytes.len()));
+}
+
 /// A function's 6 bytes of padding and first 8 bytes (entry nops or
 /// endbr64 + nops, and what follows), for `-fpatchable-function-entry=8,6`.
 pub fn code_bytes(pid: i32, entry: u64) -> Vec<u8> {
