@@ -4,25 +4,16 @@
 use hotpatch::Image;
 use hotpatch::image::{LookupError, SymbolKind, find_symbol};
 use hotpatch::patchfile::{CommandLineRecords, PatchError, PatchSpec, RefKind};
+use hotpatch_testkit::build::{build_sources, compile, include_arg};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn include_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include")
-}
-
+/// `gcc -O2 -g` with `hotpatch.h` on the include path.
 fn cc(dir: &Path, out: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
-    let mut cmd = Command::new("gcc");
-    cmd.args(["-O2", "-g", "-I"]).arg(include_dir()).args(flags);
-    for (name, text) in sources {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        cmd.arg(p);
-    }
-    let out = dir.join(out);
-    let status = cmd.arg("-o").arg(&out).status().unwrap();
-    assert!(status.success(), "gcc failed for {out:?}");
-    out
+    let include = include_arg();
+    let mut all = vec!["-O2", "-g", &include];
+    all.extend_from_slice(flags);
+    build_sources(dir, "gcc", out, sources, &all)
 }
 
 const PATCH: &str = r#"
@@ -193,18 +184,7 @@ fn target_symbols_are_found_and_ambiguity_is_refused() {
 fn reads_a_rust_patch_built_with_the_macros() {
     let dir = tempfile::tempdir().unwrap();
     let macros = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hotpatch-patch/src/lib.rs");
-    let rustc = |args: &[&str]| {
-        let out = Command::new("rustc")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rustc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let rustc = |args: &[&str]| compile("rustc", args, dir.path());
     rustc(&[
         "--edition=2024",
         "--crate-type=rlib",
