@@ -4,10 +4,13 @@
 
 use hotpatch::process::remote::REACH;
 use hotpatch::process::{Mem, Placement, ProcessError, Remote, Timeouts, Traced, remote, threads};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use hotpatch_testkit::build::build_sources;
+use hotpatch_testkit::fields::hex_field;
+use hotpatch_testkit::oracle::assert_no_thread_stopped;
+use hotpatch_testkit::proc::Proc;
+use hotpatch_testkit::rng::XorShift;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TARGET_C: &str = include_str!("remote_call/target.c");
@@ -28,116 +31,24 @@ struct Built {
     plugin: PathBuf,
 }
 
-fn gcc(args: &[&str], dir: &Path) {
-    let out = Command::new("gcc")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run gcc");
-    assert!(
-        out.status.success(),
-        "gcc {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn build() -> Built {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("target.c"), TARGET_C).expect("write target.c");
-    std::fs::write(dir.path().join("plugin.c"), PLUGIN_C).expect("write plugin.c");
-    gcc(
-        &[
-            "-O2",
-            "-march=native",
-            "-pthread",
-            "-rdynamic",
-            "-o",
-            "target",
-            "target.c",
-        ],
-        dir.path(),
-    );
-    gcc(
-        &["-O2", "-shared", "-fPIC", "-o", "plugin.so", "plugin.c"],
-        dir.path(),
-    );
     Built {
-        target: dir.path().join("target"),
-        plugin: dir.path().join("plugin.so"),
+        target: build_sources(
+            dir.path(),
+            "gcc",
+            "target",
+            &[("target.c", TARGET_C)],
+            &["-O2", "-march=native", "-pthread", "-rdynamic"],
+        ),
+        plugin: build_sources(
+            dir.path(),
+            "gcc",
+            "plugin.so",
+            &[("plugin.c", PLUGIN_C)],
+            &["-O2", "-shared", "-fPIC"],
+        ),
         _dir: dir,
-    }
-}
-
-/// A child process killed and reaped on drop, its stdout lines on a channel.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// The first new line matching `pred`, waiting at most `timeout`.
-    fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return Some(l);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-    }
-
-    /// Collect lines already printed, without waiting.
-    fn drain(&mut self) {
-        while let Ok(l) = self.lines.try_recv() {
-            self.seen.push(l);
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -151,14 +62,6 @@ struct Target {
     tids: Vec<(String, i32)>,
 }
 
-fn hex_field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
-}
-
 fn start_target(built: &Built, busy_only: bool) -> Target {
     let mut cmd = Command::new(&built.target);
     if busy_only {
@@ -166,14 +69,14 @@ fn start_target(built: &Built, busy_only: bool) -> Target {
     }
     let mut proc = Proc::spawn(&mut cmd);
     let ready = proc
-        .wait_line(Duration::from_secs(10), |l| l.starts_with("ready "))
+        .try_line(Duration::from_secs(10), |l| l.starts_with("ready "))
         .expect("target never said ready");
     let want = if busy_only { 3 } else { 8 };
     let deadline = Instant::now() + Duration::from_secs(10);
     while proc.seen.iter().filter(|l| l.starts_with("tid ")).count() < want {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            proc.wait_line(left, |l| l.starts_with("tid ")).is_some(),
+            proc.try_line(left, |l| l.starts_with("tid ")).is_some(),
             "threads did not start: {:?}",
             proc.seen
         );
@@ -234,18 +137,8 @@ impl Target {
 
     /// No thread is stopped (by us or anyone), and the process lives.
     fn assert_running(&mut self) {
-        let pid = self.proc.pid();
         assert!(self.proc.alive(), "target died; output: {:?}", self.proc.seen);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let all = threads::threads(pid).expect("list threads");
-            let stopped: Vec<_> = all.iter().filter(|t| t.is_stopped()).collect();
-            if stopped.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "threads left stopped: {stopped:?}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert_no_thread_stopped(self.proc.pid());
     }
 }
 
@@ -330,12 +223,10 @@ fn remote_calls_in_a_multithreaded_target() {
     target.assert_running();
 
     // The reader's read(0) was restarted, not failed: it gets our bytes.
-    let stdin = target.proc.stdin.as_mut().expect("stdin");
-    stdin.write_all(b"hello\n").expect("write pipe");
-    stdin.flush().expect("flush");
+    target.proc.send("hello");
     let got = target
         .proc
-        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+        .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
         .expect("reader never returned");
     assert_eq!(got, "pipe-read 6 hello");
 
@@ -348,7 +239,7 @@ fn remote_calls_in_a_multithreaded_target() {
     while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
+            target.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
             "sleeper stopped reporting"
         );
     }
@@ -360,7 +251,7 @@ fn remote_calls_in_a_multithreaded_target() {
     assert!(
         target
             .proc
-            .wait_line(Duration::from_secs(5), |l| l == "cond-woke")
+            .try_line(Duration::from_secs(5), |l| l == "cond-woke")
             .is_some()
             || target.proc.seen.iter().any(|l| l == "cond-woke"),
         "cond waiter did not wake: {:?}",
@@ -370,7 +261,7 @@ fn remote_calls_in_a_multithreaded_target() {
     if !target.proc.seen.iter().any(|l| l.starts_with("epoll-woke")) {
         target
             .proc
-            .wait_line(Duration::from_secs(5), |l| l.starts_with("epoll-woke"));
+            .try_line(Duration::from_secs(5), |l| l.starts_with("epoll-woke"));
     }
     let epoll = target
         .proc
@@ -703,17 +594,6 @@ fn helper_process() {
     }
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn target_survives_a_tool_killed_at_random_moments() {
     let _apart = KILL_TEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -723,13 +603,7 @@ fn target_survives_a_tool_killed_at_random_moments() {
     let pid = target.proc.pid();
     let mem = Mem::open(pid).expect("open mem");
     let exe = std::env::current_exe().expect("current exe");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    eprintln!("kill test seed {seed:#x}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::seeded();
     let (mut before_attach, mut during_attach, mut during_calls) = (0, 0, 0);
     const ROUNDS: usize = 150;
     for round in 0..ROUNDS {
@@ -750,13 +624,13 @@ fn target_survives_a_tool_killed_at_random_moments() {
         } else if round % 3 == 1 {
             // Around the bootstrap.
             helper
-                .wait_line(Duration::from_secs(10), |l| l.ends_with("starting"))
+                .try_line(Duration::from_secs(10), |l| l.ends_with("starting"))
                 .unwrap_or_else(|| panic!("helper never started: {:?}", helper.seen));
             std::thread::sleep(Duration::from_micros(rng.next() % 1_500));
         } else {
             // In the middle of the call loop.
             helper
-                .wait_line(Duration::from_secs(10), |l| l.ends_with("attached"))
+                .try_line(Duration::from_secs(10), |l| l.ends_with("attached"))
                 .unwrap_or_else(|| panic!("helper never attached: {:?}", helper.seen));
             std::thread::sleep(Duration::from_micros(rng.next() % 3_000));
         }
@@ -805,12 +679,10 @@ fn target_survives_a_tool_killed_at_random_moments() {
     assert_region_gone(pid, &region);
     assert_eq!(target.busy_errors(&mem), 0);
     target.assert_busy_progress(&mem, 3);
-    let stdin = target.proc.stdin.as_mut().expect("stdin");
-    stdin.write_all(b"after\n").expect("write pipe");
-    stdin.flush().expect("flush");
+    target.proc.send("after");
     let got = target
         .proc
-        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+        .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
         .expect("reader never returned");
     assert_eq!(got, "pipe-read 6 after");
     // Two more full sleeps after the kills.
@@ -820,7 +692,7 @@ fn target_survives_a_tool_killed_at_random_moments() {
     while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
+            target.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
             "sleeper stopped reporting"
         );
     }
@@ -832,7 +704,7 @@ fn target_survives_a_tool_killed_at_random_moments() {
             assert!(
                 target
                     .proc
-                    .wait_line(Duration::from_secs(5), |l| l.starts_with(what))
+                    .try_line(Duration::from_secs(5), |l| l.starts_with(what))
                     .is_some(),
                 "{what} missing: {:?}",
                 target.proc.seen
