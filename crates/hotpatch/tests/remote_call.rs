@@ -135,6 +135,59 @@ impl Target {
         }
     }
 
+    /// The reader thread, blocked in `read(0)` through everything before,
+    /// gets `word` (its read was restarted, not failed).
+    fn assert_read_restarted(&mut self, word: &str) {
+        self.proc.send(word);
+        let got = self
+            .proc
+            .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+            .expect("reader never returned");
+        assert_eq!(got, format!("pipe-read {} {word}", word.len() + 1));
+    }
+
+    /// Wait for two more sleeps of the sleeper thread; every sleep it
+    /// reported so far must be full (see [`check_sleeps`]). Returns how
+    /// many there were.
+    fn two_more_full_sleeps(&mut self) -> usize {
+        self.proc.drain();
+        let slept = |seen: &[String]| seen.iter().filter(|l| l.starts_with("slept")).count();
+        let before = slept(&self.proc.seen);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slept(&self.proc.seen) < before + 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                self.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
+                "sleeper stopped reporting"
+            );
+        }
+        check_sleeps(&self.proc.seen)
+    }
+
+    /// SIGUSR1 wakes the futex and the epoll waiters; returns the epoll
+    /// waiter's line.
+    fn signal_waiters(&mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.proc.pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
+        for what in ["cond-woke", "epoll-woke"] {
+            if !self.proc.seen.iter().any(|l| l.starts_with(what)) {
+                assert!(
+                    self.proc
+                        .try_line(Duration::from_secs(5), |l| l.starts_with(what))
+                        .is_some(),
+                    "{what} missing: {:?}",
+                    self.proc.seen
+                );
+            }
+        }
+        self.proc
+            .seen
+            .iter()
+            .find(|l| l.starts_with("epoll-woke"))
+            .cloned()
+            .expect("the epoll line just seen")
+    }
+
     /// No thread is stopped (by us or anyone), and the process lives.
     fn assert_running(&mut self) {
         assert!(self.proc.alive(), "target died; output: {:?}", self.proc.seen);
@@ -223,53 +276,12 @@ fn remote_calls_in_a_multithreaded_target() {
     target.assert_running();
 
     // The reader's read(0) was restarted, not failed: it gets our bytes.
-    target.proc.send("hello");
-    let got = target
-        .proc
-        .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
-        .expect("reader never returned");
-    assert_eq!(got, "pipe-read 6 hello");
-
-    // nanosleep sleeps its full time, every time: wait for one more sleep
-    // that started after the calls.
-    let calls_done = Instant::now();
-    target.proc.drain();
-    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
-    let deadline = calls_done + Duration::from_secs(5);
-    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            target.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
-            "sleeper stopped reporting"
-        );
-    }
-    let sleeps = check_sleeps(&target.proc.seen);
-
+    target.assert_read_restarted("hello");
+    // nanosleep sleeps its full time, every time: wait for sleeps that
+    // started after the calls.
+    let sleeps = target.two_more_full_sleeps();
     // The futex and epoll waiters still wake when signalled.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
-        .expect("SIGUSR1");
-    assert!(
-        target
-            .proc
-            .try_line(Duration::from_secs(5), |l| l == "cond-woke")
-            .is_some()
-            || target.proc.seen.iter().any(|l| l == "cond-woke"),
-        "cond waiter did not wake: {:?}",
-        target.proc.seen
-    );
-    target.proc.drain();
-    if !target.proc.seen.iter().any(|l| l.starts_with("epoll-woke")) {
-        target
-            .proc
-            .try_line(Duration::from_secs(5), |l| l.starts_with("epoll-woke"));
-    }
-    let epoll = target
-        .proc
-        .seen
-        .iter()
-        .find(|l| l.starts_with("epoll-woke"))
-        .cloned()
-        .unwrap_or_else(|| panic!("epoll waiter did not wake: {:?}", target.proc.seen));
+    let epoll = target.signal_waiters();
     assert!(epoll.starts_with("epoll-woke n=1 "), "{epoll}");
 
     // Still alive and correct.
@@ -679,38 +691,10 @@ fn target_survives_a_tool_killed_at_random_moments() {
     assert_region_gone(pid, &region);
     assert_eq!(target.busy_errors(&mem), 0);
     target.assert_busy_progress(&mem, 3);
-    target.proc.send("after");
-    let got = target
-        .proc
-        .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
-        .expect("reader never returned");
-    assert_eq!(got, "pipe-read 6 after");
+    target.assert_read_restarted("after");
     // Two more full sleeps after the kills.
-    target.proc.drain();
-    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            target.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
-            "sleeper stopped reporting"
-        );
-    }
-    let sleeps = check_sleeps(&target.proc.seen);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
-        .expect("SIGUSR1");
-    for what in ["cond-woke", "epoll-woke"] {
-        if !target.proc.seen.iter().any(|l| l.starts_with(what)) {
-            assert!(
-                target
-                    .proc
-                    .try_line(Duration::from_secs(5), |l| l.starts_with(what))
-                    .is_some(),
-                "{what} missing: {:?}",
-                target.proc.seen
-            );
-        }
-    }
+    let sleeps = target.two_more_full_sleeps();
+    target.signal_waiters();
     target.assert_running();
     eprintln!(
         "{ROUNDS} kills: {before_attach} before attaching, {during_attach} while attaching, \
