@@ -16,6 +16,17 @@ fn cc(dir: &Path, out: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBu
     build_sources(dir, "gcc", out, sources, &all)
 }
 
+/// A patch's references as (kind, symbol, pointer), sorted.
+fn sorted_refs(spec: &PatchSpec) -> Vec<(RefKind, &str, &str)> {
+    let mut refs: Vec<_> = spec
+        .references
+        .iter()
+        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
+        .collect();
+    refs.sort();
+    refs
+}
+
 const PATCH: &str = r#"
 #include "hotpatch.h"
 HOTPATCH_TARGET("fee-server", "0123abcd");
@@ -53,14 +64,8 @@ fn reads_a_patch_built_with_the_header() {
         spec.replacements[0].replacement_address,
         addr_of("compute_fee_fixed")
     );
-    let mut refs: Vec<_> = spec
-        .references
-        .iter()
-        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
-        .collect();
-    refs.sort();
     assert_eq!(
-        refs,
+        sorted_refs(&spec),
         vec![
             (RefKind::Symbol, "requests_served", "hotpatch_ref_requests_served"),
             (RefKind::Symbol, "server.c:fees_charged", "p_fees"),
@@ -221,14 +226,8 @@ replace!(compute_fee, compute_fee_fixed);
     assert_eq!(spec.target.as_ref().unwrap().build_id.as_deref(), Some("00ff"));
     assert_eq!(spec.replacements[0].target, "compute_fee");
     assert_eq!(spec.replacements[0].replacement, "compute_fee_fixed");
-    let mut refs: Vec<_> = spec
-        .references
-        .iter()
-        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
-        .collect();
-    refs.sort();
     assert_eq!(
-        refs,
+        sorted_refs(&spec),
         vec![
             (RefKind::Symbol, "server.c:requests_served", "SERVED"),
             (RefKind::Original, "compute_fee", "ORIG"),
