@@ -4,45 +4,18 @@
 mod common;
 
 use common::*;
+use hotpatch_testkit::proc::Proc;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-/// Kills and reaps the fixture however the test ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start `path wait` and block until it says `ready` (bounded).
-fn start_blocking(path: &Path) -> Running {
-    let mut child = Command::new(path)
-        .arg("wait")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let running = Running(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line == "ready" {
-                let _ = tx.send(());
-                break;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20))
+/// Start `path wait` and block until it says `ready` (bounded); the
+/// fixture is killed and reaped however the test ends.
+fn start_blocking(path: &Path) -> Proc {
+    let mut running = Proc::spawn(Command::new(path).arg("wait"));
+    running
+        .try_line(Duration::from_secs(20), |l| l == "ready")
         .expect("the fixture did not print `ready` within 20 s");
     running
 }
@@ -83,7 +56,7 @@ fn check_running(b: CBuild) {
     let path = b.compile(dir.path()).canonicalize().unwrap();
     let file = check_file(&path, true);
     let running = start_blocking(&path);
-    let pid = running.0.id();
+    let pid = running.child.id();
 
     let doc: Value = serde_json::from_str(&stdout_of(hotpatch().args([
         "check",

@@ -12,10 +12,10 @@ use hotpatch::patchfile::{CommandLineRecords, PatchFile, PatchSpec};
 use hotpatch::policy::Keyring;
 use hotpatch::policy::key::PrivateKey;
 use hotpatch::policy::signature;
+use hotpatch_testkit::build::{build_sources, include_arg};
 use proptest::prelude::*;
 use std::ops::Range;
 use std::path::Path;
-use std::process::Command;
 use std::sync::OnceLock;
 
 const FIXTURE_C: &str = r#"
@@ -50,23 +50,14 @@ fn le(bytes: &[u8], at: usize, len: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-/// Compile `source` with `gcc args… -o OUT` and read the output.
+/// Compile `source` with `gcc args… -o OUT` (`hotpatch.h` on the include
+/// path) and read the output.
 fn compile(source: &str, args: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("f.c");
-    let out = dir.path().join("f");
-    std::fs::write(&src, source).unwrap();
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
-    let status = Command::new("gcc")
-        .args(args)
-        .arg("-I")
-        .arg(&include)
-        .arg("-o")
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("gcc runs");
-    assert!(status.success());
+    let include = include_arg();
+    let mut flags = args.to_vec();
+    flags.push(&include);
+    let out = build_sources(dir.path(), "gcc", "f", &[("f.c", source)], &flags);
     std::fs::read(&out).unwrap()
 }
 

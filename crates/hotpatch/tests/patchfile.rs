@@ -4,25 +4,27 @@
 use hotpatch::Image;
 use hotpatch::image::{LookupError, SymbolKind, find_symbol};
 use hotpatch::patchfile::{CommandLineRecords, PatchError, PatchSpec, RefKind};
+use hotpatch_testkit::build::{build_sources, compile, include_arg};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn include_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include")
+/// `gcc -O2 -g` with `hotpatch.h` on the include path.
+fn cc(dir: &Path, out: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
+    let include = include_arg();
+    let mut all = vec!["-O2", "-g", &include];
+    all.extend_from_slice(flags);
+    build_sources(dir, "gcc", out, sources, &all)
 }
 
-fn cc(dir: &Path, out: &str, sources: &[(&str, &str)], flags: &[&str]) -> PathBuf {
-    let mut cmd = Command::new("gcc");
-    cmd.args(["-O2", "-g", "-I"]).arg(include_dir()).args(flags);
-    for (name, text) in sources {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        cmd.arg(p);
-    }
-    let out = dir.join(out);
-    let status = cmd.arg("-o").arg(&out).status().unwrap();
-    assert!(status.success(), "gcc failed for {out:?}");
-    out
+/// A patch's references as (kind, symbol, pointer), sorted.
+fn sorted_refs(spec: &PatchSpec) -> Vec<(RefKind, &str, &str)> {
+    let mut refs: Vec<_> = spec
+        .references
+        .iter()
+        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
+        .collect();
+    refs.sort();
+    refs
 }
 
 const PATCH: &str = r#"
@@ -62,14 +64,8 @@ fn reads_a_patch_built_with_the_header() {
         spec.replacements[0].replacement_address,
         addr_of("compute_fee_fixed")
     );
-    let mut refs: Vec<_> = spec
-        .references
-        .iter()
-        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
-        .collect();
-    refs.sort();
     assert_eq!(
-        refs,
+        sorted_refs(&spec),
         vec![
             (RefKind::Symbol, "requests_served", "hotpatch_ref_requests_served"),
             (RefKind::Symbol, "server.c:fees_charged", "p_fees"),
@@ -193,18 +189,7 @@ fn target_symbols_are_found_and_ambiguity_is_refused() {
 fn reads_a_rust_patch_built_with_the_macros() {
     let dir = tempfile::tempdir().unwrap();
     let macros = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hotpatch-patch/src/lib.rs");
-    let rustc = |args: &[&str]| {
-        let out = Command::new("rustc")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rustc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let rustc = |args: &[&str]| compile("rustc", args, dir.path());
     rustc(&[
         "--edition=2024",
         "--crate-type=rlib",
@@ -241,14 +226,8 @@ replace!(compute_fee, compute_fee_fixed);
     assert_eq!(spec.target.as_ref().unwrap().build_id.as_deref(), Some("00ff"));
     assert_eq!(spec.replacements[0].target, "compute_fee");
     assert_eq!(spec.replacements[0].replacement, "compute_fee_fixed");
-    let mut refs: Vec<_> = spec
-        .references
-        .iter()
-        .map(|r| (r.kind, r.symbol.as_str(), r.pointer.as_str()))
-        .collect();
-    refs.sort();
     assert_eq!(
-        refs,
+        sorted_refs(&spec),
         vec![
             (RefKind::Symbol, "server.c:requests_served", "SERVED"),
             (RefKind::Original, "compute_fee", "ORIG"),

@@ -4,10 +4,13 @@
 
 use hotpatch::process::remote::REACH;
 use hotpatch::process::{Mem, Placement, ProcessError, Remote, Timeouts, Traced, remote, threads};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use hotpatch_testkit::build::build_sources;
+use hotpatch_testkit::fields::hex_field;
+use hotpatch_testkit::oracle::assert_no_thread_stopped;
+use hotpatch_testkit::proc::Proc;
+use hotpatch_testkit::rng::XorShift;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TARGET_C: &str = include_str!("remote_call/target.c");
@@ -28,116 +31,24 @@ struct Built {
     plugin: PathBuf,
 }
 
-fn gcc(args: &[&str], dir: &Path) {
-    let out = Command::new("gcc")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run gcc");
-    assert!(
-        out.status.success(),
-        "gcc {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn build() -> Built {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("target.c"), TARGET_C).expect("write target.c");
-    std::fs::write(dir.path().join("plugin.c"), PLUGIN_C).expect("write plugin.c");
-    gcc(
-        &[
-            "-O2",
-            "-march=native",
-            "-pthread",
-            "-rdynamic",
-            "-o",
-            "target",
-            "target.c",
-        ],
-        dir.path(),
-    );
-    gcc(
-        &["-O2", "-shared", "-fPIC", "-o", "plugin.so", "plugin.c"],
-        dir.path(),
-    );
     Built {
-        target: dir.path().join("target"),
-        plugin: dir.path().join("plugin.so"),
+        target: build_sources(
+            dir.path(),
+            "gcc",
+            "target",
+            &[("target.c", TARGET_C)],
+            &["-O2", "-march=native", "-pthread", "-rdynamic"],
+        ),
+        plugin: build_sources(
+            dir.path(),
+            "gcc",
+            "plugin.so",
+            &[("plugin.c", PLUGIN_C)],
+            &["-O2", "-shared", "-fPIC"],
+        ),
         _dir: dir,
-    }
-}
-
-/// A child process killed and reaped on drop, its stdout lines on a channel.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// The first new line matching `pred`, waiting at most `timeout`.
-    fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return Some(l);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-    }
-
-    /// Collect lines already printed, without waiting.
-    fn drain(&mut self) {
-        while let Ok(l) = self.lines.try_recv() {
-            self.seen.push(l);
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -151,14 +62,6 @@ struct Target {
     tids: Vec<(String, i32)>,
 }
 
-fn hex_field(line: &str, key: &str) -> u64 {
-    let v = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"));
-    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
-}
-
 fn start_target(built: &Built, busy_only: bool) -> Target {
     let mut cmd = Command::new(&built.target);
     if busy_only {
@@ -166,14 +69,14 @@ fn start_target(built: &Built, busy_only: bool) -> Target {
     }
     let mut proc = Proc::spawn(&mut cmd);
     let ready = proc
-        .wait_line(Duration::from_secs(10), |l| l.starts_with("ready "))
+        .try_line(Duration::from_secs(10), |l| l.starts_with("ready "))
         .expect("target never said ready");
     let want = if busy_only { 3 } else { 8 };
     let deadline = Instant::now() + Duration::from_secs(10);
     while proc.seen.iter().filter(|l| l.starts_with("tid ")).count() < want {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            proc.wait_line(left, |l| l.starts_with("tid ")).is_some(),
+            proc.try_line(left, |l| l.starts_with("tid ")).is_some(),
             "threads did not start: {:?}",
             proc.seen
         );
@@ -232,20 +135,63 @@ impl Target {
         }
     }
 
+    /// The reader thread, blocked in `read(0)` through everything before,
+    /// gets `word` (its read was restarted, not failed).
+    fn assert_read_restarted(&mut self, word: &str) {
+        self.proc.send(word);
+        let got = self
+            .proc
+            .try_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
+            .expect("reader never returned");
+        assert_eq!(got, format!("pipe-read {} {word}", word.len() + 1));
+    }
+
+    /// Wait for two more sleeps of the sleeper thread; every sleep it
+    /// reported so far must be full (see [`check_sleeps`]). Returns how
+    /// many there were.
+    fn two_more_full_sleeps(&mut self) -> usize {
+        self.proc.drain();
+        let slept = |seen: &[String]| seen.iter().filter(|l| l.starts_with("slept")).count();
+        let before = slept(&self.proc.seen);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slept(&self.proc.seen) < before + 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                self.proc.try_line(left, |l| l.starts_with("slept")).is_some(),
+                "sleeper stopped reporting"
+            );
+        }
+        check_sleeps(&self.proc.seen)
+    }
+
+    /// SIGUSR1 wakes the futex and the epoll waiters; returns the epoll
+    /// waiter's line.
+    fn signal_waiters(&mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.proc.pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
+        for what in ["cond-woke", "epoll-woke"] {
+            if !self.proc.seen.iter().any(|l| l.starts_with(what)) {
+                assert!(
+                    self.proc
+                        .try_line(Duration::from_secs(5), |l| l.starts_with(what))
+                        .is_some(),
+                    "{what} missing: {:?}",
+                    self.proc.seen
+                );
+            }
+        }
+        self.proc
+            .seen
+            .iter()
+            .find(|l| l.starts_with("epoll-woke"))
+            .cloned()
+            .expect("the epoll line just seen")
+    }
+
     /// No thread is stopped (by us or anyone), and the process lives.
     fn assert_running(&mut self) {
-        let pid = self.proc.pid();
         assert!(self.proc.alive(), "target died; output: {:?}", self.proc.seen);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let all = threads::threads(pid).expect("list threads");
-            let stopped: Vec<_> = all.iter().filter(|t| t.is_stopped()).collect();
-            if stopped.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "threads left stopped: {stopped:?}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert_no_thread_stopped(self.proc.pid());
     }
 }
 
@@ -330,55 +276,12 @@ fn remote_calls_in_a_multithreaded_target() {
     target.assert_running();
 
     // The reader's read(0) was restarted, not failed: it gets our bytes.
-    let stdin = target.proc.stdin.as_mut().expect("stdin");
-    stdin.write_all(b"hello\n").expect("write pipe");
-    stdin.flush().expect("flush");
-    let got = target
-        .proc
-        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
-        .expect("reader never returned");
-    assert_eq!(got, "pipe-read 6 hello");
-
-    // nanosleep sleeps its full time, every time: wait for one more sleep
-    // that started after the calls.
-    let calls_done = Instant::now();
-    target.proc.drain();
-    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
-    let deadline = calls_done + Duration::from_secs(5);
-    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
-            "sleeper stopped reporting"
-        );
-    }
-    let sleeps = check_sleeps(&target.proc.seen);
-
+    target.assert_read_restarted("hello");
+    // nanosleep sleeps its full time, every time: wait for sleeps that
+    // started after the calls.
+    let sleeps = target.two_more_full_sleeps();
     // The futex and epoll waiters still wake when signalled.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
-        .expect("SIGUSR1");
-    assert!(
-        target
-            .proc
-            .wait_line(Duration::from_secs(5), |l| l == "cond-woke")
-            .is_some()
-            || target.proc.seen.iter().any(|l| l == "cond-woke"),
-        "cond waiter did not wake: {:?}",
-        target.proc.seen
-    );
-    target.proc.drain();
-    if !target.proc.seen.iter().any(|l| l.starts_with("epoll-woke")) {
-        target
-            .proc
-            .wait_line(Duration::from_secs(5), |l| l.starts_with("epoll-woke"));
-    }
-    let epoll = target
-        .proc
-        .seen
-        .iter()
-        .find(|l| l.starts_with("epoll-woke"))
-        .cloned()
-        .unwrap_or_else(|| panic!("epoll waiter did not wake: {:?}", target.proc.seen));
+    let epoll = target.signal_waiters();
     assert!(epoll.starts_with("epoll-woke n=1 "), "{epoll}");
 
     // Still alive and correct.
@@ -785,17 +688,6 @@ fn helper_process() {
     }
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn target_survives_a_tool_killed_at_random_moments() {
     let _apart = KILL_TEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -805,13 +697,7 @@ fn target_survives_a_tool_killed_at_random_moments() {
     let pid = target.proc.pid();
     let mem = Mem::open(pid).expect("open mem");
     let exe = std::env::current_exe().expect("current exe");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    eprintln!("kill test seed {seed:#x}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::seeded();
     let (mut before_attach, mut during_attach, mut during_calls) = (0, 0, 0);
     const ROUNDS: usize = 150;
     for round in 0..ROUNDS {
@@ -832,13 +718,13 @@ fn target_survives_a_tool_killed_at_random_moments() {
         } else if round % 3 == 1 {
             // Around the bootstrap.
             helper
-                .wait_line(Duration::from_secs(10), |l| l.ends_with("starting"))
+                .try_line(Duration::from_secs(10), |l| l.ends_with("starting"))
                 .unwrap_or_else(|| panic!("helper never started: {:?}", helper.seen));
             std::thread::sleep(Duration::from_micros(rng.next() % 1_500));
         } else {
             // In the middle of the call loop.
             helper
-                .wait_line(Duration::from_secs(10), |l| l.ends_with("attached"))
+                .try_line(Duration::from_secs(10), |l| l.ends_with("attached"))
                 .unwrap_or_else(|| panic!("helper never attached: {:?}", helper.seen));
             std::thread::sleep(Duration::from_micros(rng.next() % 3_000));
         }
@@ -887,40 +773,10 @@ fn target_survives_a_tool_killed_at_random_moments() {
     assert_region_gone(pid, &region);
     assert_eq!(target.busy_errors(&mem), 0);
     target.assert_busy_progress(&mem, 3);
-    let stdin = target.proc.stdin.as_mut().expect("stdin");
-    stdin.write_all(b"after\n").expect("write pipe");
-    stdin.flush().expect("flush");
-    let got = target
-        .proc
-        .wait_line(Duration::from_secs(5), |l| l.starts_with("pipe-read"))
-        .expect("reader never returned");
-    assert_eq!(got, "pipe-read 6 after");
+    target.assert_read_restarted("after");
     // Two more full sleeps after the kills.
-    target.proc.drain();
-    let before = target.proc.seen.iter().filter(|l| l.starts_with("slept")).count();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while target.proc.seen.iter().filter(|l| l.starts_with("slept")).count() < before + 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            target.proc.wait_line(left, |l| l.starts_with("slept")).is_some(),
-            "sleeper stopped reporting"
-        );
-    }
-    let sleeps = check_sleeps(&target.proc.seen);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1)
-        .expect("SIGUSR1");
-    for what in ["cond-woke", "epoll-woke"] {
-        if !target.proc.seen.iter().any(|l| l.starts_with(what)) {
-            assert!(
-                target
-                    .proc
-                    .wait_line(Duration::from_secs(5), |l| l.starts_with(what))
-                    .is_some(),
-                "{what} missing: {:?}",
-                target.proc.seen
-            );
-        }
-    }
+    let sleeps = target.two_more_full_sleeps();
+    target.signal_waiters();
     target.assert_running();
     eprintln!(
         "{ROUNDS} kills: {before_attach} before attaching, {during_attach} while attaching, \

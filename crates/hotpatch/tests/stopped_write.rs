@@ -5,8 +5,9 @@
 use hotpatch::engine::stopped::{Overwrite, write_stopped};
 use hotpatch::plan::Write;
 use hotpatch::process::{Mem, Process};
-use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use hotpatch_testkit::build::build_sources;
+use hotpatch_testkit::proc::Proc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = r#"
@@ -50,56 +51,42 @@ int main(void) {
 }
 "#;
 
+/// The running target, killed and reaped on drop.
 struct Target {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    proc: Proc,
 }
 
 impl Target {
+    /// Build and start the target; returns it with the addresses of `spin`
+    /// and `holder` it printed.
     fn start(dir: &std::path::Path) -> (Target, u64, u64) {
-        let src = dir.join("t.c");
-        std::fs::write(&src, TARGET).unwrap();
-        let bin = dir.join("t");
-        let st = Command::new("gcc")
-            .args(["-O1", "-pthread", "-no-pie", "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut child = Command::new(&bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let mut t = Target { child, out };
-        let mut line = String::new();
-        t.out.read_line(&mut line).unwrap();
+        let bin = build_sources(
+            dir,
+            "gcc",
+            "t",
+            &[("t.c", TARGET)],
+            &["-O1", "-pthread", "-no-pie"],
+        );
+        let mut proc = Proc::spawn(&mut Command::new(&bin));
+        let line = proc.line("the addresses", |_| true);
         let mut it = line
             .split_whitespace()
             .map(|h| u64::from_str_radix(h, 16).unwrap());
         let (spin, holder) = (it.next().unwrap(), it.next().unwrap());
-        (t, spin, holder)
+        (Target { proc }, spin, holder)
     }
 
+    /// Send `cmd`, return the line the target answers.
     fn ask(&mut self, cmd: &str) -> String {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{cmd}").unwrap();
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        line.trim().to_string()
+        self.proc.send(cmd);
+        self.proc
+            .line(&format!("an answer to {cmd}"), |_| true)
+            .trim()
+            .to_string()
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.proc.pid()
     }
 }
 

@@ -7,34 +7,18 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub use hotpatch_testkit::proc::{run_ok, stdout_of};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 /// The `hotpatch` binary under test.
 pub fn hotpatch() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hotpatch"));
     cmd.env_remove("HOTPATCH_LOG").env_remove("RUST_LOG");
     cmd
-}
-
-/// Run a command, panic with its stderr unless it succeeds.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Stdout of a successful command, as text.
-pub fn stdout_of(cmd: &mut Command) -> String {
-    String::from_utf8(run_ok(cmd).stdout).expect("utf-8 output")
 }
 
 /// `hotpatch check FILE --json [--functions]`, the first (only) image.
