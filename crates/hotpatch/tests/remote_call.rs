@@ -475,7 +475,11 @@ fn a_constructor_that_never_returns_is_named() {
         "#include <unistd.h>\n__attribute__((constructor)) static void hang(void) { for (;;) pause(); }\n",
     )
     .expect("write hang.c");
-    gcc(&["-O2", "-shared", "-fPIC", "-o", "hang.so", "hang.c"], dir);
+    hotpatch_testkit::build::compile(
+        "gcc",
+        &["-O2", "-shared", "-fPIC", "-o", "hang.so", "hang.c"],
+        dir,
+    );
     let hang = dir.join("hang.so");
     let mut target = start_target(&built, true);
     let pid = target.proc.pid();
