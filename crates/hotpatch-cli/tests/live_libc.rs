@@ -249,9 +249,10 @@ struct Counter {
 }
 
 impl Counter {
+    /// In the copy of `patch` the newest patch record loaded.
     fn find(pid: i32, patch: &Path, symbol: &str) -> Counter {
         Counter {
-            at: symbol_in_process(pid, patch, None, symbol),
+            at: symbol_in_loaded_patch(pid, patch, symbol),
         }
     }
 
@@ -314,10 +315,13 @@ fn assert_not_replaced(
 }
 
 /// The executable mappings of `pid` (range, permissions, file).
+/// Executable mappings other than patch libraries (each apply loads its
+/// own copy of the patch, by content: see `live_content.rs`).
 fn exec_mappings(pid: i32) -> BTreeSet<String> {
     maps(pid)
         .lines()
         .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+        .filter(|l| !l.contains("/memfd:hotpatch-patch-"))
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             format!("{} {} {}", f[0], f[1], f.get(5).unwrap_or(&""))

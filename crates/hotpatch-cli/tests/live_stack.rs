@@ -139,7 +139,8 @@ fn a_changed_dormant_route_is_refused() {
     target.expect(1);
     revert(pid, None);
     target.expect(0);
-    // Overwrite f's dormant padding jump with nops, as something else might.
+    // Overwrite f's dormant padding jump with other bytes (int3), as
+    // another tool might.
     let state = list(pid);
     let f = state["functions"]
         .as_array()
@@ -154,7 +155,7 @@ fn a_changed_dormant_route_is_refused() {
         .write(true)
         .open(format!("/proc/{pid}/mem"))
         .expect("open /proc/PID/mem");
-    mem.write_all_at(&vec![0x90; len], at).expect("write the padding");
+    mem.write_all_at(&vec![0xcc; len], at).expect("write the padding");
     let before = target.code();
     let run = hotpatch(&["apply".to_string(), pid.to_string(), a.display().to_string()]);
     let line = run.failure();
@@ -165,4 +166,12 @@ fn a_changed_dormant_route_is_refused() {
     assert_eq!(target.code(), before, "no byte may change");
     target.expect(0);
     assert_eq!(listed_ids(pid), Vec::<u64>::new());
+
+    // Padding back to its original nops (what a tool killed before writing
+    // the route leaves): the route is written again and the apply works.
+    mem.write_all_at(&vec![0x90; len], at).expect("write the padding");
+    apply(pid, &a, &[]);
+    target.expect(1);
+    revert(pid, None);
+    target.expect(0);
 }

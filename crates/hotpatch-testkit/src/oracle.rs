@@ -83,21 +83,19 @@ pub fn assert_no_thread_stopped(pid: i32) {
     }
 }
 
-/// The address of `symbol` (a `.symtab` name, optionally after the
-/// `FILE` symbol `file`) in process `pid` running `exe`, from `readelf`
-/// and `/proc/PID/maps` (a PIE: load bias = the first mapping of `exe`).
-pub fn symbol_in_process(pid: i32, exe: &Path, file: Option<&str>, symbol: &str) -> u64 {
+/// The value of `symbol` in the file `elf` (from `readelf -sW`); with
+/// `file`, the one defined in that source file (`static` symbols).
+pub fn symbol_value(elf: &Path, file: Option<&str>, symbol: &str) -> u64 {
     let text = String::from_utf8(
         Command::new("readelf")
             .arg("-sW")
-            .arg(exe)
+            .arg(elf)
             .output()
             .expect("run readelf")
             .stdout,
     )
     .expect("utf-8");
     let mut current_file = String::new();
-    let mut found = None;
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 8 || !f[0].ends_with(':') {
@@ -108,11 +106,16 @@ pub fn symbol_in_process(pid: i32, exe: &Path, file: Option<&str>, symbol: &str)
             continue;
         }
         if f[7] == symbol && file.is_none_or(|w| w == current_file) {
-            found = Some(u64::from_str_radix(f[1], 16).expect("hex value"));
-            break;
+            return u64::from_str_radix(f[1], 16).expect("hex value");
         }
     }
-    let value = found.unwrap_or_else(|| panic!("{symbol} (file {file:?}) not in readelf -s"));
+    panic!("{symbol} (file {file:?}) not in readelf -s {}", elf.display())
+}
+
+/// `symbol`'s address in process `pid`, which maps the executable `exe`
+/// (see [`symbol_value`] for `file`).
+pub fn symbol_in_process(pid: i32, exe: &Path, file: Option<&str>, symbol: &str) -> u64 {
+    let value = symbol_value(exe, file, symbol);
     let exe = std::fs::canonicalize(exe).expect("canonical exe");
     let base = maps(pid)
         .lines()

@@ -389,3 +389,24 @@ impl Statics {
         }
     }
 }
+
+/// `symbol`'s address in the copy of `patch` that the newest patch record
+/// of process `pid` loaded (by content: a memfd named after the first 16
+/// hex digits of its SHA-256, at the handle's load bias).
+pub fn symbol_in_loaded_patch(pid: i32, patch: &Path, symbol: &str) -> u64 {
+    let state = list(pid);
+    let newest = state["patches"]
+        .as_array()
+        .and_then(|p| p.last())
+        .unwrap_or_else(|| panic!("no patch recorded: {state}"));
+    let sha = newest["sha256"].as_str().expect("sha256");
+    let handle = newest["handle"].as_u64().expect("handle");
+    // The handle is glibc's link map: l_addr (the load bias) comes first.
+    let bias = u64::from_le_bytes(read_mem(pid, handle, 8).try_into().expect("8 bytes"));
+    let prefix = format!("/memfd:hotpatch-patch-{}-", &sha[..16]);
+    assert!(
+        maps(pid).lines().any(|l| l.contains(&prefix)),
+        "no mapping of {prefix}… in the process"
+    );
+    bias + symbol_value(patch, None, symbol)
+}
