@@ -79,6 +79,10 @@ fn live_write(mem: &Mem, entry: u64, old: [u8; 2], new: [u8; 2], inward: bool) -
     Ok(())
 }
 
+/// How long one gdb write may take before it counts as hung.
+const GDB_LIMIT: Duration = Duration::from_secs(30);
+const GDB_HUNG: &str = "gdb hung";
+
 fn gdb_write(pid: i32, entry: u64) -> Result<()> {
     let set = format!(
         "set {{unsigned char[2]}}{entry:#x} = {{{:#x},{:#x}}}",
@@ -95,8 +99,30 @@ fn gdb_write(pid: i32, entry: u64) -> Result<()> {
         ])
         .args(["-p", &pid.to_string(), "-ex", &set])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|err| format!("cannot run gdb: {err}"))?;
+    // gdb has been seen to hang here, waiting forever for one thread of a
+    // 16-thread target to report its stop. Killing it detaches it (the
+    // kernel resumes the target's threads).
+    let mut gdb = out;
+    let started = std::time::Instant::now();
+    while gdb
+        .try_wait()
+        .map_err(|err| format!("wait for gdb: {err}"))?
+        .is_none()
+    {
+        if started.elapsed() > GDB_LIMIT {
+            let _ = gdb.kill();
+            let _ = gdb.wait();
+            return Err(format!("{GDB_HUNG} after {GDB_LIMIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = gdb
+        .wait_with_output()
+        .map_err(|err| format!("gdb's output: {err}"))?;
     if !out.status.success() {
         return Err(format!(
             "gdb failed ({}): {}",
@@ -159,6 +185,7 @@ pub fn run(cfg: &Config, work: &Work) -> Result<SideResult> {
         let mut flip = method("hotpatch live flip (entry bytes only, no stop)");
         let mut stop = method("ptrace stop-every-thread write (AllStopped + write_expecting)");
         let mut gdb = method("gdb -batch -p (attach, write, detach)");
+        let mut gdb_hung = false;
         let w = cfg.side_window;
         for round in 0..cfg.side_windows {
             let win: Window<()> = window(&mut t, w, None)?;
@@ -192,11 +219,21 @@ pub fn run(cfg: &Config, work: &Work) -> Result<SideResult> {
                     }),
                 ),
             ];
-            if gdb_found.is_some() {
+            if gdb_found.is_some() && !gdb_hung {
                 ops.push((&mut gdb, Box::new(|| gdb_write(pid, entry))));
             }
             for (m, op) in ops.iter_mut() {
-                let win = window(&mut t, w, Some(op.as_mut()))?;
+                let win = match window(&mut t, w, Some(op.as_mut())) {
+                    Ok(win) => win,
+                    // A third party's hang is reported, not fatal: nothing
+                    // was written, and its row is left out.
+                    Err(err) if err.contains(GDB_HUNG) => {
+                        progress(&format!("side by side: {err}; gdb's row is left out"));
+                        gdb_hung = true;
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                };
                 add(m, &win);
                 // Check the write is there and took effect, then undo it outside the window.
                 let now = mem.read(entry, 2).map_err(e)?;
@@ -219,7 +256,7 @@ pub fn run(cfg: &Config, work: &Work) -> Result<SideResult> {
             windows: cfg.side_windows,
             original: format!("{:02x} {:02x}", original[0], original[1]),
             baseline,
-            methods: if gdb_found.is_some() {
+            methods: if gdb_found.is_some() && !gdb_hung {
                 vec![apply, flip, stop, gdb]
             } else {
                 vec![apply, flip, stop]
