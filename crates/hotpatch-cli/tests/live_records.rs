@@ -360,9 +360,7 @@ fn a_held_lock_excludes_tools_whatever_their_tmpdir() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 2);
     let pid = target.pid();
     let path = lock_path(pid);
     let _planted = Planted(vec![path.clone()]);
@@ -402,9 +400,7 @@ fn planted_links_and_fifos_are_not_followed() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 2);
     let pid = target.pid();
     let path = lock_path(pid);
     let start = path
@@ -453,6 +449,14 @@ fn planted_links_and_fifos_are_not_followed() {
 }
 
 /// The entry of function `name` in `list --json`.
+/// [`TARGET_C`] started with `workers` duty-cycle workers, and patch A,
+/// both built in `d`.
+fn target_and_patch_a(d: &std::path::Path, workers: usize) -> (Target, std::path::PathBuf) {
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch = build_patch(d, "patch_a", PATCH_A_C);
+    (Target::start(&exe, workers, None, Workers::Duty), patch)
+}
+
 fn entry_of(listing: &serde_json::Value, name: &str) -> serde_json::Value {
     listing["entries"]
         .as_array()
@@ -492,10 +496,8 @@ fn drifted_entries_are_shown_and_never_reverted_over() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
     // No workers: only the main thread runs f and g, when asked.
-    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 0);
     let pid = target.pid();
     let ps = pid.to_string();
     apply(pid, &patch, &[]);
@@ -558,9 +560,7 @@ fn code_already_original_is_listed_and_reverted() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 0);
     let pid = target.pid();
     apply(pid, &patch, &[]);
     let at = entry_of(&list(pid), "f")["address"].as_u64().expect("address");
@@ -593,9 +593,7 @@ fn patches_named_only_by_versions_are_reverted() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 0);
     let pid = target.pid();
     apply(pid, &patch, &[]);
     let mut record = list(pid);
@@ -629,9 +627,7 @@ fn forged_records_are_refused_cleanly() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
-    let patch = build_patch(d, "patch_a", PATCH_A_C);
-    let mut target = Target::start(&exe, 0, None, Workers::Duty);
+    let (mut target, patch) = target_and_patch_a(d, 0);
     let pid = target.pid();
     let ps = pid.to_string();
     apply(pid, &patch, &[]);

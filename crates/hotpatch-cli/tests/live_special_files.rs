@@ -10,7 +10,7 @@ mod live;
 
 use live::*;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long any of these may take before the test kills the tool and fails.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -20,7 +20,6 @@ const ADDRESS_SPACE: &str = "--as=1073741824";
 
 /// `prlimit --as=1GiB hotpatch ARGS`, killed (and failing) after [`LIMIT`].
 fn capped_hotpatch(args: &[&str]) -> Run {
-    let started = Instant::now();
     let mut cmd = Command::new("prlimit");
     cmd.arg(ADDRESS_SPACE)
         .arg("--")
@@ -28,25 +27,7 @@ fn capped_hotpatch(args: &[&str]) -> Run {
         .args(args)
         .env_remove("HOTPATCH_LOG")
         .env_remove("RUST_LOG");
-    let (mut child, output) = spawn_piped(&mut cmd);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for hotpatch") {
-            break s;
-        }
-        if started.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("hotpatch {args:?} still running after {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let (stdout, stderr) = output();
-    Run {
-        status,
-        stdout,
-        stderr,
-        took: started.elapsed(),
-    }
+    run_within(LIMIT, &mut cmd)
 }
 
 #[test]
