@@ -38,12 +38,21 @@ fn a_patch_rebuilt_at_the_same_path_runs_its_new_code() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut t = start(dir.path());
     let fix = build_patch(dir.path(), "fix", PATCH_A_C);
-    apply(t.pid(), &fix, &[]);
+    let first = apply(t.pid(), &fix, &[]);
     assert_eq!(t.version(), (1, 1));
 
     // Rebuilt in place: B's code at A's path supersedes A.
     assert_eq!(build_patch(dir.path(), "fix", PATCH_B_C), fix);
-    apply(t.pid(), &fix, &[]);
+    let second = apply(t.pid(), &fix, &[]);
+    // Each reports its trips into the target; only the first made the
+    // call region (the bootstrap), the state region and scratch pages.
+    let trips = |doc: &serde_json::Value| doc["remote_calls"].as_u64().expect("remote_calls");
+    assert!(
+        trips(&first) > trips(&second) && trips(&second) > 0,
+        "first apply {} trips, second {}",
+        trips(&first),
+        trips(&second)
+    );
     assert_eq!(
         t.version(),
         (2, 2),

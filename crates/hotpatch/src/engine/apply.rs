@@ -55,6 +55,10 @@ pub struct Applied {
     pub functions: Vec<AppliedFunction>,
     /// Wall time of the whole apply, in microseconds.
     pub elapsed_us: u64,
+    /// Trips into the target: remote calls, and the bootstrap of the call
+    /// region if this apply made it (each waits for a target thread to be
+    /// scheduled; see issue 10, "one trip").
+    pub remote_calls: u64,
 }
 
 /// A planned function: everything but the process-dependent addresses.
@@ -227,6 +231,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             signer: patch.signer().map(str::to_string),
         },
     );
+    let remote_calls = remote.trips();
     // The call region stays mapped for the next run of the tool.
     drop(remote);
     let (patch, functions) = result?;
@@ -235,6 +240,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         patch,
         functions,
         elapsed_us: started.elapsed().as_micros() as u64,
+        remote_calls,
     })
 }
 

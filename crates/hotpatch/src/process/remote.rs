@@ -773,6 +773,12 @@ impl Remote {
         self.reused
     }
 
+    /// Trips into the target so far: each remote call, plus the bootstrap
+    /// (one run of the cave) if this session made its region.
+    pub fn trips(&self) -> u64 {
+        self.calls + u64::from(!self.reused)
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
