@@ -659,7 +659,9 @@ pub fn judge(facts: &Facts, filters: Option<&ThreadFilters>, op: Operation) -> V
     } else if let Some(why) = &facts.maps_denied {
         Some(format!("reading its memory map is not permitted: {why}"))
     } else if !facts.mapped {
-        Some("it has no memory mappings".to_string())
+        // A live user process always maps something (its stack, the
+        // vDSO); an empty map is one whose memory went as it exited.
+        Some("it has exited: its memory map is already empty".to_string())
     } else {
         None
     };
