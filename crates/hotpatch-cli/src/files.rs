@@ -15,9 +15,9 @@ use std::path::Path;
 pub fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_file() => bail!(
-            "{}: not a regular file (a {}); nothing written",
+            "{}: not a regular file ({}); nothing written",
             path.display(),
-            file_type_name(&meta.file_type())
+            hotpatch::image::file::kind_name(&meta.file_type())
         ),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -56,23 +56,4 @@ pub fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
-}
-
-fn file_type_name(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "directory"
-    } else if t.is_symlink() {
-        "symbolic link"
-    } else if t.is_fifo() {
-        "fifo"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_socket() {
-        "socket"
-    } else {
-        "special file"
-    }
 }

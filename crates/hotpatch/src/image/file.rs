@@ -60,19 +60,7 @@ pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), I
     let meta = file.metadata().map_err(io)?;
     let kind = meta.file_type();
     if !kind.is_file() {
-        let what = if kind.is_fifo() {
-            "a fifo"
-        } else if kind.is_char_device() {
-            "a character device"
-        } else if kind.is_block_device() {
-            "a block device"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
+        let what = kind_name(&kind);
         return Err(ImageError::NotRegular {
             path: path.to_path_buf(),
             what,
@@ -98,6 +86,26 @@ pub fn read_open(path: &Path, file: std::fs::File, meta: &std::fs::Metadata) -> 
             error,
         })?;
     Ok(data)
+}
+
+/// What a file that is not a regular file is, for messages: "a fifo",
+/// "a directory"…
+pub fn kind_name(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_fifo() {
+        "a fifo"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 #[cfg(test)]
