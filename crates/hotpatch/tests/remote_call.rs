@@ -788,3 +788,147 @@ fn target_survives_a_tool_killed_at_random_moments() {
         t0.elapsed()
     );
 }
+
+/// A program runs in one trip: its steps' results, the tool's part at
+/// each rendezvous, stores, an abort, a failing step and a wait nobody
+/// answers; the target computes on, and its threads never notice.
+#[test]
+fn a_program_runs_in_one_trip() {
+    use hotpatch::process::program::{Arg, Check};
+    let built = build();
+    let mut target = start_target(&built, false);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+    let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach");
+    let before = remote.trips();
+
+    let (mut p, mut d) = remote.program();
+    let digits_at = d.take(32).expect("room");
+    let table = d.take(32).expect("room");
+    let slots = d.take(16).expect("room");
+    let s_pid = p.syscall(39, &[], Check::NonNegative);
+    let first = p.wait();
+    let s_digits = p.digits(s_pid, digits_at);
+    let s_compute = p.call(target.compute, &[Arg::Imm(7)], Check::None);
+    let s_stores = p.stores(table, 2);
+    let second = p.wait();
+    let s_sync = p.sync_cores(0);
+    let mut run = remote.start(&p).expect("start");
+    assert!(run.reach(first).expect("first rendezvous"));
+    assert_eq!(run.result(s_pid).expect("result"), pid as u64);
+    // The table for the stores, written while the thread waits.
+    let pairs: Vec<u8> = [(slots, 0x1111u64), (slots + 8, 0x2222)]
+        .iter()
+        .flat_map(|(a, v)| a.to_le_bytes().into_iter().chain(v.to_le_bytes()))
+        .collect();
+    run.write(table, &pairs).expect("table");
+    run.go(first).expect("go");
+    assert!(run.reach(second).expect("second rendezvous"));
+    assert_eq!(run.result(s_compute).expect("result"), expected_compute(7));
+    assert_eq!(run.result(s_stores).expect("result"), 2);
+    assert_eq!(
+        run.result(s_digits).expect("result"),
+        pid.to_string().len() as u64
+    );
+    run.go(second).expect("go");
+    let status = run.finish().expect("finish");
+    assert!(
+        status.ended && status.failed.is_none() && status.gave_up.is_none(),
+        "{status:?}"
+    );
+    assert_eq!(mem.read_c_string(digits_at, 32).expect("digits"), pid.to_string());
+    assert_eq!(mem.read_u64(slots).expect("slot"), 0x1111);
+    assert_eq!(mem.read_u64(slots + 8).expect("slot"), 0x2222);
+    assert_eq!(remote.trips() - before, 1, "one trip");
+    let synced = remote.mem().read_u64(
+        remote.layout().scratch() + hotpatch::process::program::data::RESULTS + 8 * s_sync.0 as u64,
+    );
+    // membarrier(SYNC_CORE) needs a registration this target never made.
+    assert_eq!(synced.expect("sync result") as i64, -1, "EPERM without a page");
+
+    // Abort at a rendezvous: nothing after it runs.
+    let (mut p, _) = remote.program();
+    let phase = p.wait();
+    let s_after = p.syscall(39, &[], Check::None);
+    let mut run = remote.start(&p).expect("start");
+    assert!(run.reach(phase).expect("rendezvous"));
+    let status = run.abort().expect("abort");
+    assert!(
+        status.ended && status.gave_up.is_none() && status.failed.is_none(),
+        "{status:?}"
+    );
+    assert_eq!(
+        remote
+            .mem()
+            .read_u64(
+                remote.layout().scratch() + hotpatch::process::program::data::RESULTS + 8 * s_after.0 as u64
+            )
+            .expect("result"),
+        0,
+        "a step after the abort ran"
+    );
+
+    // A failing step ends the program there.
+    let (mut p, _) = remote.program();
+    let s_bad = p.syscall(3, &[Arg::Imm(u64::MAX)], Check::NonNegative); // close(-1)
+    p.wait();
+    let run = remote.start(&p).expect("start");
+    let status = run.finish().expect("finish");
+    assert_eq!(status.failed, Some(s_bad), "{status:?}");
+    assert_eq!(status.phase, 0);
+
+    // A rendezvous nobody answers: the thread gives up at its deadline.
+    let (mut p, _) = remote.program();
+    let phase = p.wait();
+    let t0 = Instant::now();
+    let run = remote.start(&p).expect("start");
+    let status = run.finish().expect("finish");
+    assert_eq!(status.gave_up, Some(phase), "{status:?}");
+    assert!(t0.elapsed() >= remote::BUDGET, "gave up after {:?}", t0.elapsed());
+
+    assert_eq!(target.busy_errors(&mem), 0, "a busy thread saw a wrong value");
+    target.assert_busy_progress(&mem, 3);
+    target.assert_running();
+    assert_eq!(remote.syscall(39, &[]).expect("getpid"), pid as i64);
+}
+
+/// A tool killed while its program waits at a rendezvous: the next tool
+/// finds the region, cancels the wait, and takes the region at once.
+#[test]
+fn a_program_left_waiting_is_cancelled_by_the_next_tool() {
+    let built = build();
+    let mut target = start_target(&built, false);
+    let pid = target.proc.pid();
+    let mem = Mem::open(pid).expect("open mem");
+    let region = {
+        let mut remote = Remote::attach(pid, Placement::Anywhere).expect("attach");
+        let (mut p, _) = remote.program();
+        let phase = p.wait();
+        let mut run = remote.start(&p).expect("start");
+        assert!(run.reach(phase).expect("rendezvous"));
+        let region = run_region(&run);
+        // The tool "dies": its session (and the region's lock) is dropped
+        // with the program still waiting.
+        drop(run);
+        region
+    };
+    let t0 = Instant::now();
+    let remote = Remote::attach(pid, Placement::Anywhere).expect("attach again");
+    assert_eq!(
+        remote.region(),
+        region,
+        "the waiting program's region was not taken"
+    );
+    assert!(
+        t0.elapsed() < remote::BUDGET,
+        "attach waited {:?}: the wait was not cancelled",
+        t0.elapsed()
+    );
+    assert_eq!(target.busy_errors(&mem), 0);
+    target.assert_busy_progress(&mem, 3);
+    target.assert_running();
+}
+
+fn run_region(run: &hotpatch::process::Running<'_>) -> std::ops::Range<u64> {
+    run.region()
+}

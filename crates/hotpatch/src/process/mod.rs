@@ -8,6 +8,7 @@ pub mod maps;
 pub mod mem;
 pub mod preflight;
 pub mod priority;
+pub mod program;
 pub mod ptrace;
 pub mod remote;
 pub mod stop;
@@ -19,7 +20,7 @@ pub use maps::{MapEntry, MappedImage};
 pub use mem::Mem;
 pub use priority::Boost;
 pub use ptrace::Traced;
-pub use remote::{CallOutcome, Placement, Remote, Timeouts};
+pub use remote::{CallOutcome, Placement, Remote, Running, Timeouts};
 pub use stop::AllStopped;
 pub use threads::{ThreadInfo, choose_thread, threads};
 

@@ -74,8 +74,10 @@
 //!   executed again) stub in a cave; later bootstraps skip it.
 
 mod load;
+mod running;
 
 pub use load::{LoadedLibrary, unique_fd_path};
+pub use running::{BUDGET, ProgramData, Running};
 
 use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
@@ -95,6 +97,7 @@ const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const NR_MMAP: u64 = 9;
 const NR_MPROTECT: u64 = 10;
 const NR_MUNMAP: u64 = 11;
+const NR_PRCTL: u64 = 157;
 const EEXIST: i64 = 17;
 
 /// ±2 GiB: what a `rel32` or `[rip+disp32]` reaches.
@@ -388,6 +391,8 @@ pub struct Remote {
     /// Libraries this session loaded by content, by handle: their load
     /// bias and exported symbols, read from the very bytes loaded.
     loaded: std::collections::HashMap<u64, (u64, DynSymbols)>,
+    /// A region this session made, not named yet (see `name_region`).
+    unnamed: bool,
 }
 
 /// The fixed parts of a session being opened.
@@ -445,6 +450,7 @@ impl Session {
             _lock: lock,
             reused,
             loaded: std::collections::HashMap::new(),
+            unnamed: false,
         }
     }
 }
@@ -576,10 +582,18 @@ fn adopt(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<Option<Sessio
     let owner = mem.read_u64(frame_at + frame::OWNER)?;
     let start = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(1));
+    let mut cancelled = false;
     loop {
         let done = mem.read_u32(frame_at + frame::DONE)?;
         if done == 1 || owner == 0 || !threads::thread_exists(pid, owner as i32) {
             break;
+        }
+        if !cancelled {
+            // A program left waiting by a tool that is gone returns now.
+            cancelled = running::cancel_waiting(mem, layout.scratch());
+            if cancelled {
+                tracing::debug!(pid, base = layout.base, owner, "cancelled a program left waiting");
+            }
         }
         let wait = match owner_in_region(pid, owner as i32, layout) {
             Some(true) => ADOPT_WAIT,
@@ -723,7 +737,9 @@ impl Remote {
                         Err(e) => return Err(unmap_failed(&mem, &layout, timeouts, e)),
                     };
                     let mut r = session.into_remote(mem, layout, stub, lock, false, maps);
-                    r.name_region();
+                    // Named by the first trip (a program's first step, or
+                    // before the first plain call): no trip of its own.
+                    r.unnamed = true;
                     tracing::debug!(
                         pid,
                         base,
@@ -745,27 +761,29 @@ impl Remote {
     /// Name the region in `/proc/PID/maps` ([`REGION_NAME`]); kernels
     /// without `CONFIG_ANON_VMA_NAME` refuse, which only costs the name.
     fn name_region(&mut self) {
-        const PR_SET_VMA: u64 = 0x5356_4d41;
-        const PR_SET_VMA_ANON_NAME: u64 = 0;
-        const NR_PRCTL: u64 = 157;
         let mut name = REGION_NAME.as_bytes().to_vec();
         name.push(0);
         let r = self.write_scratch(&name).and_then(|at| {
-            self.syscall(
-                NR_PRCTL,
-                &[
-                    PR_SET_VMA,
-                    PR_SET_VMA_ANON_NAME,
-                    self.layout.base,
-                    self.layout.size(),
-                    at,
-                ],
-            )
+            let args = self.name_args(at);
+            self.syscall(NR_PRCTL, &args)
         });
         match r {
             Ok(0) => {}
             other => tracing::debug!(pid = self.pid, ?other, "could not name the call region"),
         }
+    }
+
+    /// `prctl` arguments that name the region, the name at `at`.
+    fn name_args(&self, at: u64) -> [u64; 5] {
+        const PR_SET_VMA: u64 = 0x5356_4d41;
+        const PR_SET_VMA_ANON_NAME: u64 = 0;
+        [
+            PR_SET_VMA,
+            PR_SET_VMA_ANON_NAME,
+            self.layout.base,
+            self.layout.size(),
+            at,
+        ]
     }
 
     /// Whether this session reuses a region an earlier session left.
@@ -1075,6 +1093,34 @@ impl Remote {
     /// Call `function` on a thread of the target; `nr` is the system call
     /// number for the syscall helper (ignored otherwise).
     pub fn call_full(&mut self, function: u64, args: &[u64], nr: u64) -> Result<CallOutcome, ProcessError> {
+        let t0 = Instant::now();
+        let tid = self.launch(function, args, nr)?;
+        let start = Instant::now();
+        self.wait_done(
+            tid,
+            &format!("waiting for the remote call of {function:#x} to return"),
+        )?;
+        let value = self.mem.read_u64(self.layout.frame() + frame::RESULT)?;
+        let errno = self.mem.read_u64(self.layout.frame() + frame::ERRNO_AFTER)? as i32;
+        tracing::debug!(
+            pid = self.pid,
+            tid,
+            function,
+            nr,
+            hijack_us = (start - t0).as_micros() as u64,
+            wait_us = start.elapsed().as_micros() as u64,
+            "remote call"
+        );
+        Ok(CallOutcome { value, errno, tid })
+    }
+
+    /// Send a thread into the stub to call `function(args)`; returns its
+    /// tid. The call then runs on its own: [`Remote::wait_done`] waits.
+    fn launch(&mut self, function: u64, args: &[u64], nr: u64) -> Result<i32, ProcessError> {
+        if self.unnamed {
+            self.unnamed = false;
+            self.name_region();
+        }
         if let Some(why) = &self.poisoned {
             return Err(ProcessError::Poisoned {
                 pid: self.pid,
@@ -1089,7 +1135,6 @@ impl Remote {
         }
         let mut a = [0u64; 6];
         a[..args.len()].copy_from_slice(args);
-        let t0 = Instant::now();
         let frame_at = self.layout.frame();
         let (entry, errno_fn) = (self.stub.entry, self.errno_fn);
         let mut committed = false;
@@ -1155,13 +1200,18 @@ impl Remote {
             }
         };
         self.calls += 1;
-        // The thread is on its own now. Wait for done.
-        let done_at = frame_at + frame::DONE;
+        Ok(tid)
+    }
+
+    /// Wait for the call given to thread `tid` to be done with the frame;
+    /// `what` names the wait in a timeout error.
+    fn wait_done(&mut self, tid: i32, what: &str) -> Result<(), ProcessError> {
+        let done_at = self.layout.frame() + frame::DONE;
         let start = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(1));
         loop {
             match self.mem.read_u32(done_at) {
-                Ok(1) => break,
+                Ok(1) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(self.gone_or(tid, e, "during the remote call")),
             }
@@ -1169,29 +1219,16 @@ impl Remote {
                 if !threads::thread_exists(self.pid, tid) {
                     return Err(self.gone_or(tid, ProcessError::NoSuchThread { pid: self.pid, tid }, ""));
                 }
-                let what = format!("waiting for the remote call of {function:#x} to return");
                 self.poisoned = Some(format!("thread {tid} may still be running a call ({what})"));
                 return Err(ProcessError::Timeout {
                     pid: self.pid,
                     tid,
-                    what,
+                    what: what.to_string(),
                     after: self.timeouts.call,
                 });
             }
             backoff.pause();
         }
-        let value = self.mem.read_u64(self.layout.frame() + frame::RESULT)?;
-        let errno = self.mem.read_u64(self.layout.frame() + frame::ERRNO_AFTER)? as i32;
-        tracing::debug!(
-            pid = self.pid,
-            tid,
-            function,
-            nr,
-            hijack_us = (start - t0).as_micros() as u64,
-            wait_us = start.elapsed().as_micros() as u64,
-            "remote call"
-        );
-        Ok(CallOutcome { value, errno, tid })
     }
 
     fn gone_or(&self, tid: i32, e: ProcessError, during: &str) -> ProcessError {

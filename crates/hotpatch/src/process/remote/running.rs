@@ -1,0 +1,244 @@
+//! One trip: a [`Program`] run by one hijacked thread, driven by the tool
+//! through its rendezvous points (see [`crate::process::program`]).
+//!
+//! The program's code goes into the call region's code page after the
+//! session stub, its data block into the region's scratch area; the stub
+//! calls it like any function, so everything the stub guarantees holds:
+//! the thread resumes exactly where it was, whatever happens to the tool.
+//! A tool killed while the thread waits at a rendezvous leaves it
+//! sleeping until the program's deadline; a later tool that finds the
+//! region so (it holds the region's lock, so the first tool is gone)
+//! cancels the wait at once (see `adopt`).
+
+use super::Remote;
+use crate::process::ProcessError;
+use crate::process::program::{self, Program, Status, Step, data};
+use crate::process::ptrace::Backoff;
+use crate::process::stub;
+use std::time::{Duration, Instant};
+
+/// Where a program's code starts in the code page (after the stub).
+pub const PROGRAM_OFFSET: u64 = 0x400;
+/// How long a program waits for the tool at its rendezvous points, in all,
+/// before it gives up and returns (a tool that died, or stalled).
+pub const BUDGET: Duration = Duration::from_secs(2);
+/// How long it sleeps between two looks at the tool's answer.
+pub const NAP: Duration = Duration::from_micros(20);
+
+/// The free part of the data block, handed out front to back for the
+/// strings and tables a program uses. Written before the program starts
+/// (or, for a table, before the rendezvous that precedes its use).
+#[derive(Debug)]
+pub struct ProgramData {
+    next: u64,
+    end: u64,
+}
+
+impl ProgramData {
+    /// `len` bytes (8-aligned); `None` when they do not fit.
+    pub fn take(&mut self, len: u64) -> Option<u64> {
+        let at = self.next;
+        let next = at.checked_add(len.next_multiple_of(8))?;
+        if next > self.end {
+            return None;
+        }
+        self.next = next;
+        Some(at)
+    }
+}
+
+/// A program running in the target. Holds the session: no other call can
+/// use the frame until it is over ([`Running::finish`]).
+#[derive(Debug)]
+pub struct Running<'r> {
+    remote: &'r mut Remote,
+    tid: i32,
+    data_at: u64,
+    started: Instant,
+}
+
+impl Remote {
+    /// A new program for this session: it starts by naming a region this
+    /// session made (that costs no trip of its own).
+    pub fn program(&mut self) -> (Program, ProgramData) {
+        let mut p = Program::new();
+        let mut d = self.program_data();
+        if self.unnamed
+            && let Some(at) = d.take(super::REGION_NAME.len() as u64 + 1)
+        {
+            let mut name = super::REGION_NAME.as_bytes().to_vec();
+            name.push(0);
+            if self.mem.write(at, &name).is_ok() {
+                self.unnamed = false;
+                let args = self.name_args(at).map(program::Arg::Imm);
+                p.syscall(super::NR_PRCTL, &args, program::Check::None);
+            }
+        }
+        (p, d)
+    }
+
+    fn program_data(&self) -> ProgramData {
+        let base = self.layout.scratch();
+        ProgramData {
+            next: base + data::FREE,
+            end: base + stub::SCRATCH_SIZE,
+        }
+    }
+
+    /// Start `program` on one thread: its data block's header, its code,
+    /// then one remote call. The rest of the data block (strings, tables)
+    /// must be written already.
+    pub fn start(&mut self, program: &Program) -> Result<Running<'_>, ProcessError> {
+        let pid = self.pid;
+        let code_at = self.layout.code() + PROGRAM_OFFSET;
+        let data_at = self.layout.scratch();
+        if self.stub.bytes.len() as u64 > PROGRAM_OFFSET {
+            return Err(ProcessError::Unsupported {
+                pid,
+                what: format!(
+                    "a {}-byte session stub leaves no room for programs",
+                    self.stub.bytes.len()
+                ),
+            });
+        }
+        let code = program
+            .assemble(code_at, data_at, (stub::CODE_SIZE - PROGRAM_OFFSET) as usize)
+            .map_err(|e| ProcessError::Unsupported {
+                pid,
+                what: format!("the program: {e}"),
+            })?;
+        self.mem.write(
+            data_at,
+            &program::header(BUDGET.as_nanos() as u64, NAP.as_nanos() as u64),
+        )?;
+        self.mem.write(code_at, &code)?;
+        let started = Instant::now();
+        let tid = self.launch(code_at, &[], 0)?;
+        tracing::debug!(pid, tid, steps = program.len(), "program started");
+        Ok(Running {
+            remote: self,
+            tid,
+            data_at,
+            started,
+        })
+    }
+}
+
+impl Running<'_> {
+    /// The thread running the program.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// The call region the program runs from.
+    pub fn region(&self) -> std::ops::Range<u64> {
+        self.remote.region()
+    }
+
+    pub fn status(&self) -> Result<Status, ProcessError> {
+        let block = self.remote.mem.read(self.data_at, data::RESULTS as usize)?;
+        Status::parse(&block).ok_or(ProcessError::Unsupported {
+            pid: self.remote.pid,
+            what: "a short read of the program's data block".into(),
+        })
+    }
+
+    /// The result of `step`.
+    pub fn result(&self, step: Step) -> Result<u64, ProcessError> {
+        self.remote
+            .mem
+            .read_u64(self.data_at + data::RESULTS + 8 * step.0 as u64)
+    }
+
+    /// Write into the session's memory (a table the next phase reads).
+    pub fn write(&self, at: u64, bytes: &[u8]) -> Result<(), ProcessError> {
+        self.remote.mem.write(at, bytes)
+    }
+
+    /// Wait until the program waits at `phase` (`Ok(true)`) or has ended
+    /// (`Ok(false)`: see [`Running::status`] for why).
+    pub fn reach(&mut self, phase: u32) -> Result<bool, ProcessError> {
+        let start = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_micros(200));
+        loop {
+            let s = self.status()?;
+            if s.ended {
+                return Ok(false);
+            }
+            if s.phase >= phase {
+                return Ok(true);
+            }
+            if start.elapsed() >= self.remote.timeouts.call {
+                let what = format!("waiting for the program to reach its rendezvous {phase}");
+                // The thread is still in it: nothing else may use the frame.
+                self.remote.poisoned = Some(format!("thread {} may still be running a program", self.tid));
+                return Err(ProcessError::Timeout {
+                    pid: self.remote.pid,
+                    tid: self.tid,
+                    what,
+                    after: self.remote.timeouts.call,
+                });
+            }
+            if !crate::process::threads::thread_exists(self.remote.pid, self.tid) {
+                return Err(self.remote.gone_or(
+                    self.tid,
+                    ProcessError::NoSuchThread {
+                        pid: self.remote.pid,
+                        tid: self.tid,
+                    },
+                    "during the program",
+                ));
+            }
+            backoff.pause();
+        }
+    }
+
+    /// Let the program go on past `phase`.
+    pub fn go(&mut self, phase: u32) -> Result<(), ProcessError> {
+        self.remote.mem.write_u32(self.data_at + data::GO, phase)
+    }
+
+    /// Stop the program at the rendezvous it waits at (or will reach
+    /// next), and wait for it to return.
+    pub fn abort(self) -> Result<Status, ProcessError> {
+        self.remote
+            .mem
+            .write_u32(self.data_at + data::GO, program::ABORT)?;
+        self.finish()
+    }
+
+    /// Wait for the program to return and the thread to be done with the
+    /// frame; the program's final status.
+    pub fn finish(self) -> Result<Status, ProcessError> {
+        let what = "waiting for the program to return";
+        self.remote.wait_done(self.tid, what)?;
+        let status = self.status()?;
+        tracing::debug!(
+            pid = self.remote.pid,
+            tid = self.tid,
+            us = self.started.elapsed().as_micros() as u64,
+            ?status,
+            "program done"
+        );
+        Ok(status)
+    }
+}
+
+/// Whether the data block at `data_at` holds a program waiting at a
+/// rendezvous: then `GO` gets [`program::CANCEL`] so that it returns now.
+/// Only for a region whose lock the caller holds (no tool drives it).
+pub(super) fn cancel_waiting(mem: &crate::process::Mem, data_at: u64) -> bool {
+    let Ok(block) = mem.read(data_at, data::RESULTS as usize) else {
+        return false;
+    };
+    let magic = block
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    match Status::parse(&block) {
+        Some(s) if magic == Some(program::MAGIC) && !s.ended && s.phase > 0 => {
+            mem.write_u32(data_at + data::GO, program::CANCEL).is_ok()
+        }
+        _ => false,
+    }
+}
