@@ -906,11 +906,9 @@ fn a_program_left_waiting_is_cancelled_by_the_next_tool() {
         let phase = p.wait();
         let mut run = remote.start(&p).expect("start");
         assert!(run.reach(phase).expect("rendezvous"));
-        let region = run_region(&run);
-        // The tool "dies": its session (and the region's lock) is dropped
+        // The tool "dies": its session (and the region's lock) goes away
         // with the program still waiting.
-        drop(run);
-        region
+        run.region()
     };
     let t0 = Instant::now();
     let remote = Remote::attach(pid, Placement::Anywhere).expect("attach again");
@@ -927,8 +925,4 @@ fn a_program_left_waiting_is_cancelled_by_the_next_tool() {
     assert_eq!(target.busy_errors(&mem), 0);
     target.assert_busy_progress(&mem, 3);
     target.assert_running();
-}
-
-fn run_region(run: &hotpatch::process::Running<'_>) -> std::ops::Range<u64> {
-    run.region()
 }
