@@ -320,3 +320,76 @@ fn static_binary_without_dlopen() {
     let s = target.stats();
     assert_eq!(s.bad, 0);
 }
+
+/// The target's open descriptors (what each names).
+fn descriptors(pid: i32) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let to = std::fs::read_link(e.path()).ok()?;
+            Some(format!("{} {}", e.file_name().to_string_lossy(), to.display()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// The maps, less the heap (the target's own allocations move its end).
+fn maps_but_heap(pid: i32) -> Vec<String> {
+    maps(pid)
+        .lines()
+        .filter(|l| !l.ends_with("[heap]"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A patch `dlopen` refuses (an undefined symbol, RTLD_NOW), in the
+/// program that loads it in one trip: the error is dlerror's, and the
+/// target is left as it was — on a warm target exactly (maps, open
+/// descriptors, code, records); on a fresh one no descriptor and no patch
+/// stays (the call and state regions it made stay for the next apply).
+#[test]
+fn a_patch_dlopen_refuses_leaves_the_target_as_it_was() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "target", TARGET_C, &[]);
+    let patch_a = build_patch(d, "patch_a", PATCH_A_C);
+    let bad = build_patch(
+        d,
+        "unresolved",
+        "#include \"hotpatch.h\"\nextern long hotpatch_no_such_symbol(long);\nlong f_b(long x) { return hotpatch_no_such_symbol(x); }\nHOTPATCH_REPLACE(f, f_b);\n",
+    );
+
+    // Fresh target.
+    let mut target = Target::start(&exe, 2, None, Workers::Duty);
+    let pid = target.pid();
+    let (code, fds) = (target.code(), descriptors(pid));
+    let msg = apply_run(pid, &bad, &[]).failure().to_string();
+    assert!(msg.contains("hotpatch_no_such_symbol"), "{msg}");
+    assert_eq!(target.code(), code, "code changed: {msg}");
+    assert_eq!(descriptors(pid), fds, "descriptors left open: {msg}");
+    assert!(
+        !maps(pid).contains("hotpatch-patch"),
+        "a patch stayed mapped: {msg}"
+    );
+    assert_eq!(target.version(), (0, 0));
+
+    // Warm target (patch A applied).
+    apply(pid, &patch_a, &[]);
+    target.expect(1);
+    let (code, fds, before, listed) = (target.code(), descriptors(pid), maps_but_heap(pid), list(pid));
+    let msg = apply_run(pid, &bad, &[]).failure().to_string();
+    assert!(msg.contains("hotpatch_no_such_symbol"), "{msg}");
+    assert_eq!(target.code(), code, "code changed: {msg}");
+    assert_eq!(descriptors(pid), fds, "descriptors left open: {msg}");
+    assert_eq!(maps_but_heap(pid), before, "maps changed: {msg}");
+    assert_eq!(list(pid), listed, "records changed: {msg}");
+    assert_eq!(target.version(), (1, 1));
+    let s = target.stats();
+    assert_eq!(s.bad, 0, "{s:?}");
+    revert(pid, None);
+    target.expect(0);
+    assert!(target.proc.alive());
+}

@@ -831,7 +831,7 @@ fn a_program_runs_in_one_trip() {
         pid.to_string().len() as u64
     );
     run.go(second).expect("go");
-    let status = run.finish().expect("finish");
+    let status = run.finish().0.expect("finish");
     assert!(
         status.ended && status.failed.is_none() && status.gave_up.is_none(),
         "{status:?}"
@@ -852,7 +852,7 @@ fn a_program_runs_in_one_trip() {
     let s_after = p.syscall(39, &[], Check::None);
     let mut run = remote.start(&p).expect("start");
     assert!(run.reach(phase).expect("rendezvous"));
-    let status = run.abort().expect("abort");
+    let status = run.abort().0.expect("abort");
     assert!(
         status.ended && status.gave_up.is_none() && status.failed.is_none(),
         "{status:?}"
@@ -873,7 +873,7 @@ fn a_program_runs_in_one_trip() {
     let s_bad = p.syscall(3, &[Arg::Imm(u64::MAX)], Check::NonNegative); // close(-1)
     p.wait();
     let run = remote.start(&p).expect("start");
-    let status = run.finish().expect("finish");
+    let status = run.finish().0.expect("finish");
     assert_eq!(status.failed, Some(s_bad), "{status:?}");
     assert_eq!(status.phase, 0);
 
@@ -882,7 +882,7 @@ fn a_program_runs_in_one_trip() {
     let phase = p.wait();
     let t0 = Instant::now();
     let run = remote.start(&p).expect("start");
-    let status = run.finish().expect("finish");
+    let status = run.finish().0.expect("finish");
     assert_eq!(status.gave_up, Some(phase), "{status:?}");
     assert!(t0.elapsed() >= remote::BUDGET, "gave up after {:?}", t0.elapsed());
 

@@ -3,6 +3,7 @@
 use super::EngineError;
 use super::stopped;
 use super::target::{self, Lock, StateRegion};
+use super::trip;
 use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
 use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind};
 use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
@@ -10,8 +11,6 @@ use crate::policy::{Approved, Policy};
 use crate::process::{Mem, Placement, Process, Remote};
 use crate::state::{FunctionRecord, PatchRecord, State, Version};
 use std::time::Instant;
-
-const RTLD_NOW: i32 = 2;
 
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
@@ -316,10 +315,78 @@ fn refuse_what_the_tool_runs(planner: &Planner<'_>, planned: &[Planned]) -> Resu
     .into())
 }
 
-fn dlclose(remote: &mut Remote, handle: u64) {
+pub(super) fn dlclose(remote: &mut Remote, handle: u64) {
     if let Ok(f) = remote.libc_function("dlclose") {
         let _ = remote.call(f, &[handle]);
     }
+}
+
+/// What each planned function is to this process before anything is
+/// loaded: the scratch a new one needs, how many live slots change, and
+/// whether any entry flips.
+fn needs_of(state: &State, input: &ApplyInput<'_>) -> Needs {
+    let recorded = state.index_by_entry();
+    let mut needs = Vec::new();
+    let mut live_slots = 0;
+    let mut entries = false;
+    let mut stopped = false;
+    for p in input.planned {
+        let entry = input.bias.wrapping_add(p.entry);
+        match recorded.get(&entry).map(|&i| &state.functions[i]) {
+            Some(f) => {
+                live_slots += 1;
+                if f.versions.is_empty() {
+                    entries = true;
+                    stopped |= !f.live_safe;
+                }
+            }
+            None => {
+                entries = true;
+                stopped |= match &p.method {
+                    Method::Prepared(flip) => !flip.live_safe(),
+                    Method::Detour { .. } => true,
+                };
+                // In the order `stage` takes them.
+                needs.push(target::ScratchNeed {
+                    near: entry,
+                    executable: false,
+                    bytes: 8,
+                });
+                match &p.method {
+                    Method::Prepared(flip) if flip.long_jump == LongJump::Trampoline => {
+                        needs.push(target::ScratchNeed {
+                            near: entry,
+                            executable: true,
+                            bytes: 8,
+                        })
+                    }
+                    Method::Prepared(_) => {}
+                    Method::Detour { .. } => needs.push(target::ScratchNeed {
+                        near: entry,
+                        executable: true,
+                        bytes: 16 + TRAMPOLINE_SIZE,
+                    }),
+                }
+            }
+        }
+    }
+    Needs {
+        scratch: needs,
+        live_slots,
+        entries,
+        stopped,
+    }
+}
+
+/// What an apply will ask of the target, known before anything is loaded.
+struct Needs {
+    scratch: Vec<target::ScratchNeed>,
+    live_slots: usize,
+    /// Some entry flips.
+    entries: bool,
+    /// Some flip needs every thread stopped: no thread may be lent to a
+    /// program then (its own context would be out of the stop's sight).
+    stopped: bool,
 }
 
 fn apply_in(
@@ -330,9 +397,47 @@ fn apply_in(
 ) -> Result<(PatchRecord, Vec<AppliedFunction>), EngineError> {
     let pid = input.pid;
     let mem = Mem::open(pid)?;
-    let handle = remote
-        .dlopen_bytes(input.file.bytes(), &input.sha256[..16], RTLD_NOW)?
-        .handle;
+    let maps = Process::open(pid)?.maps()?;
+    let needs = needs_of(state, &input);
+    let new_scratch = target::plan_scratch(pid, state, &needs.scratch, &maps)?;
+    // One trip: the program maps what is missing and loads the patch.
+    let loaded = trip::load(
+        remote,
+        trip::ApplyTrip {
+            bytes: input.file.bytes(),
+            label: &input.sha256[..16],
+            make_region: region.is_none(),
+            new_scratch: &new_scratch,
+            live_slots: needs.live_slots,
+            entries: needs.entries,
+            entries_stopped: needs.stopped,
+            shootdown_page: trip::shootdown_page(state, &new_scratch, &maps),
+        },
+    );
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(failure) => {
+            let (e, left) = *failure;
+            // What it mapped stays, recorded (an empty state region reads
+            // as empty; scratch is reused).
+            state.scratch.extend(left.scratch);
+            if region.is_none()
+                && let Some(address) = left.region
+            {
+                *region = Some(StateRegion::created(address));
+                if let Some(r) = region.as_mut() {
+                    let _ = r.write(&mem, state);
+                }
+            }
+            return Err(e);
+        }
+    };
+    let handle = loaded.handle;
+    let mut trip = loaded.trip;
+    state.scratch.extend(loaded.scratch);
+    if region.is_none() {
+        *region = loaded.region;
+    }
     let mut log = UndoLog {
         mem: &mem,
         done: Vec::new(),
@@ -344,15 +449,45 @@ fn apply_in(
         *state = before.clone();
         state.scratch = scratch;
     };
+    let unload = |trip: &mut trip::Trip<'_>| {
+        if let Some(remote) = trip.plain() {
+            dlclose(remote, handle);
+        }
+    };
 
     // Load: pointers filled, scratch allocated, every step planned. Nothing
     // in the target's code or slots is written yet.
-    let steps = match stage(remote, region, state, &input, handle, &mut log) {
+    let names: Vec<&str> = input
+        .pointers
+        .iter()
+        .map(|(pointer, _)| pointer.as_str())
+        .chain(input.planned.iter().map(|p| p.replacement_symbol.as_str()))
+        .collect();
+    let addresses = match trip.file_addresses(handle, &names) {
+        Some(a) => Ok(a),
+        // Some name needs the target's own dlsym: plain calls from here.
+        None => match trip.plain() {
+            Some(remote) => remote.dlsym_many(handle, &names).map_err(EngineError::from),
+            None => Err(EngineError::Failed {
+                pid,
+                what: "no session for dlsym".into(),
+            }),
+        },
+    };
+    let staged = addresses.and_then(|addresses| {
+        if region.is_none()
+            && let Some(remote) = trip.plain()
+        {
+            *region = Some(StateRegion::create(remote)?);
+        }
+        stage(trip.remote_if_plain(), state, &input, &addresses, &mut log)
+    });
+    let steps = match staged {
         Ok(steps) => steps,
         Err(e) => {
             log.undo();
             restore(state);
-            dlclose(remote, handle);
+            unload(&mut trip);
             return Err(e);
         }
     };
@@ -443,7 +578,7 @@ fn apply_in(
         log.undo();
         restore(state);
         let _ = region.write(&mem, state);
-        dlclose(remote, handle);
+        unload(&mut trip);
         return Err(e);
     }
 
@@ -467,7 +602,7 @@ fn apply_in(
                 stores.push((*slot, *replacement));
             }
         }
-        target::store_slots(state, remote, &stores)?;
+        trip.store_slots(state, &stores)?;
         write_entries(pid, &mem, &flips, &mut flipped)
     })();
     let modes = match outcome {
@@ -480,10 +615,10 @@ fn apply_in(
             if let Err(u) = write_entries(pid, &mem, &undo, &mut Vec::new()) {
                 tracing::error!("rollback of {} entries failed: {u}", undo.len());
             }
-            if let Err(u) = target::store_slots(state, remote, &stored) {
+            if let Err(u) = trip.store_slots(state, &stored) {
                 tracing::error!("rollback of {} live slots failed: {u}", stored.len());
             }
-            target::sync_cores(remote, state);
+            trip.sync_cores(state);
             for f in &mut state.functions {
                 f.versions.retain(|v| v.patch != id);
             }
@@ -491,12 +626,12 @@ fn apply_in(
             let _ = region.write(&mem, state);
             // Code of the patch may be running (a route was live): it stays loaded.
             if flipped.is_empty() && stored.is_empty() {
-                dlclose(remote, handle);
+                unload(&mut trip);
             }
             return Err(e);
         }
     };
-    target::sync_cores(remote, state);
+    trip.sync_cores(state);
     let mut modes = modes.into_iter();
     let recorded = state.index_by_entry();
     let mut applied = Vec::new();
@@ -527,25 +662,18 @@ fn apply_in(
 /// scratch allocated, and a [`Step`] per function. Writes nothing into the
 /// target's code or slots.
 fn stage(
-    remote: &mut Remote,
-    region: &mut Option<StateRegion>,
+    mut remote: Option<&mut Remote>,
     state: &mut State,
     input: &ApplyInput<'_>,
-    handle: u64,
+    addresses: &[u64],
     log: &mut UndoLog<'_>,
 ) -> Result<Vec<Step>, EngineError> {
-    // Every name at once: mostly read from the patch file, not one remote
-    // call each.
-    let names: Vec<&str> = input
-        .pointers
-        .iter()
-        .map(|(pointer, _)| pointer.as_str())
-        .chain(input.planned.iter().map(|p| p.replacement_symbol.as_str()))
-        .collect();
-    let addresses = remote.dlsym_many(handle, &names)?;
-    let (pointer_at, replacements) = addresses.split_at(input.pointers.len());
-    if region.is_none() {
-        *region = Some(StateRegion::create(remote)?);
+    let (pointer_at, replacements) = addresses.split_at(input.pointers.len().min(addresses.len()));
+    if replacements.len() != input.planned.len() {
+        return Err(EngineError::Failed {
+            pid: input.pid,
+            what: "dlsym gave fewer addresses than names".into(),
+        });
     }
     complete_dormant_routes(state, log)?;
     let mut steps = Vec::new();
@@ -583,11 +711,18 @@ fn stage(
             }
             continue;
         }
-        let slot = target::scratch(state, remote, entry, false, 8)?;
+        let slot = target::scratch(input.pid, state, remote.as_deref_mut(), entry, false, 8)?;
         let flip = match &p.method {
             Method::Prepared(flip) => {
                 let trampoline = match flip.long_jump {
-                    LongJump::Trampoline => Some(target::scratch(state, remote, entry, true, 8)?),
+                    LongJump::Trampoline => Some(target::scratch(
+                        input.pid,
+                        state,
+                        remote.as_deref_mut(),
+                        entry,
+                        true,
+                        8,
+                    )?),
                     LongJump::Slot => None,
                 };
                 plan::flip_writes(
@@ -601,7 +736,14 @@ fn stage(
             }
             Method::Detour { detour, code, .. } => {
                 // The dispatcher, then the trampoline 16-aligned after it.
-                let dispatcher = target::scratch(state, remote, entry, true, 16 + TRAMPOLINE_SIZE)?;
+                let dispatcher = target::scratch(
+                    input.pid,
+                    state,
+                    remote.as_deref_mut(),
+                    entry,
+                    true,
+                    16 + TRAMPOLINE_SIZE,
+                )?;
                 plan::detour_writes(
                     Subject {
                         name: &p.name,
@@ -649,10 +791,12 @@ fn stage(
     }
     // The routine that changes live slots, mapped now so that a later
     // failure cannot come from mapping it.
-    if let Some(near) = steps
-        .iter()
-        .find(|s| !matches!(s, Step::New { .. }))
-        .map(Step::entry)
+    // (Only for plain calls: a program stores them itself.)
+    if let Some(remote) = remote
+        && let Some(near) = steps
+            .iter()
+            .find(|s| !matches!(s, Step::New { .. }))
+            .map(Step::entry)
     {
         target::store64_many(state, remote, near)?;
     }

@@ -56,6 +56,7 @@ mod error;
 mod revert;
 pub mod stopped;
 mod target;
+mod trip;
 
 pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply, apply_file};
 pub use error::EngineError;

@@ -2,7 +2,8 @@
 
 use super::EngineError;
 use super::apply::write_entries;
-use super::target::{self, Lock, StateRegion};
+use super::target::{Lock, StateRegion};
+use super::trip;
 use crate::entry_state::{self, EntryState, RevertRefused};
 use crate::plan::EntryFlip;
 use crate::process::{Mem, Placement, Process, Remote};
@@ -86,26 +87,23 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     region.make_private(&mut remote, &state)?;
     let mut out = Vec::new();
     let mut result = Ok(());
+    let mut stores = Vec::new();
     for id in ids {
-        match revert_one(pid, &mem, &mut remote, &mut state, id) {
-            Ok(r) => {
-                out.push(r);
-                // Record each patch's removal as it happens.
-                if let Err(e) = region.write(&mem, &state) {
-                    result = Err(e);
-                    break;
-                }
-            }
+        match revert_one(pid, &mem, &mut state, id, &mut stores) {
+            Ok(r) => out.push(r),
             Err(e) => {
                 result = Err(e);
                 break;
             }
         }
     }
-    target::sync_cores(&mut remote, &state);
+    // One trip for every live slot that steps back and the core sync;
+    // then the record says what is now true.
+    let stepped = trip::stores_and_sync(&mut remote, &mut state, &stores);
+    let recorded = region.write(&mem, &state);
     // The call region stays mapped for the next run of the tool.
     drop(remote);
-    result.map(|()| out)
+    result.and(stepped).and(recorded).map(|()| out)
 }
 
 fn refused(pid: i32, why: RevertRefused) -> EngineError {
@@ -128,12 +126,15 @@ fn remove_call_regions(pid: i32) {
     }
 }
 
+/// Restore the entries patch `id` holds alone and update `state`; the live
+/// slots that step back to an older version are added to `stores` (they
+/// change after the entries, in the revert's one trip).
 fn revert_one(
     pid: i32,
     mem: &Mem,
-    remote: &mut Remote,
     state: &mut State,
     id: u32,
+    stores: &mut Vec<(u64, u64)>,
 ) -> Result<Reverted, EngineError> {
     let plan = entry_state::plan_revert(state, id, &mut |address, len| mem.read(address, len))?
         .map_err(|why| refused(pid, why))?;
@@ -163,7 +164,7 @@ fn revert_one(
             reverted.stepped_back.push(f.name.clone());
         }
     }
-    target::store_slots(state, remote, &plan.stores)?;
+    stores.extend(plan.stores.iter().copied());
     state.patches.retain(|p| p.id != id);
     Ok(reverted)
 }

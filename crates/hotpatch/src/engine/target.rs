@@ -19,8 +19,6 @@ const NR_MPROTECT: u64 = 10;
 const NR_MUNMAP: u64 = 11;
 const NR_FTRUNCATE: u64 = 77;
 const NR_MEMFD_CREATE: u64 = 319;
-const NR_MEMBARRIER: u64 = 324;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 32;
 
 /// Slots per data page set; dispatchers and trampolines per code page set
 /// (pages no trampoline was written to cost no memory).
@@ -198,6 +196,15 @@ impl StateRegion {
         )))
     }
 
+    /// The region a program made at `address` (see [`StateRegion::create`]).
+    pub fn created(address: u64) -> StateRegion {
+        StateRegion {
+            address,
+            cursor: None,
+            shared: None,
+        }
+    }
+
     /// Create the region: a sparse memfd mapped private and read-only. It
     /// reads as empty (all zeros) until its first [`StateRegion::write`].
     pub fn create(remote: &mut Remote) -> Result<StateRegion, EngineError> {
@@ -264,27 +271,121 @@ fn within_reach(record: &ScratchRecord, near: u64) -> bool {
     record.base.abs_diff(near) < REACH && record.base.saturating_add(record.size).abs_diff(near) < REACH
 }
 
+/// Hand out `bytes` of scratch (8-aligned) within reach of `near` from
+/// page sets already mapped; `None` if none has room.
+fn take_scratch(records: &mut [ScratchRecord], near: u64, executable: bool, bytes: u64) -> Option<u64> {
+    let r = records.iter_mut().find(|r| {
+        r.executable == executable && within_reach(r, near) && r.used.saturating_add(bytes) <= r.size
+    })?;
+    let at = r.base.saturating_add(r.used);
+    r.used = r.used.saturating_add(bytes.next_multiple_of(8));
+    Some(at)
+}
+
+/// Scratch one apply asks for: `bytes` within reach of `near`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScratchNeed {
+    pub near: u64,
+    pub executable: bool,
+    pub bytes: u64,
+}
+
+/// The page sets to map so that every need finds room (none if the
+/// recorded ones have it), each at a free spot of `maps` within reach;
+/// as records of nothing handed out yet (a code set's header counted).
+/// They are mapped at exactly these addresses (`MAP_FIXED_NOREPLACE`)
+/// before [`scratch`] hands any of it out.
+pub fn plan_scratch(
+    pid: i32,
+    state: &State,
+    needs: &[ScratchNeed],
+    maps: &[MapEntry],
+) -> Result<Vec<ScratchRecord>, EngineError> {
+    let mut sim = state.scratch.clone();
+    let mut planned: Vec<ScratchRecord> = Vec::new();
+    let mut taken: Vec<MapEntry> = maps.to_vec();
+    for need in needs {
+        if take_scratch(&mut sim, need.near, need.executable, need.bytes).is_some() {
+            continue;
+        }
+        let (size, used) = if need.executable {
+            (CODE_SCRATCH, CODE_HEADER)
+        } else {
+            (DATA_SCRATCH, 0)
+        };
+        let record = crate::process::remote::free_spots(&taken, size, Placement::Near(need.near))
+            .into_iter()
+            .map(|base| ScratchRecord {
+                base,
+                size,
+                used,
+                executable: need.executable,
+            })
+            .find(|r| within_reach(r, need.near))
+            .ok_or_else(|| EngineError::Failed {
+                pid,
+                what: format!(
+                    "no free {size:#x}-byte spot within reach of {:#x} for scratch",
+                    need.near
+                ),
+            })?;
+        taken.push(MapEntry {
+            start: record.base,
+            end: record.base + size,
+            readable: true,
+            writable: false,
+            executable: false,
+            private: true,
+            offset: 0,
+            inode: 0,
+            path: None,
+            deleted: false,
+        });
+        taken.sort_by_key(|m| m.start);
+        planned.push(record.clone());
+        sim.push(record);
+        if take_scratch(&mut sim, need.near, need.executable, need.bytes).is_none() {
+            return Err(EngineError::Failed {
+                pid,
+                what: format!("{} bytes of scratch do not fit a page set", need.bytes),
+            });
+        }
+    }
+    Ok(planned)
+}
+
+/// The first bytes of a code page set: [`STORE64_MANY`], padded with int3.
+pub fn code_header() -> Vec<u8> {
+    let mut header = vec![0xcc; CODE_HEADER as usize];
+    header[..STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
+    header
+}
+
 /// Hand out `bytes` of scratch (8-aligned) within reach of `near`: data
 /// (slots, read-write) or code (trampolines, read+execute). Maps a new page
-/// set when none has room, and records it in `state`.
+/// set when none has room (and `remote` is given: else that is an error,
+/// the sets having been planned and mapped beforehand), and records it in
+/// `state`.
 pub fn scratch(
+    pid: i32,
     state: &mut State,
-    remote: &mut Remote,
+    remote: Option<&mut Remote>,
     near: u64,
     executable: bool,
     bytes: u64,
 ) -> Result<u64, EngineError> {
-    if let Some(r) = state.scratch.iter_mut().find(|r| {
-        r.executable == executable && within_reach(r, near) && r.used.saturating_add(bytes) <= r.size
-    }) {
-        let at = r.base.saturating_add(r.used);
-        r.used = r.used.saturating_add(bytes.next_multiple_of(8));
+    if let Some(at) = take_scratch(&mut state.scratch, near, executable, bytes) {
         return Ok(at);
     }
+    let Some(remote) = remote else {
+        return Err(EngineError::Failed {
+            pid,
+            what: format!("no scratch mapped within reach of {near:#x} (planned beforehand)"),
+        });
+    };
     let record = if executable {
         let base = remote.mmap(Placement::Near(near), CODE_SCRATCH, PROT_READ | PROT_WRITE)?;
-        let mut header = vec![0xcc; CODE_HEADER as usize];
-        header[..STORE64_MANY.len()].copy_from_slice(&STORE64_MANY);
+        let header = code_header();
         let ready = remote.mem().write(base, &header).and_then(|()| {
             remote.syscall_ok(
                 "mprotect of the trampoline page",
@@ -333,8 +434,37 @@ pub fn store64_many(state: &mut State, remote: &mut Remote, near: u64) -> Result
     if let Some(r) = state.scratch.iter().find(|r| r.executable) {
         return Ok(r.base);
     }
-    let at = scratch(state, remote, near, true, 0)?;
+    let at = scratch(remote.pid(), state, Some(remote), near, true, 0)?;
     Ok(at - CODE_HEADER)
+}
+
+/// Every slot of `stores` is an 8-aligned word of writable, non-executable
+/// memory in `maps` (the record names them, and the process can write
+/// the record).
+fn slots_writable(pid: i32, maps: &[MapEntry], stores: &[(u64, u64)]) -> Result<(), EngineError> {
+    for &(slot, _) in stores {
+        let ok = slot % 8 == 0
+            && maps.iter().any(|m| {
+                m.writable
+                    && !m.executable
+                    && slot >= m.start
+                    && slot.checked_add(8).is_some_and(|e| e <= m.end)
+            });
+        if !ok {
+            return Err(EngineError::Failed {
+                pid,
+                what: format!("the slot at {slot:#x} is not in writable data memory; no slot changed"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a program may store `stores` as they are: every slot writable
+/// now (a page left read-only needs [`store_slots`]' repair first).
+pub fn check_slots(_state: &State, remote: &Remote, stores: &[(u64, u64)]) -> Result<(), EngineError> {
+    let maps = Process::open(remote.pid())?.maps()?;
+    slots_writable(remote.pid(), &maps, stores)
 }
 
 /// Change live slots, each with one aligned 8-byte store inside the
@@ -373,21 +503,7 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
     if repaired {
         maps = Process::open(remote.pid())?.maps()?;
     }
-    for &(slot, _) in stores {
-        let ok = slot % 8 == 0
-            && maps.iter().any(|m| {
-                m.writable
-                    && !m.executable
-                    && slot >= m.start
-                    && slot.checked_add(8).is_some_and(|e| e <= m.end)
-            });
-        if !ok {
-            return Err(EngineError::Failed {
-                pid: remote.pid(),
-                what: format!("the slot at {slot:#x} is not in writable data memory; no slot changed"),
-            });
-        }
-    }
+    slots_writable(remote.pid(), &maps, stores)?;
     let routine = store64_many(state, remote, first)?;
     for chunk in stores.chunks(PAIRS_PER_CALL) {
         let pairs: Vec<u8> = chunk
@@ -414,21 +530,37 @@ pub fn store_slots(state: &mut State, remote: &mut Remote, stores: &[(u64, u64)]
 /// serialising) before it runs again. If neither works, the flip still
 /// happened; a core may run the old bytes until its next serialising event.
 pub fn sync_cores(remote: &mut Remote, state: &State) {
-    const EPERM: i64 = 1;
-    match remote.syscall(NR_MEMBARRIER, &[MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0]) {
-        Ok(0) => return,
-        Ok(r) if r == -EPERM => {}
-        Ok(r) => tracing::debug!("membarrier(SYNC_CORE) returned {r}; using a TLB shootdown"),
-        Err(e) => {
-            tracing::warn!("membarrier(SYNC_CORE) failed: {e}");
-            return;
-        }
-    }
-    // A data page the tool mapped (anonymous, private, read-write): never
-    // change the protection of anything else, whatever the record says.
     let maps = Process::open(remote.pid())
         .and_then(|p| p.maps())
         .unwrap_or_default();
+    let page = shootdown_page(state, &maps);
+    if page.is_none() {
+        tracing::debug!("no scratch page for a TLB shootdown; membarrier only");
+    }
+    // One trip: membarrier, else the shootdown (see `program::Op::SyncCores`).
+    let (mut program, _) = remote.program();
+    let step = program.sync_cores(page.unwrap_or(0));
+    let outcome = remote.start(&program).and_then(|run| {
+        let (status, remote) = run.finish();
+        status.and_then(|s| match s.gave_up {
+            Some(_) => Ok(u64::MAX),
+            None => remote.program_result(step),
+        })
+    });
+    match outcome {
+        Ok(0) => {}
+        Ok(r) => tracing::warn!(
+            "serialising the cores failed ({}); a core may run the old bytes until its next serialising event",
+            std::io::Error::from_raw_os_error(-(r as i64) as i32)
+        ),
+        Err(e) => tracing::warn!("serialising the cores: {e}"),
+    }
+}
+
+/// A data page the tool mapped (anonymous, private, read-write, recorded
+/// as our scratch) whose protection a TLB shootdown may flip: never
+/// anything else, whatever the record says.
+pub fn shootdown_page(state: &State, maps: &[MapEntry]) -> Option<u64> {
     let ours = |base: u64| {
         maps.iter().any(|m| {
             m.start <= base
@@ -441,22 +573,12 @@ pub fn sync_cores(remote: &mut Remote, state: &State) {
                 && m.path.is_none()
         })
     };
-    let Some(page) = state
+    state
         .scratch
         .iter()
         .filter(|r| !r.executable && r.base % 4096 == 0)
         .map(|r| r.base)
         .find(|&base| ours(base))
-    else {
-        tracing::warn!("no scratch page for a TLB shootdown; cores not serialised");
-        return;
-    };
-    for prot in [PROT_READ, PROT_READ | PROT_WRITE] {
-        if let Err(e) = remote.syscall_ok("mprotect for a TLB shootdown", NR_MPROTECT, &[page, 4096, prot]) {
-            tracing::warn!("{e}; cores not serialised");
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

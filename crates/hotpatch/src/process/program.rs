@@ -119,8 +119,10 @@ enum Op {
         table: u64,
         count: u64,
     },
-    /// `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`; if that is refused and
-    /// `page` is not 0, `mprotect(page, R)` then `mprotect(page, RW)`.
+    /// `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)`; if that is refused (the
+    /// process never registered for it: `EPERM`) and `page` is not 0,
+    /// `mprotect(page, R)` then `mprotect(page, RW)`: the TLB shootdown's
+    /// IPIs serialise every core running the process.
     /// Result: 0 when the cores were serialised, else the failing `-errno`.
     SyncCores {
         page: u64,
@@ -155,7 +157,6 @@ const NR_CLOCK_GETTIME: u32 = 228;
 const NR_MEMBARRIER: u32 = 324;
 const CLOCK_MONOTONIC: u32 = 1;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u32 = 32;
-const EPERM: i32 = 1;
 const PROT_READ: u32 = 1;
 const PROT_WRITE: u32 = 2;
 
@@ -353,8 +354,6 @@ impl Program {
                     a.test(rax, rax)?;
                     a.jz(done)?;
                     if *page != 0 {
-                        a.cmp(rax, -EPERM)?;
-                        a.jne(done)?;
                         for prot in [PROT_READ, PROT_READ | PROT_WRITE] {
                             a.mov(eax, NR_MPROTECT)?;
                             a.mov(rdi, *page)?;

@@ -28,6 +28,13 @@
 //! SETREGS) or finishes the stub on its own (after it): the kernel detaches
 //! a dead tracer's tracees and resumes them. Nothing ever traps.
 //!
+//! # Programs
+//!
+//! A call runs one function; a *program* ([`crate::process::program`],
+//! driven through [`Running`]) runs a whole sequence of system calls and
+//! calls in one call, stopping at rendezvous points where the tool does
+//! its part: an apply is one trip (see `running.rs`).
+//!
 //! # Bootstrap
 //!
 //! The region itself is created by one `mmap` + `mprotect` run from a
@@ -76,7 +83,7 @@
 mod load;
 mod running;
 
-pub use load::{LoadedLibrary, unique_fd_path};
+pub use load::{ContentLoad, LoadedLibrary, unique_fd_path};
 pub use running::{BUDGET, ProgramData, Running};
 
 use super::ptrace::{Backoff, Regs, Traced};
@@ -98,6 +105,8 @@ const NR_MMAP: u64 = 9;
 const NR_MPROTECT: u64 = 10;
 const NR_MUNMAP: u64 = 11;
 const NR_PRCTL: u64 = 157;
+/// The end of the info area holds the region's name (see `name_region`).
+const NAME_ROOM: u64 = 32;
 const EEXIST: i64 = 17;
 
 /// ±2 GiB: what a `rel32` or `[rip+disp32]` reaches.
@@ -223,7 +232,7 @@ impl LibcInfo {
             return None;
         }
         let len = u32::from_le_bytes(head[8..12].try_into().ok()?) as u64;
-        if len > stub::INFO_SIZE - 12 {
+        if len > stub::INFO_SIZE - 12 - NAME_ROOM {
             return None;
         }
         let json = mem.read(layout.info() + 12, len as usize).ok()?;
@@ -232,7 +241,7 @@ impl LibcInfo {
 
     fn write(&self, mem: &Mem, layout: &Layout) -> Result<(), ProcessError> {
         let json = serde_json::to_vec(self).unwrap_or_default();
-        if json.len() as u64 > stub::INFO_SIZE - 12 {
+        if json.len() as u64 > stub::INFO_SIZE - 12 - NAME_ROOM {
             return Ok(());
         }
         let mut bytes = Self::MAGIC.to_vec();
@@ -761,9 +770,7 @@ impl Remote {
     /// Name the region in `/proc/PID/maps` ([`REGION_NAME`]); kernels
     /// without `CONFIG_ANON_VMA_NAME` refuse, which only costs the name.
     fn name_region(&mut self) {
-        let mut name = REGION_NAME.as_bytes().to_vec();
-        name.push(0);
-        let r = self.write_scratch(&name).and_then(|at| {
+        let r = self.write_region_name().and_then(|at| {
             let args = self.name_args(at);
             self.syscall(NR_PRCTL, &args)
         });
@@ -771,6 +778,16 @@ impl Remote {
             Ok(0) => {}
             other => tracing::debug!(pid = self.pid, ?other, "could not name the call region"),
         }
+    }
+
+    /// Write [`REGION_NAME`] where nothing else goes (the end of the info
+    /// area: the scratch area may hold a call's arguments); its address.
+    fn write_region_name(&self) -> Result<u64, ProcessError> {
+        let mut name = REGION_NAME.as_bytes().to_vec();
+        name.push(0);
+        let at = self.layout.info() + stub::INFO_SIZE - NAME_ROOM;
+        self.mem.write(at, &name)?;
+        Ok(at)
     }
 
     /// `prctl` arguments that name the region, the name at `at`.
@@ -932,7 +949,7 @@ impl Remote {
     }
 
     /// `dlerror()` on thread `tid`: the message is per thread.
-    fn dlerror(&mut self, tid: i32) -> String {
+    pub(crate) fn dlerror(&mut self, tid: i32) -> String {
         let pinned = self.pinned.replace(tid);
         let msg = self
             .libc_function("dlerror")

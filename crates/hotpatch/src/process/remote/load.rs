@@ -20,7 +20,7 @@
 //! after the check, a rebuilt patch at the same path, and a target in
 //! another mount namespace (which need not see the file at all).
 
-use super::{DynSymbols, Remote};
+use super::{DynSymbols, Remote, Running};
 use crate::process::ProcessError;
 use crate::process::maps;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -124,7 +124,130 @@ fn fill_and_seal(file: &mut std::fs::File, name: &str, bytes: &[u8]) -> Result<(
     Ok(())
 }
 
+/// A load by content run as part of a program (see
+/// [`crate::process::program`]): the program creates the memfd
+/// ([`ContentLoad::memfd_name`], [`ContentLoad::memfd_flags`]) and waits;
+/// the tool fills and seals it ([`ContentLoad::fill`]); the program writes
+/// the descriptor's number after [`ContentLoad::path_prefix`], `dlopen`s
+/// that path and closes the descriptor; the tool checks the handle
+/// ([`Running::loaded`]). The same checks as [`Remote::dlopen_bytes`].
+#[derive(Debug)]
+pub struct ContentLoad {
+    syms: DynSymbols,
+    name: String,
+    nonce: u64,
+}
+
+/// `MFD_CLOEXEC | MFD_ALLOW_SEALING`, and `MFD_EXEC` where this kernel
+/// knows it (the target runs on the same kernel).
+fn memfd_flags() -> u64 {
+    static FLAGS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *FLAGS.get_or_init(|| {
+        let name = c"hotpatch-probe";
+        let with_exec = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC;
+        // SAFETY: memfd_create reads the NUL-terminated name, which lives
+        // for the whole call; the descriptor it returns is closed at once.
+        let fd = unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), with_exec as libc::c_uint) };
+        if fd >= 0 {
+            // SAFETY: a descriptor we just got and own.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            with_exec
+        } else {
+            MFD_CLOEXEC | MFD_ALLOW_SEALING
+        }
+    })
+}
+
+impl ContentLoad {
+    /// For `bytes` (an ELF shared object); `label` goes into the memfd's
+    /// name.
+    pub fn new(pid: i32, bytes: &[u8], label: &str) -> Result<ContentLoad, ProcessError> {
+        let failed = |detail: String| ProcessError::CallFailed {
+            pid,
+            what: "loading the patch".into(),
+            detail,
+        };
+        let syms = DynSymbols::parse(bytes).map_err(failed)?;
+        let nonce = nonce().map_err(|e| failed(format!("/dev/urandom: {e}")))?;
+        let label: String = label
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        Ok(ContentLoad {
+            syms,
+            name: format!("hotpatch-patch-{label}-{nonce:016x}"),
+            nonce,
+        })
+    }
+
+    /// The memfd's name, NUL-terminated.
+    pub fn memfd_name(&self) -> Vec<u8> {
+        let mut b = self.name.as_bytes().to_vec();
+        b.push(0);
+        b
+    }
+
+    pub fn memfd_flags(&self) -> u64 {
+        memfd_flags()
+    }
+
+    /// [`unique_fd_path`] up to the descriptor's number (the program
+    /// appends it).
+    pub fn path_prefix(&self) -> String {
+        let mut p = unique_fd_path(0, self.nonce);
+        p.pop();
+        p
+    }
+
+    /// Take the target's descriptor `fd` (the memfd the program made),
+    /// check it, fill it with `bytes`, seal it, read it back.
+    pub fn fill(&self, pid: i32, fd: u64, bytes: &[u8]) -> Result<(), ProcessError> {
+        let mut file =
+            std::fs::File::from(take_descriptor(pid, fd).map_err(|e| ProcessError::CallFailed {
+                pid,
+                what: format!("pidfd_getfd of the patch's memfd (descriptor {fd})"),
+                detail: e.to_string(),
+            })?);
+        fill_and_seal(&mut file, &self.name, bytes).map_err(|detail| ProcessError::CallFailed {
+            pid,
+            what: format!("filling the patch's memfd (descriptor {fd})"),
+            detail,
+        })
+    }
+}
+
+impl Running<'_> {
+    /// Check that `handle` (what the program's `dlopen` returned) is the
+    /// object loaded from `load`'s memfd; its load bias. Its symbols are
+    /// then known to [`Remote::dlsym_many`] without remote calls.
+    pub fn loaded(&mut self, load: ContentLoad, handle: u64) -> Result<LoadedLibrary, ProcessError> {
+        let remote = self.remote_mut();
+        let bias = remote
+            .verify_loaded(handle, &load.name, &load.syms)
+            .map_err(|detail| ProcessError::CallFailed {
+                pid: remote.pid,
+                what: "dlopen of the patch".into(),
+                detail,
+            })?;
+        remote.loaded.insert(handle, (bias, load.syms));
+        Ok(LoadedLibrary {
+            handle,
+            memfd: load.name,
+            bias,
+        })
+    }
+}
+
 impl Remote {
+    /// `dlsym(handle, name)` for every name, answered from the loaded
+    /// file alone (no remote call); `None` if some name needs the target's
+    /// `dlsym` (see [`Remote::dlsym_many`]).
+    pub fn file_addresses(&self, handle: u64, names: &[&str]) -> Option<Vec<u64>> {
+        let (bias, syms) = self.loaded.get(&handle)?;
+        names.iter().map(|n| syms.dlsym_address(*bias, n)).collect()
+    }
+
     /// Load `bytes` as a library in the target with `dlopen(…, flags)`;
     /// `label` goes into the memfd's name (`hotpatch-patch-LABEL-NONCE`).
     /// On any failure nothing stays loaded and no descriptor stays open in

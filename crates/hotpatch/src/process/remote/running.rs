@@ -62,19 +62,21 @@ impl Remote {
     /// session made (that costs no trip of its own).
     pub fn program(&mut self) -> (Program, ProgramData) {
         let mut p = Program::new();
-        let mut d = self.program_data();
         if self.unnamed
-            && let Some(at) = d.take(super::REGION_NAME.len() as u64 + 1)
+            && let Ok(at) = self.write_region_name()
         {
-            let mut name = super::REGION_NAME.as_bytes().to_vec();
-            name.push(0);
-            if self.mem.write(at, &name).is_ok() {
-                self.unnamed = false;
-                let args = self.name_args(at).map(program::Arg::Imm);
-                p.syscall(super::NR_PRCTL, &args, program::Check::None);
-            }
+            self.unnamed = false;
+            let args = self.name_args(at).map(program::Arg::Imm);
+            p.syscall(super::NR_PRCTL, &args, program::Check::None);
         }
-        (p, d)
+        (p, self.program_data())
+    }
+
+    /// The result of `step` of the last program this session ran (valid
+    /// once it has returned, until the next trip).
+    pub fn program_result(&self, step: Step) -> Result<u64, ProcessError> {
+        self.mem
+            .read_u64(self.layout.scratch() + data::RESULTS + 8 * step.0 as u64)
     }
 
     fn program_data(&self) -> ProgramData {
@@ -124,10 +126,19 @@ impl Remote {
     }
 }
 
-impl Running<'_> {
+impl<'r> Running<'r> {
     /// The thread running the program.
     pub fn tid(&self) -> i32 {
         self.tid
+    }
+
+    pub(super) fn remote_mut(&mut self) -> &mut Remote {
+        self.remote
+    }
+
+    /// The session (read-only while the program runs).
+    pub fn remote(&self) -> &Remote {
+        self.remote
     }
 
     /// The call region the program runs from.
@@ -200,19 +211,20 @@ impl Running<'_> {
 
     /// Stop the program at the rendezvous it waits at (or will reach
     /// next), and wait for it to return.
-    pub fn abort(self) -> Result<Status, ProcessError> {
-        self.remote
-            .mem
-            .write_u32(self.data_at + data::GO, program::ABORT)?;
+    pub fn abort(self) -> (Result<Status, ProcessError>, &'r mut Remote) {
+        if let Err(e) = self.remote.mem.write_u32(self.data_at + data::GO, program::ABORT) {
+            self.remote.poisoned = Some(format!("thread {} may still be running a program", self.tid));
+            return (Err(e), self.remote);
+        }
         self.finish()
     }
 
     /// Wait for the program to return and the thread to be done with the
     /// frame; the program's final status.
-    pub fn finish(self) -> Result<Status, ProcessError> {
+    /// The session is given back either way.
+    pub fn finish(self) -> (Result<Status, ProcessError>, &'r mut Remote) {
         let what = "waiting for the program to return";
-        self.remote.wait_done(self.tid, what)?;
-        let status = self.status()?;
+        let status = self.remote.wait_done(self.tid, what).and_then(|()| self.status());
         tracing::debug!(
             pid = self.remote.pid,
             tid = self.tid,
@@ -220,7 +232,7 @@ impl Running<'_> {
             ?status,
             "program done"
         );
-        Ok(status)
+        (status, self.remote)
     }
 }
 
