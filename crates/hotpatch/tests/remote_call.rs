@@ -814,8 +814,13 @@ fn a_program_runs_in_one_trip() {
     let second = p.wait();
     let s_sync = p.sync_cores(0);
     let mut run = remote.start(&p).expect("start");
+    let tid = run.tid();
+    let policy = hotpatch::process::priority::policy_of;
     assert!(run.reach(first).expect("first rendezvous"));
     assert_eq!(run.result(s_pid).expect("result"), pid as u64);
+    // The borrowed thread runs the program at a lent real-time priority
+    // (the tests run as root), and gives it back itself.
+    assert_eq!(policy(tid), Some(nix::libc::SCHED_FIFO), "no priority lent");
     // The table for the stores, written while the thread waits.
     let pairs: Vec<u8> = [(slots, 0x1111u64), (slots + 8, 0x2222)]
         .iter()
@@ -835,6 +840,11 @@ fn a_program_runs_in_one_trip() {
     assert!(
         status.ended && status.failed.is_none() && status.gave_up.is_none(),
         "{status:?}"
+    );
+    assert_eq!(
+        policy(tid),
+        Some(nix::libc::SCHED_OTHER),
+        "the lent priority stayed"
     );
     assert_eq!(mem.read_c_string(digits_at, 32).expect("digits"), pid.to_string());
     assert_eq!(mem.read_u64(slots).expect("slot"), 0x1111);
@@ -882,8 +892,14 @@ fn a_program_runs_in_one_trip() {
     let phase = p.wait();
     let t0 = Instant::now();
     let run = remote.start(&p).expect("start");
+    let tid = run.tid();
     let status = run.finish().0.expect("finish");
     assert_eq!(status.gave_up, Some(phase), "{status:?}");
+    assert_eq!(
+        policy(tid),
+        Some(nix::libc::SCHED_OTHER),
+        "the lent priority stayed"
+    );
     assert!(t0.elapsed() >= remote::BUDGET, "gave up after {:?}", t0.elapsed());
 
     assert_eq!(target.busy_errors(&mem), 0, "a busy thread saw a wrong value");
@@ -917,6 +933,15 @@ fn a_program_left_waiting_is_cancelled_by_the_next_tool() {
         region,
         "the waiting program's region was not taken"
     );
+    // The thread gave back the priority it was lent, on its own.
+    for t in threads::threads(pid).expect("threads") {
+        assert_ne!(
+            hotpatch::process::priority::policy_of(t.tid),
+            Some(nix::libc::SCHED_FIFO),
+            "thread {} kept a lent priority",
+            t.tid
+        );
+    }
     assert!(
         t0.elapsed() < remote::BUDGET,
         "attach waited {:?}: the wait was not cancelled",

@@ -124,11 +124,17 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
     let started = Instant::now();
     let file = patch.file();
     crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Apply)?;
+    tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: preflight");
     let path = file.path();
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::from_file(file, &options.records)?;
     let process = Process::open(pid)?;
     let target = target::target_image(&process, spec.target.as_ref())?;
+    tracing::debug!(
+        pid,
+        us = started.elapsed().as_micros() as u64,
+        "apply: image read"
+    );
     let image_name = target.mapped.path.clone();
     if let Some(wanted) = spec.target.as_ref().and_then(|t| t.build_id.clone()) {
         let found = target.image.build_id_hex();

@@ -84,3 +84,107 @@ mod tests {
         assert_eq!(policy(), before);
     }
 }
+
+/// `struct sched_attr` (`include/uapi/linux/sched/types.h`), 56 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+const SCHED_FLAG_RESET_ON_FORK: u64 = 1;
+
+impl SchedAttr {
+    fn bytes(&self) -> [u8; 56] {
+        let mut b = [0u8; 56];
+        b[0..4].copy_from_slice(&self.size.to_le_bytes());
+        b[4..8].copy_from_slice(&self.policy.to_le_bytes());
+        b[8..16].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..20].copy_from_slice(&self.nice.to_le_bytes());
+        b[20..24].copy_from_slice(&self.priority.to_le_bytes());
+        b[24..32].copy_from_slice(&self.runtime.to_le_bytes());
+        b[32..40].copy_from_slice(&self.deadline.to_le_bytes());
+        b[40..48].copy_from_slice(&self.period.to_le_bytes());
+        b[48..52].copy_from_slice(&self.util_min.to_le_bytes());
+        b[52..56].copy_from_slice(&self.util_max.to_le_bytes());
+        b
+    }
+}
+
+fn sched_getattr(tid: i32) -> Result<SchedAttr, std::io::Error> {
+    let mut attr = SchedAttr::default();
+    // SAFETY: the kernel writes at most `size` (56) bytes into `attr`, a
+    // `repr(C)` struct of exactly that layout on this frame.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            tid,
+            &mut attr as *mut SchedAttr,
+            56u32,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr)
+}
+
+fn sched_setattr(tid: i32, attr: &SchedAttr) -> Result<(), std::io::Error> {
+    // SAFETY: the kernel reads `attr.size` (56) bytes from `attr`, which
+    // lives on the caller's frame for the whole call.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, attr as *const SchedAttr, 0u32) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lend thread `tid` of a target `SCHED_FIFO` priority 1 for the program
+/// it is about to run: its own attributes are written at `at` first (the
+/// program restores them itself on its way out, so the loan ends with the
+/// program whatever happens to the tool); a thread already at a real-time
+/// policy is left alone. Best effort: without the right to raise it (not
+/// root, no `RLIMIT_RTPRIO`), nothing changes.
+pub fn lend(mem: &crate::process::Mem, tid: i32, at: u64) {
+    let own = match sched_getattr(tid) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(tid, "sched_getattr: {e}; no priority lent");
+            return;
+        }
+    };
+    let realtime = [libc::SCHED_FIFO, libc::SCHED_RR, 6 /* SCHED_DEADLINE */];
+    if realtime.contains(&(own.policy as i32)) {
+        return;
+    }
+    let own = SchedAttr { size: 56, ..own };
+    if let Err(e) = mem.write(at, &own.bytes()) {
+        tracing::debug!(tid, "recording the thread's scheduling: {e}; no priority lent");
+        return;
+    }
+    let fifo = SchedAttr {
+        size: 56,
+        policy: libc::SCHED_FIFO as u32,
+        flags: own.flags & SCHED_FLAG_RESET_ON_FORK,
+        priority: 1,
+        ..SchedAttr::default()
+    };
+    if let Err(e) = sched_setattr(tid, &fifo) {
+        tracing::debug!(tid, "no real-time priority lent to the borrowed thread: {e}");
+    }
+}
+
+/// The scheduling policy of thread `tid` (for tests and doctor).
+pub fn policy_of(tid: i32) -> Option<i32> {
+    sched_getattr(tid).ok().map(|a| a.policy as i32)
+}

@@ -53,8 +53,12 @@ pub mod data {
     pub const NAP: u64 = 0x40;
     /// Scratch for the decimal digits of a number.
     pub const DIGITS: u64 = 0x50;
+    /// The thread's own `struct sched_attr` (56 bytes) if the tool lent it
+    /// a real-time priority for the program (its `size` field 0 if not):
+    /// the program restores it on its way out.
+    pub const SCHED: u64 = 0x80;
     /// One u64 per step: what `rax` held after it.
-    pub const RESULTS: u64 = 0x80;
+    pub const RESULTS: u64 = 0xc0;
     /// Steps that can have a result.
     pub const MAX_STEPS: u64 = 40;
     /// Free for the caller's strings and tables.
@@ -134,6 +138,8 @@ enum Op {
 pub struct Program {
     ops: Vec<Op>,
     phases: u32,
+    /// Where a `struct sched_attr` to restore on the way out may be.
+    restore_sched: Option<u64>,
 }
 
 /// What can go wrong assembling.
@@ -155,6 +161,7 @@ const NR_NANOSLEEP: u32 = 35;
 const NR_MPROTECT: u32 = 10;
 const NR_CLOCK_GETTIME: u32 = 228;
 const NR_MEMBARRIER: u32 = 324;
+const NR_SCHED_SETATTR: u32 = 314;
 const CLOCK_MONOTONIC: u32 = 1;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u32 = 32;
 const PROT_READ: u32 = 1;
@@ -207,6 +214,14 @@ impl Program {
 
     pub fn sync_cores(&mut self, page: u64) -> Step {
         self.push(Op::SyncCores { page })
+    }
+
+    /// On every way out (after the last step, a failed check, an abort,
+    /// a deadline): if the `struct sched_attr` at `at` has a non-zero size,
+    /// `sched_setattr(0, at, 0)` — the thread gives back a priority the
+    /// tool lent it for the program, with nobody's help.
+    pub fn restore_scheduling(&mut self, at: u64) {
+        self.restore_sched = Some(at);
     }
 
     /// Steps so far.
@@ -373,6 +388,17 @@ impl Program {
         a.set_label(&mut failed)?;
         a.mov(d32(data::FAILED), r12d)?;
         a.set_label(&mut end)?;
+        if let Some(at) = self.restore_sched {
+            let mut kept = a.create_label();
+            a.mov(rsi, at)?;
+            a.cmp(dword_ptr(rsi), 0)?;
+            a.je(kept)?;
+            a.mov(eax, NR_SCHED_SETATTR)?;
+            a.xor(edi, edi)?;
+            a.xor(edx, edx)?;
+            a.syscall()?;
+            a.set_label(&mut kept)?;
+        }
         a.mov(d32(data::ENDED), 1u32)?;
         a.pop(r12)?;
         a.pop(rbp)?;

@@ -548,6 +548,7 @@ fn placed(layout: &Layout, placement: Placement) -> bool {
 /// is would take an interrupt to know).
 const ADOPT_WAIT: Duration = Duration::from_millis(20);
 const ADOPT_WAIT_RUNNING: Duration = Duration::from_millis(2);
+const ADOPT_WAIT_CANCELLED: Duration = Duration::from_millis(250);
 
 /// Check the region at `layout` (whose lock the caller holds) and make it
 /// this session's: the bootstrap marker, the code page holding exactly our
@@ -605,6 +606,10 @@ fn adopt(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<Option<Sessio
             }
         }
         let wait = match owner_in_region(pid, owner as i32, layout) {
+            // A cancelled program is on its way out (it may be runnable
+            // and waiting for a CPU, just after giving back a lent
+            // priority): it gets longer.
+            _ if cancelled => ADOPT_WAIT_CANCELLED,
             Some(true) => ADOPT_WAIT,
             None => ADOPT_WAIT_RUNNING,
             Some(false) => Duration::ZERO,
@@ -1111,7 +1116,7 @@ impl Remote {
     /// number for the syscall helper (ignored otherwise).
     pub fn call_full(&mut self, function: u64, args: &[u64], nr: u64) -> Result<CallOutcome, ProcessError> {
         let t0 = Instant::now();
-        let tid = self.launch(function, args, nr)?;
+        let tid = self.launch(function, args, nr, None)?;
         let start = Instant::now();
         self.wait_done(
             tid,
@@ -1133,7 +1138,13 @@ impl Remote {
 
     /// Send a thread into the stub to call `function(args)`; returns its
     /// tid. The call then runs on its own: [`Remote::wait_done`] waits.
-    fn launch(&mut self, function: u64, args: &[u64], nr: u64) -> Result<i32, ProcessError> {
+    fn launch(
+        &mut self,
+        function: u64,
+        args: &[u64],
+        nr: u64,
+        lend_priority: Option<u64>,
+    ) -> Result<i32, ProcessError> {
         if self.unnamed {
             self.unnamed = false;
             self.name_region();
@@ -1202,6 +1213,7 @@ impl Remote {
                     stack: Some((ret_rsp, rip)),
                     writes: vec![(frame_at, f)],
                     regs: new,
+                    lend_priority,
                 })
             },
         );
@@ -1295,6 +1307,11 @@ struct Hijack {
     /// Memory writes, done before SETREGS.
     writes: Vec<(u64, Vec<u8>)>,
     regs: Regs,
+    /// Lend the thread a real-time priority for the call: its own
+    /// scheduling attributes go to this address (a `struct sched_attr`
+    /// the program restores from as its last step, see
+    /// `program::Program::restore_scheduling`).
+    lend_priority: Option<u64>,
 }
 
 /// The plan of a hijack: the stopped thread's registers, the target's
@@ -1320,13 +1337,17 @@ fn hijack(
     let mut last_err = None;
     for _attempt in 0..4 {
         let t0 = Instant::now();
-        let all = threads::threads(pid)?;
-        let candidates: Vec<_> = all
-            .iter()
-            .filter(|t| !excluded.contains(&t.tid) && choice.pinned.is_none_or(|p| p == t.tid))
-            .cloned()
-            .collect();
-        let Some(t) = threads::pick_spread(&candidates, choice.seed).cloned() else {
+        let chosen = match choice.pinned {
+            Some(tid) if excluded.contains(&tid) => None,
+            Some(tid) => match threads::thread_info(pid, tid) {
+                Ok(t) => t.rank().is_some().then_some(t),
+                Err(ProcessError::NoSuchThread { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            // A sample, not every thread's files (see `threads::sample`).
+            None => threads::sample(pid, choice.seed, &excluded)?,
+        };
+        let Some(t) = chosen else {
             break;
         };
         let t_threads = t0.elapsed();
@@ -1373,6 +1394,12 @@ fn hijack(
         // From here the thread is committed to the stub, tool or not.
         traced.set_regs(&h.regs)?;
         *committed = true;
+        if let Some(at) = h.lend_priority {
+            // After SETREGS (a tool killed before leaves it as it was) and
+            // while it is stopped (the program cannot have restored yet):
+            // what it had, where the program restores it from, then raised.
+            super::priority::lend(mem, t.tid, at);
+        }
         traced.detach()?;
         tracing::trace!(
             pid,
@@ -1605,6 +1632,7 @@ fn run_cave(
                 stack: None,
                 writes: Vec::new(),
                 regs: new,
+                lend_priority: None,
             })
         },
     );

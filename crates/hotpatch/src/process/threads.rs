@@ -199,6 +199,45 @@ pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
     Ok(out)
 }
 
+/// How many threads [`sample`] looks at, at most, when none of them waits
+/// in a restartable call.
+pub const SAMPLE: usize = 32;
+
+/// A good thread for a remote call without reading every thread's files:
+/// the thread ids (one directory read), then, from a place chosen by
+/// `seed`, one thread at a time until one waits in a restartable call
+/// (rank 0 or 1) — else the best of the first [`SAMPLE`] looked at. Cost
+/// independent of the thread count in a server whose threads mostly wait.
+/// Threads in `excluded` are skipped; `None` if no usable thread was seen.
+pub fn sample(pid: i32, seed: u64, excluded: &[i32]) -> Result<Option<ThreadInfo>, ProcessError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/task"));
+    let entries = std::fs::read_dir(&dir).map_err(|e| ProcessError::from_io(pid, dir.clone(), e))?;
+    let mut tids: Vec<i32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|t| !excluded.contains(t))
+        .collect();
+    if tids.is_empty() {
+        return Ok(None);
+    }
+    tids.sort_unstable();
+    let start = (seed % tids.len() as u64) as usize;
+    let order = tids[start..].iter().chain(&tids[..start]);
+    let mut seen = Vec::new();
+    for &tid in order {
+        match thread_info(pid, tid) {
+            Ok(t) if t.rank().is_some_and(|r| r <= 1) => return Ok(Some(t)),
+            Ok(t) => seen.push(t),
+            Err(ProcessError::NoSuchThread { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if seen.len() >= SAMPLE {
+            break;
+        }
+    }
+    Ok(pick(&seen).cloned())
+}
+
 /// The best thread for a remote call (see [`ThreadInfo::rank`]); ties go to
 /// the lowest tid. Fails when every thread is stopped or dead.
 pub fn choose_thread(pid: i32) -> Result<ThreadInfo, ProcessError> {
@@ -363,6 +402,54 @@ mod tests {
         assert_eq!(pick_spread(&all[2..], 1).map(|t| t.tid), Some(6));
         let stopped = [t(1, 'T', SyscallState::Unknown)];
         assert_eq!(pick_spread(&stopped, 0), None);
+    }
+
+    #[test]
+    fn samples_a_waiting_thread_and_skips_excluded_ones() {
+        // Threads of this process blocked in read(2) on pipes: a
+        // restartable wait, what the sample stops at.
+        let pid = std::process::id() as i32;
+        let mut pipes = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            let (r, w) = std::io::pipe().unwrap();
+            handles.push(std::thread::spawn(move || {
+                use std::io::Read;
+                let mut r = r;
+                let mut b = [0u8; 1];
+                let _ = r.read(&mut b);
+            }));
+            pipes.push(w);
+        }
+        let blocked = |t: &ThreadInfo| matches!(t.syscall, SyscallState::InSyscall { nr: 0, .. });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while threads(pid).unwrap().iter().filter(|t| blocked(t)).count() < 4 {
+            assert!(std::time::Instant::now() < deadline, "threads never blocked");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut chosen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let t = sample(pid, seed, &[]).unwrap().expect("a thread");
+            assert!(t.rank().is_some_and(|r| r <= 1) || !threads(pid).unwrap().iter().any(blocked));
+            chosen.insert(t.tid);
+        }
+        assert!(chosen.len() >= 2, "the seed spreads the choice: {chosen:?}");
+        // (Other tests' threads come and go meanwhile.)
+        let now = threads(pid).unwrap();
+        let all: Vec<i32> = now.iter().map(|t| t.tid).collect();
+        let keep = now.iter().find(|t| blocked(t)).expect("a blocked thread").tid;
+        let excluded: Vec<i32> = all.iter().copied().filter(|&t| t != keep).collect();
+        for seed in 0..8 {
+            let t = sample(pid, seed, &excluded).unwrap().expect("a thread");
+            assert!(t.tid == keep || !all.contains(&t.tid), "{t:?}");
+        }
+        if let Some(t) = sample(pid, 0, &all).unwrap() {
+            assert!(!all.contains(&t.tid), "an excluded thread: {t:?}");
+        }
+        drop(pipes);
+        for h in handles {
+            h.join().unwrap();
+        }
     }
 
     #[test]

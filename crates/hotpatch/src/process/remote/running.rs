@@ -103,6 +103,8 @@ impl Remote {
                 ),
             });
         }
+        let mut program = program.clone();
+        program.restore_scheduling(data_at + data::SCHED);
         let code = program
             .assemble(code_at, data_at, (stub::CODE_SIZE - PROGRAM_OFFSET) as usize)
             .map_err(|e| ProcessError::Unsupported {
@@ -115,7 +117,7 @@ impl Remote {
         )?;
         self.mem.write(code_at, &code)?;
         let started = Instant::now();
-        let tid = self.launch(code_at, &[], 0)?;
+        let tid = self.launch(code_at, &[], 0, Some(data_at + data::SCHED))?;
         tracing::debug!(pid, tid, steps = program.len(), "program started");
         Ok(Running {
             remote: self,
