@@ -26,8 +26,10 @@ pub struct Reverted {
     pub stepped_back: Vec<String>,
 }
 
-/// Revert patches of process `pid`.
+/// Revert patches of process `pid`. The calling thread works at
+/// real-time priority meanwhile, where it may ([`crate::process::Boost`]).
 pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+    let _boost = crate::process::Boost::realtime();
     super::in_process(pid, "the revert", || revert_in(pid, which))
 }
 
