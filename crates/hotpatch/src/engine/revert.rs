@@ -26,14 +26,30 @@ pub struct Reverted {
     pub stepped_back: Vec<String>,
 }
 
+/// What one `revert` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reverts {
+    pub pid: i32,
+    /// Each patch reverted, in the order reverted (newest first).
+    pub reverted: Vec<Reverted>,
+    /// Trips into the target, as [`super::Applied::remote_calls`]; 0 when
+    /// there was nothing to revert.
+    pub remote_calls: u64,
+}
+
 /// Revert patches of process `pid`. The calling thread works at
 /// real-time priority meanwhile, where it may ([`crate::process::Boost`]).
-pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+pub fn revert(pid: i32, which: Which) -> Result<Reverts, EngineError> {
     let _boost = crate::process::Boost::realtime();
     super::in_process(pid, "the revert", || revert_in(pid, which))
 }
 
-fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+fn revert_in(pid: i32, which: Which) -> Result<Reverts, EngineError> {
+    let nothing = || Reverts {
+        pid,
+        reverted: Vec::new(),
+        remote_calls: 0,
+    };
     crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Revert)?;
     let process = Process::open(pid)?;
     let _lock = Lock::take(pid)?;
@@ -43,7 +59,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
             Which::Patch(id) => Err(EngineError::NoSuchPatch { pid, id }),
             Which::All => {
                 remove_call_regions(pid);
-                Ok(Vec::new())
+                Ok(nothing())
             }
         };
     };
@@ -60,7 +76,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     };
     if ids.is_empty() {
         remove_call_regions(pid);
-        return Ok(Vec::new());
+        return Ok(nothing());
     }
     let mem = Mem::open(pid)?;
     // Every entry the revert goes back on must be what the record says
@@ -105,9 +121,14 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
         }
     }
     target::sync_cores(&mut remote, &state);
+    let remote_calls = remote.trips();
     // The call region stays mapped for the next run of the tool.
     drop(remote);
-    result.map(|()| out)
+    result.map(|()| Reverts {
+        pid,
+        reverted: out,
+        remote_calls,
+    })
 }
 
 fn refused(pid: i32, why: RevertRefused) -> EngineError {
