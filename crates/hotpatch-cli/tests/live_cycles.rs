@@ -70,6 +70,12 @@ fn thousand_apply_revert_cycles_under_load() {
             }
         }
     }
+    // The engine held real-time priority for each apply and revert, and
+    // gave it back each time.
+    assert!(
+        !hotpatch::process::priority::is_realtime(),
+        "this thread was left at real-time priority"
+    );
     // Alive, correct, nothing applied, original code.
     assert!(target.proc.alive(), "target died");
     assert_no_thread_stopped(pid);
