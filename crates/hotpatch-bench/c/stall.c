@@ -1,7 +1,7 @@
 /*
  * stall: a cyclictest-style target for hotpatch-bench.
  *
- *   stall WORKERS BUSY PERIOD_US
+ *   stall WORKERS BUSY PERIOD_US [BLOCKED]
  *
  * WORKERS threads wake on absolute deadlines every PERIOD_US
  * (clock_nanosleep TIMER_ABSTIME on CLOCK_MONOTONIC), record how late they
@@ -11,6 +11,8 @@
  * -fpatchable-function-entry), so hotpatch detours it. A deadline missed
  * entirely is skipped (counted in `missed`), so a long stall shows as one
  * late wake, not a burst of catch-up wakes. BUSY threads spin calling both.
+ * BLOCKED threads (default 0) block in read() on a pipe nobody writes, as
+ * a server's idle connection threads do; WORKERS may be 0.
  *
  * Commands, one per line on stdin; each answer ends with a line "end":
  *   reset   start a new window: every worker clears its figures
@@ -30,6 +32,7 @@
 #include <string.h>
 #include <time.h>
 #include <errno.h>
+#include <unistd.h>
 
 #define LINEAR 2048    /* 1 us buckets below 2048 us */
 #define COARSE 4096    /* then 64 us buckets, up to ~264 ms */
@@ -146,6 +149,18 @@ static void *busy_main(void *arg)
     return NULL;
 }
 
+static int blocked_pipe[2];
+
+static void *blocked_main(void *arg)
+{
+    (void)arg;
+    char c;
+    __atomic_add_fetch(&started, 1, __ATOMIC_RELEASE);
+    for (;;)
+        if (read(blocked_pipe[0], &c, 1) == 0)
+            return NULL;
+}
+
 static uint32_t total[BUCKETS];
 
 static void report(int n)
@@ -173,15 +188,17 @@ static void report(int n)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: stall WORKERS BUSY PERIOD_US\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: stall WORKERS BUSY PERIOD_US [BLOCKED]\n");
         return 2;
     }
-    int n = atoi(argv[1]), busy = atoi(argv[2]);
+    int n = atoi(argv[1]), busy = atoi(argv[2]), blocked = argc == 5 ? atoi(argv[4]) : 0;
     period_ns = atol(argv[3]) * 1000;
-    if (n < 1 || busy < 0 || period_ns <= 0)
+    if (n < 0 || busy < 0 || blocked < 0 || period_ns <= 0)
         return 2;
-    workers = aligned_alloc(64, sizeof *workers * (size_t)n);
+    if (blocked && pipe(blocked_pipe))
+        return 1;
+    workers = aligned_alloc(64, sizeof *workers * (size_t)(n ? n : 1));
     if (!workers)
         return 1;
     memset(workers, 0, sizeof *workers * (size_t)n);
@@ -193,12 +210,17 @@ int main(int argc, char **argv)
         if (pthread_create(&t, &attr, worker_main, &workers[i]))
             return 1;
     }
+    for (int i = 0; i < blocked; i++) {
+        pthread_t t;
+        if (pthread_create(&t, &attr, blocked_main, NULL))
+            return 1;
+    }
     for (int i = 0; i < busy; i++) {
         pthread_t t;
         if (pthread_create(&t, &attr, busy_main, NULL))
             return 1;
     }
-    while (__atomic_load_n(&started, __ATOMIC_ACQUIRE) < n) {
+    while (__atomic_load_n(&started, __ATOMIC_ACQUIRE) < n + blocked) {
         struct timespec ms = {0, 1000000};
         nanosleep(&ms, NULL);
     }

@@ -8,7 +8,7 @@
 //! cargo run --release -p hotpatch-bench -- --only stall,apply --json-out bench.json
 //! ```
 //!
-//! Sections: `stall`, `apply`, `overhead`, `memory`, `side`. Each builds its
+//! Sections: `stall`, `apply`, `scale`, `overhead`, `memory`, `side`. Each builds its
 //! C subjects with gcc in a temporary directory; every process it starts is
 //! killed and reaped when the section ends, on every path.
 
@@ -16,6 +16,7 @@ mod apply_time;
 mod common;
 mod memory;
 mod overhead;
+mod scale;
 mod side;
 mod stall;
 
@@ -38,6 +39,9 @@ pub struct Config {
     pub apply_big: Option<usize>,
     pub apply_big_runs: usize,
     pub apply_big_budget: Duration,
+    /// The thread count of the `scale` section's large targets.
+    pub scale_threads: usize,
+    pub scale_runs: usize,
     pub calls: u64,
     pub call_runs: usize,
     pub callgrind_calls: u64,
@@ -64,6 +68,8 @@ impl Config {
             apply_big: Some(10_000),
             apply_big_runs: 1,
             apply_big_budget: Duration::from_secs(120),
+            scale_threads: 500,
+            scale_runs: 5,
             calls: 100_000_000,
             call_runs: 7,
             callgrind_calls: 100_000,
@@ -90,6 +96,8 @@ impl Config {
             apply_big: None,
             apply_big_runs: 0,
             apply_big_budget: Duration::ZERO,
+            scale_threads: 100,
+            scale_runs: 1,
             calls: 1_000_000,
             call_runs: 1,
             callgrind_calls: 1_000,
@@ -105,10 +113,10 @@ impl Config {
     }
 }
 
-const SECTIONS: &[&str] = &["stall", "apply", "overhead", "memory", "side"];
+const SECTIONS: &[&str] = &["stall", "apply", "scale", "overhead", "memory", "side"];
 
 const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--only SECTION,...]
-  sections: stall, apply, overhead, memory, side (default: all)
+  sections: stall, apply, scale, overhead, memory, side (default: all)
   Prints markdown tables on stdout (progress on stderr); figures are never asserted.";
 
 struct Args {
@@ -252,6 +260,7 @@ struct Report {
     seconds: f64,
     stall: Option<std::result::Result<stall::StallResult, String>>,
     apply: Option<std::result::Result<apply_time::ApplyResult, String>>,
+    scale: Option<std::result::Result<scale::ScaleResult, String>>,
     overhead: Option<std::result::Result<overhead::OverheadResult, String>>,
     memory: Option<std::result::Result<memory::MemoryResult, String>>,
     side: Option<std::result::Result<side::SideResult, String>>,
@@ -333,6 +342,13 @@ fn main() -> ExitCode {
         || apply_time::run(&cfg, &work),
         apply_time::render,
     );
+    let scale = section(
+        &args,
+        "scale",
+        &mut failures,
+        || scale::run(&cfg, &work),
+        scale::render,
+    );
     let overhead = section(
         &args,
         "overhead",
@@ -366,6 +382,7 @@ fn main() -> ExitCode {
         seconds,
         stall,
         apply,
+        scale,
         overhead,
         memory,
         side,

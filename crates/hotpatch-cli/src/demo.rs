@@ -336,7 +336,7 @@ fn run_in(args: &Args, dir: &Path) -> Result<()> {
     }
     say!(
         "== hotpatch revert --all {pid}: {} patch(es) reverted",
-        reverted.len()
+        reverted.reverted.len()
     );
     say!("   after revert: {}", answers(&mut control)?);
 

@@ -309,8 +309,8 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
     };
     let result = engine::revert(args.pid, which);
     match &result {
-        Ok(reverted) if !reverted.is_empty() => {
-            for r in reverted {
+        Ok(reverts) if !reverts.reverted.is_empty() => {
+            for r in &reverts.reverted {
                 audit::log(&socket, &recorded(r.patch));
             }
         }
@@ -328,15 +328,16 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
             audit::log(&socket, &record);
         }
     }
-    let reverted = result?;
-    print_reverted(args.pid, &reverted, args.json)
+    let reverts = result?;
+    print_reverted(&reverts, args.json)
 }
 
 /// The answer of `revert`; the patches are reverted whether or not it can be written.
-fn print_reverted(pid: i32, reverted: &[engine::Reverted], json: bool) -> Result<()> {
+fn print_reverted(reverts: &engine::Reverts, json: bool) -> Result<()> {
+    let (pid, reverted) = (reverts.pid, &reverts.reverted);
     let mut text = String::new();
     if json {
-        writeln!(text, "{}", serde_json::to_string_pretty(reverted)?)?;
+        writeln!(text, "{}", serde_json::to_string_pretty(reverts)?)?;
     } else {
         if reverted.is_empty() {
             writeln!(text, "process {pid}: nothing to revert")?;

@@ -62,9 +62,20 @@ fn a_patch_rebuilt_at_the_same_path_runs_its_new_code() {
     assert_eq!(shas.len(), 2);
     assert_ne!(shas[0], shas[1], "each apply records the bytes it loaded");
 
-    // Everything reverted, rebuilt again, applied again: the newest build runs.
-    revert(t.pid(), None);
+    // Everything reverted, rebuilt again, applied again: the newest build
+    // runs. The revert reports its trips into the target like an apply.
+    let reverted = revert_json(t.pid(), None);
     assert_eq!(t.version(), (0, 0));
+    let restored = reverted["reverted"]
+        .as_array()
+        .expect("reverted[]")
+        .iter()
+        .any(|r| r["restored"].as_array().is_some_and(|r| !r.is_empty()));
+    assert!(restored, "the revert restores the original code: {reverted}");
+    assert!(
+        reverted["remote_calls"].as_u64().is_some_and(|n| n >= 1),
+        "a revert that restores functions reports its remote calls: {reverted}"
+    );
     build_patch(dir.path(), "fix", PATCH_A_C);
     apply(t.pid(), &fix, &[]);
     assert_eq!(t.version(), (1, 1));

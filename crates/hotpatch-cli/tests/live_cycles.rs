@@ -50,7 +50,8 @@ fn thousand_apply_revert_cycles_under_load() {
         }
         let t = Instant::now();
         let reverted = engine::revert(pid, Which::Patch(applied.patch.id))
-            .unwrap_or_else(|e| panic!("cycle {cycle}: revert: {e}"));
+            .unwrap_or_else(|e| panic!("cycle {cycle}: revert: {e}"))
+            .reverted;
         let r = t.elapsed();
         assert_eq!(reverted.len(), 1);
         assert_eq!(reverted[0].restored.len(), 2, "cycle {cycle}: {reverted:?}");
@@ -69,6 +70,12 @@ fn thousand_apply_revert_cycles_under_load() {
             }
         }
     }
+    // The engine held real-time priority for each apply and revert, and
+    // gave it back each time.
+    assert!(
+        !hotpatch::process::priority::is_realtime(),
+        "this thread was left at real-time priority"
+    );
     // Alive, correct, nothing applied, original code.
     assert!(target.proc.alive(), "target died");
     assert_no_thread_stopped(pid);

@@ -402,7 +402,9 @@ fn revert_restores(
 }
 
 fn assert_restored(reverted: &Value, id: u64, names: &[&str]) {
-    let reverted = reverted.as_array().expect("revert --json: an array");
+    let reverted = reverted["reverted"]
+        .as_array()
+        .expect("revert --json: reverted[]");
     assert_eq!(reverted.len(), 1, "{reverted:?}");
     assert_eq!(reverted[0]["patch"].as_u64(), Some(id), "{reverted:?}");
     let mut restored: Vec<&str> = reverted[0]["restored"]

@@ -284,10 +284,18 @@ pub fn listed_ids(pid: i32) -> Vec<u64> {
         .collect()
 }
 
-/// `hotpatch revert PID ID|--all --json`, which must succeed.
-pub fn revert(pid: i32, which: Option<u64>) -> Value {
+/// `hotpatch revert PID ID|--all --json`, which must succeed: its whole
+/// answer (`pid`, `reverted`, `remote_calls`).
+pub fn revert_json(pid: i32, which: Option<u64>) -> Value {
     let which = which.map_or_else(|| "--all".to_string(), |id| id.to_string());
     hotpatch(&["revert".to_string(), pid.to_string(), which, "--json".to_string()]).json()
+}
+
+/// The patches [`revert_json`] reverted (its `reverted` array).
+pub fn revert(pid: i32, which: Option<u64>) -> Value {
+    let mut answer = revert_json(pid, which);
+    assert!(answer["reverted"].is_array(), "revert --json: {answer}");
+    answer["reverted"].take()
 }
 
 // ------------------------------------------------------------ oracles

@@ -115,8 +115,10 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
 }
 
 /// Apply an approved patch to process `pid`. The process loads exactly
-/// its bytes.
+/// its bytes. The calling thread works at real-time priority meanwhile,
+/// where it may ([`crate::process::Boost`]).
 pub fn apply_file(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
+    let _boost = crate::process::Boost::realtime();
     super::in_process(pid, "the apply", || apply_to(pid, patch, options))
 }
 

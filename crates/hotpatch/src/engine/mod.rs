@@ -60,7 +60,7 @@ mod trip;
 
 pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply, apply_file};
 pub use error::EngineError;
-pub use revert::{Reverted, Which, revert};
+pub use revert::{Reverted, Reverts, Which, revert};
 
 use crate::entry_state::{EntryCheck, check_entry};
 use crate::process::{Mem, Process};

@@ -27,12 +27,30 @@ pub struct Reverted {
     pub stepped_back: Vec<String>,
 }
 
-/// Revert patches of process `pid`.
-pub fn revert(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+/// What one `revert` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reverts {
+    pub pid: i32,
+    /// Each patch reverted, in the order reverted (newest first).
+    pub reverted: Vec<Reverted>,
+    /// Trips into the target, as [`super::Applied::remote_calls`]; 0 when
+    /// there was nothing to revert.
+    pub remote_calls: u64,
+}
+
+/// Revert patches of process `pid`. The calling thread works at
+/// real-time priority meanwhile, where it may ([`crate::process::Boost`]).
+pub fn revert(pid: i32, which: Which) -> Result<Reverts, EngineError> {
+    let _boost = crate::process::Boost::realtime();
     super::in_process(pid, "the revert", || revert_in(pid, which))
 }
 
-fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
+fn revert_in(pid: i32, which: Which) -> Result<Reverts, EngineError> {
+    let nothing = || Reverts {
+        pid,
+        reverted: Vec::new(),
+        remote_calls: 0,
+    };
     crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Revert)?;
     let process = Process::open(pid)?;
     let _lock = Lock::take(pid)?;
@@ -42,7 +60,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
             Which::Patch(id) => Err(EngineError::NoSuchPatch { pid, id }),
             Which::All => {
                 remove_call_regions(pid);
-                Ok(Vec::new())
+                Ok(nothing())
             }
         };
     };
@@ -59,7 +77,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     };
     if ids.is_empty() {
         remove_call_regions(pid);
-        return Ok(Vec::new());
+        return Ok(nothing());
     }
     let mem = Mem::open(pid)?;
     // Every entry the revert goes back on must be what the record says
@@ -101,9 +119,14 @@ fn revert_in(pid: i32, which: Which) -> Result<Vec<Reverted>, EngineError> {
     // then the record says what is now true.
     let stepped = trip::stores_and_sync(&mut remote, &mut state, &stores);
     let recorded = region.write(&mem, &state);
+    let remote_calls = remote.trips();
     // The call region stays mapped for the next run of the tool.
     drop(remote);
-    result.and(stepped).and(recorded).map(|()| out)
+    result.and(stepped).and(recorded).map(|()| Reverts {
+        pid,
+        reverted: out,
+        remote_calls,
+    })
 }
 
 fn refused(pid: i32, why: RevertRefused) -> EngineError {

@@ -169,7 +169,8 @@ pub fn write_stopped(
     ranges: &[Overwrite],
 ) -> Result<Duration, EngineError> {
     // Real-time priority for the stops, when allowed: the target's threads
-    // are stopped sooner and resumed sooner.
+    // are stopped sooner and resumed sooner. (Apply and revert hold it
+    // already; this is for other callers.)
     let _boost = crate::process::Boost::realtime();
     let ranges = &Ranges::new(ranges);
     let mut last = None;

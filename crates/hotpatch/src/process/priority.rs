@@ -1,16 +1,26 @@
-//! Running the tool at real-time priority while it holds a target's
-//! threads stopped (DESIGN.md §3): stopping every thread costs mostly
-//! scheduling, and a normal-priority tool competing with the target's own
-//! busy threads holds them stopped for longer (measured here at 64 busy
-//! threads on 2 cores: 163 ms median at normal priority, 5 ms at
-//! `SCHED_FIFO`).
+//! Running the tool at real-time priority while it works on a target
+//! (DESIGN.md §3, issue 10 "the tool's own CPU"). A normal-priority tool
+//! competing with the target's own busy threads gets a 1/(N+1) share of
+//! the CPUs, and every step of an apply or a stop waits its turn: measured
+//! here at 64 busy threads on 2 cores, a stop of every thread held 163 ms
+//! (median) at normal priority, 5 ms at `SCHED_FIFO`; an apply under 8
+//! busy threads took 133–208 ms at normal priority, 31–36 ms at
+//! `SCHED_FIFO`.
+//!
+//! At `SCHED_FIFO` the tool must never spin waiting for a target thread:
+//! `sched_yield` gives the CPU only to threads of the same real-time
+//! priority, never to the target's normal-priority threads. Every wait
+//! sleeps instead ([`is_realtime`], `ptrace::Backoff`).
 
 use nix::libc;
 
 /// While alive, the calling thread runs at `SCHED_FIFO` priority 1 (the
 /// lowest real-time priority) if it may; dropping it restores the policy
-/// it had. Every wait of the tool in that window sleeps, so it never
-/// starves the target's threads of the CPU they need to reach the stop.
+/// it had. Threads and processes it starts meanwhile run at normal
+/// priority (`SCHED_RESET_ON_FORK`): only the thread that waits for the
+/// target is raised. Where it may not (not root, `RLIMIT_RTPRIO` 0, a
+/// cgroup without real-time runtime) it does nothing and says so in a
+/// debug log.
 #[derive(Debug)]
 pub struct Boost {
     previous: Option<(libc::c_int, libc::sched_param)>,
@@ -27,13 +37,13 @@ impl Boost {
             if policy < 0 || libc::sched_getparam(0, &mut param) != 0 {
                 return Boost { previous: None };
             }
-            if policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
+            if realtime_policy(policy) {
                 return Boost { previous: None };
             }
             let fifo = libc::sched_param { sched_priority: 1 };
-            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) != 0 {
+            if libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &fifo) != 0 {
                 tracing::debug!(
-                    "no real-time priority for the stop: {}",
+                    "no real-time priority, working at normal priority: {}",
                     std::io::Error::last_os_error()
                 );
                 return Boost { previous: None };
@@ -66,22 +76,77 @@ impl Drop for Boost {
     }
 }
 
+/// `sched_getscheduler`'s answer names a real-time policy (it may carry
+/// the `SCHED_RESET_ON_FORK` flag).
+fn realtime_policy(policy: libc::c_int) -> bool {
+    policy >= 0
+        && matches!(
+            policy & !libc::SCHED_RESET_ON_FORK,
+            libc::SCHED_FIFO | libc::SCHED_RR
+        )
+}
+
+/// Whether the calling thread runs at a real-time policy (raised by a
+/// [`Boost`], or started so, e.g. under `chrt -f`).
+pub fn is_realtime() -> bool {
+    // SAFETY: reads the calling thread's policy; no memory is passed.
+    realtime_policy(unsafe { libc::sched_getscheduler(0) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn policy() -> libc::c_int {
+        // SAFETY: reads the calling thread's policy only.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
     #[test]
     fn boost_is_undone_on_drop() {
-        // SAFETY: reads the calling thread's policy only.
-        let policy = || unsafe { libc::sched_getscheduler(0) };
         let before = policy();
         {
             let boost = Boost::realtime();
             if boost.active() {
-                assert_eq!(policy(), libc::SCHED_FIFO);
+                assert_eq!(policy() & !libc::SCHED_RESET_ON_FORK, libc::SCHED_FIFO);
+                assert!(is_realtime());
             }
         }
         assert_eq!(policy(), before);
+        assert!(!is_realtime());
+    }
+
+    #[test]
+    fn a_boost_inside_a_boost_keeps_the_outer_one() {
+        let outer = Boost::realtime();
+        if !outer.active() {
+            eprintln!("no real-time priority here (not root?): nothing to test");
+            return;
+        }
+        {
+            let inner = Boost::realtime();
+            assert!(!inner.active(), "already real-time: the inner boost does nothing");
+        }
+        assert!(
+            is_realtime(),
+            "the inner boost's drop left the outer one in place"
+        );
+        drop(outer);
+        assert!(!is_realtime());
+    }
+
+    #[test]
+    fn threads_started_while_boosted_run_at_normal_priority() {
+        let boost = Boost::realtime();
+        if !boost.active() {
+            eprintln!("no real-time priority here (not root?): nothing to test");
+            return;
+        }
+        let inner = std::thread::spawn(is_realtime).join().expect("thread");
+        assert!(
+            !inner,
+            "a thread the boosted tool starts must not inherit SCHED_FIFO"
+        );
     }
 }
 

@@ -280,11 +280,24 @@ impl Drop for Traced {
 /// for the first [`Backoff::SPIN`] (most waits end within tens of µs; a
 /// `sleep` costs at least the timer slack, ~50 µs), then sleep with
 /// doubling naps up to a cap.
+///
+/// A real-time caller (see [`super::priority`]) sleeps from the first
+/// pause: its `sched_yield` would hand the CPU to no normal-priority
+/// thread, so it would hold the CPU that the target thread it waits for
+/// may need (and its sleeps have no timer slack).
 #[derive(Debug)]
 pub(crate) struct Backoff {
     start: Instant,
     nap: Duration,
     max: Duration,
+    spin: bool,
+}
+
+/// What [`Backoff`] does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    Yield,
+    Sleep(Duration),
 }
 
 impl Backoff {
@@ -295,17 +308,28 @@ impl Backoff {
             start: Instant::now(),
             nap: Duration::from_micros(20),
             max,
+            spin: !super::priority::is_realtime(),
+        }
+    }
+
+    fn next(&mut self) -> Pause {
+        if self.spin && self.start.elapsed() < Self::SPIN {
+            Pause::Yield
+        } else {
+            let nap = self.nap;
+            self.nap = (self.nap * 2).min(self.max);
+            Pause::Sleep(nap)
         }
     }
 
     /// Wait a little before the next look.
     pub(crate) fn pause(&mut self) {
-        if self.start.elapsed() < Self::SPIN {
-            std::hint::spin_loop();
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(self.nap);
-            self.nap = (self.nap * 2).min(self.max);
+        match self.next() {
+            Pause::Yield => {
+                std::hint::spin_loop();
+                std::thread::yield_now();
+            }
+            Pause::Sleep(nap) => std::thread::sleep(nap),
         }
     }
 }
@@ -316,5 +340,31 @@ fn error(pid: i32, tid: i32, op: &'static str, source: Errno) -> ProcessError {
         tid,
         op,
         error: source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::Boost;
+
+    #[test]
+    fn backoff_yields_first_at_normal_priority() {
+        assert!(!crate::process::priority::is_realtime());
+        let mut b = Backoff::new(Duration::from_millis(1));
+        assert_eq!(b.next(), Pause::Yield);
+    }
+
+    #[test]
+    fn backoff_never_yields_at_realtime_priority() {
+        let boost = Boost::realtime();
+        if !boost.active() {
+            eprintln!("no real-time priority here (not root?): nothing to test");
+            return;
+        }
+        let mut b = Backoff::new(Duration::from_micros(100));
+        let naps: Vec<Pause> = (0..5).map(|_| b.next()).collect();
+        let us = |n| Pause::Sleep(Duration::from_micros(n));
+        assert_eq!(naps, [us(20), us(40), us(80), us(100), us(100)]);
     }
 }
