@@ -175,9 +175,8 @@ pub fn thread_info(pid: i32, tid: i32) -> Result<ThreadInfo, ProcessError> {
     Ok(ThreadInfo { tid, state, syscall })
 }
 
-/// Every thread of `pid`, in tid order. Threads that exit while we look are
-/// left out.
-pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
+/// The thread ids of `pid`, sorted: one directory read, no thread's files.
+pub fn tids(pid: i32) -> Result<Vec<i32>, ProcessError> {
     let dir = PathBuf::from(format!("/proc/{pid}/task"));
     let entries = std::fs::read_dir(&dir).map_err(|e| ProcessError::from_io(pid, dir.clone(), e))?;
     let mut tids: Vec<i32> = entries
@@ -185,6 +184,13 @@ pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
         .collect();
     tids.sort_unstable();
+    Ok(tids)
+}
+
+/// Every thread of `pid`, in tid order. Threads that exit while we look are
+/// left out.
+pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
+    let tids = tids(pid)?;
     let mut out = Vec::with_capacity(tids.len());
     for tid in tids {
         match thread_info(pid, tid) {
@@ -210,17 +216,11 @@ pub const SAMPLE: usize = 32;
 /// independent of the thread count in a server whose threads mostly wait.
 /// Threads in `excluded` are skipped; `None` if no usable thread was seen.
 pub fn sample(pid: i32, seed: u64, excluded: &[i32]) -> Result<Option<ThreadInfo>, ProcessError> {
-    let dir = PathBuf::from(format!("/proc/{pid}/task"));
-    let entries = std::fs::read_dir(&dir).map_err(|e| ProcessError::from_io(pid, dir.clone(), e))?;
-    let mut tids: Vec<i32> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-        .filter(|t| !excluded.contains(t))
-        .collect();
+    let mut tids = tids(pid)?;
+    tids.retain(|t| !excluded.contains(t));
     if tids.is_empty() {
         return Ok(None);
     }
-    tids.sort_unstable();
     let start = (seed % tids.len() as u64) as usize;
     let order = tids[start..].iter().chain(&tids[..start]);
     let mut seen = Vec::new();
