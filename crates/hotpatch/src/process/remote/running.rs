@@ -179,6 +179,13 @@ impl<'r> Running<'r> {
                 return Ok(false);
             }
             if s.phase >= phase {
+                tracing::trace!(
+                    pid = self.remote.pid,
+                    phase,
+                    waited_us = start.elapsed().as_micros() as u64,
+                    since_start_us = self.started.elapsed().as_micros() as u64,
+                    "program at its rendezvous"
+                );
                 return Ok(true);
             }
             if start.elapsed() >= self.remote.timeouts.call {
