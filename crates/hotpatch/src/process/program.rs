@@ -40,7 +40,8 @@ pub mod data {
     /// The phase at which the thread stopped waiting without an answer
     /// (its deadline passed, or a later tool cancelled it), 0 if none.
     pub const GAVE_UP: u64 = 0x14;
-    /// Set to 1 (u32) just before the program returns.
+    /// Set to 1 (u32) once the program has done everything it will do
+    /// (it then only gives back a lent priority and returns).
     pub const ENDED: u64 = 0x18;
     /// Deadline, `CLOCK_MONOTONIC` nanoseconds of the target (u64): the
     /// program's start plus [`BUDGET`].
@@ -388,6 +389,12 @@ impl Program {
         a.set_label(&mut failed)?;
         a.mov(d32(data::FAILED), r12d)?;
         a.set_label(&mut end)?;
+        // Done with the data block's results: the tool may go on. What
+        // follows only gives back a lent priority (a thread that drops to
+        // its own priority may wait for a CPU, and the tool need not wait
+        // with it); the tool waits for the stub's done flag before it
+        // touches the code page, the data block or the frame again.
+        a.mov(d32(data::ENDED), 1u32)?;
         if let Some(at) = self.restore_sched {
             let mut kept = a.create_label();
             a.mov(rsi, at)?;
@@ -399,7 +406,6 @@ impl Program {
             a.syscall()?;
             a.set_label(&mut kept)?;
         }
-        a.mov(d32(data::ENDED), 1u32)?;
         a.pop(r12)?;
         a.pop(rbp)?;
         a.pop(rbx)?;

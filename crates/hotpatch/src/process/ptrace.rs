@@ -110,7 +110,7 @@ impl Traced {
 
     fn wait_stop(&mut self, timeout: Duration) -> Result<(), ProcessError> {
         let start = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(2));
+        let mut backoff = Backoff::new(WAIT_NAP_MAX);
         let pid = Pid::from_raw(self.tid);
         loop {
             let status = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
@@ -177,7 +177,7 @@ impl Traced {
         ptrace::step(pid, None).map_err(|e| self.err("SINGLESTEP", e))?;
         self.stopped = false;
         let start = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(1));
+        let mut backoff = Backoff::new(WAIT_NAP_MAX);
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => {
@@ -275,6 +275,11 @@ impl Drop for Traced {
         }
     }
 }
+
+/// The longest nap between two looks at something a target thread is
+/// about to do (reach a stop, finish a call): the tool sleeps while it
+/// waits, and a short nap keeps it from being late by more than this.
+pub(crate) const WAIT_NAP_MAX: Duration = Duration::from_micros(200);
 
 /// Polling for something another thread or process does: yield the CPU
 /// for the first [`Backoff::SPIN`] (most waits end within tens of µs; a

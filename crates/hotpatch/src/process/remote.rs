@@ -402,6 +402,9 @@ pub struct Remote {
     loaded: std::collections::HashMap<u64, (u64, DynSymbols)>,
     /// A region this session made, not named yet (see `name_region`).
     unnamed: bool,
+    /// The thread of the last program, maybe still leaving the stub: the
+    /// frame, code page and data block are its until the done flag.
+    pending: Option<i32>,
 }
 
 /// The fixed parts of a session being opened.
@@ -460,6 +463,7 @@ impl Session {
             reused,
             loaded: std::collections::HashMap::new(),
             unnamed: false,
+            pending: None,
         }
     }
 }
@@ -859,7 +863,8 @@ impl Remote {
     /// Unmap the session's region from the target (through a cave: code
     /// cannot unmap the page it runs from). Refused while a call may still
     /// be running in it (after a timeout): then the region stays.
-    pub fn release(self) -> Result<(), ProcessError> {
+    pub fn release(mut self) -> Result<(), ProcessError> {
+        self.settle_or_fail()?;
         if let Some(why) = &self.poisoned {
             return Err(ProcessError::Poisoned {
                 pid: self.pid,
@@ -1145,6 +1150,7 @@ impl Remote {
         nr: u64,
         lend_priority: Option<u64>,
     ) -> Result<i32, ProcessError> {
+        self.settle_or_fail()?;
         if self.unnamed {
             self.unnamed = false;
             self.name_region();
@@ -1237,7 +1243,7 @@ impl Remote {
     fn wait_done(&mut self, tid: i32, what: &str) -> Result<(), ProcessError> {
         let done_at = self.layout.frame() + frame::DONE;
         let start = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(1));
+        let mut backoff = Backoff::new(super::ptrace::WAIT_NAP_MAX);
         loop {
             match self.mem.read_u32(done_at) {
                 Ok(1) => return Ok(()),

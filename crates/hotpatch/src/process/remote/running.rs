@@ -58,9 +58,26 @@ pub struct Running<'r> {
 }
 
 impl Remote {
+    /// Wait for the thread of the last program to be done with the stub
+    /// (see [`Running::finish`]) before anything of the region is
+    /// written again; a thread that never gets there poisons the session.
+    pub(super) fn settle_or_fail(&mut self) -> Result<(), ProcessError> {
+        if let Some(tid) = self.pending.take() {
+            self.wait_done(tid, "waiting for the last program's thread to leave the stub")?;
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self) {
+        if let Err(e) = self.settle_or_fail() {
+            tracing::warn!(pid = self.pid, "{e}");
+        }
+    }
+
     /// A new program for this session: it starts by naming a region this
     /// session made (that costs no trip of its own).
     pub fn program(&mut self) -> (Program, ProgramData) {
+        self.settle();
         let mut p = Program::new();
         if self.unnamed
             && let Ok(at) = self.write_region_name()
@@ -92,6 +109,7 @@ impl Remote {
     /// must be written already.
     pub fn start(&mut self, program: &Program) -> Result<Running<'_>, ProcessError> {
         let pid = self.pid;
+        self.settle_or_fail()?;
         let code_at = self.layout.code() + PROGRAM_OFFSET;
         let data_at = self.layout.scratch();
         if self.stub.bytes.len() as u64 > PROGRAM_OFFSET {
@@ -213,6 +231,38 @@ impl<'r> Running<'r> {
         }
     }
 
+    /// Wait until the program has done all it will do (`ENDED`).
+    fn wait_ended(&mut self) -> Result<Status, ProcessError> {
+        let start = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_micros(200));
+        loop {
+            let s = self.status()?;
+            if s.ended {
+                return Ok(s);
+            }
+            if start.elapsed() >= self.remote.timeouts.call {
+                self.remote.poisoned = Some(format!("thread {} may still be running a program", self.tid));
+                return Err(ProcessError::Timeout {
+                    pid: self.remote.pid,
+                    tid: self.tid,
+                    what: "waiting for the program to return".into(),
+                    after: self.remote.timeouts.call,
+                });
+            }
+            if !crate::process::threads::thread_exists(self.remote.pid, self.tid) {
+                return Err(self.remote.gone_or(
+                    self.tid,
+                    ProcessError::NoSuchThread {
+                        pid: self.remote.pid,
+                        tid: self.tid,
+                    },
+                    "during the program",
+                ));
+            }
+            backoff.pause();
+        }
+    }
+
     /// Let the program go on past `phase`.
     pub fn go(&mut self, phase: u32) -> Result<(), ProcessError> {
         self.remote.mem.write_u32(self.data_at + data::GO, phase)
@@ -231,9 +281,11 @@ impl<'r> Running<'r> {
     /// Wait for the program to return and the thread to be done with the
     /// frame; the program's final status.
     /// The session is given back either way.
-    pub fn finish(self) -> (Result<Status, ProcessError>, &'r mut Remote) {
-        let what = "waiting for the program to return";
-        let status = self.remote.wait_done(self.tid, what).and_then(|()| self.status());
+    pub fn finish(mut self) -> (Result<Status, ProcessError>, &'r mut Remote) {
+        let status = self.wait_ended();
+        // The thread may still be on its way out of the stub (giving back
+        // its lent priority): the next use of the frame waits for it.
+        self.remote.pending = Some(self.tid);
         tracing::debug!(
             pid = self.remote.pid,
             tid = self.tid,
