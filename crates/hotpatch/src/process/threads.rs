@@ -205,15 +205,15 @@ pub fn threads(pid: i32) -> Result<Vec<ThreadInfo>, ProcessError> {
     Ok(out)
 }
 
-/// How many threads [`sample`] looks at, at most, when none of them waits
-/// in a restartable call.
-pub const SAMPLE: usize = 32;
-
 /// A good thread for a remote call without reading every thread's files:
 /// the thread ids (one directory read), then, from a place chosen by
 /// `seed`, one thread at a time until one waits in a restartable call
-/// (rank 0 or 1) — else the best of the first [`SAMPLE`] looked at. Cost
-/// independent of the thread count in a server whose threads mostly wait.
+/// (rank 0 or 1) — else the best of all. Cost independent of the thread
+/// count in a server whose threads mostly wait; in one whose threads all
+/// run, every thread is looked at, which costs far less than taking a
+/// running thread: among N busy threads it reaches its stop only when
+/// its turn on a CPU comes (1.5 s measured among 499 busy threads on 2
+/// cores, against 15 ms to read every thread's files).
 /// Threads in `excluded` are skipped; `None` if no usable thread was seen.
 pub fn sample(pid: i32, seed: u64, excluded: &[i32]) -> Result<Option<ThreadInfo>, ProcessError> {
     let mut tids = tids(pid)?;
@@ -230,9 +230,6 @@ pub fn sample(pid: i32, seed: u64, excluded: &[i32]) -> Result<Option<ThreadInfo
             Ok(t) => seen.push(t),
             Err(ProcessError::NoSuchThread { .. }) => {}
             Err(e) => return Err(e),
-        }
-        if seen.len() >= SAMPLE {
-            break;
         }
     }
     Ok(pick(&seen).cloned())
