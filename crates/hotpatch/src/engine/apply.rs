@@ -115,13 +115,10 @@ pub fn apply(pid: i32, path: &std::path::Path, options: &ApplyOptions) -> Result
 }
 
 /// Apply an approved patch to process `pid`. The process loads exactly
-/// its bytes. From the moment it works inside the process (its trip, the
-/// writes) to the end, the calling thread runs at real-time priority,
-/// where it may ([`crate::process::Boost`]): a target thread it borrowed
-/// then never waits for the tool to get a CPU. Reading and planning,
-/// which hold nothing of the target, run at the caller's priority and
-/// take no CPU from the target's threads that they would not share.
+/// its bytes. The calling thread works at real-time priority meanwhile,
+/// where it may ([`crate::process::Boost`]).
 pub fn apply_file(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
+    let _boost = crate::process::Boost::realtime();
     super::in_process(pid, "the apply", || apply_to(pid, patch, options))
 }
 
@@ -214,7 +211,6 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
 
     // 2. Into the process.
     let _lock = Lock::take(pid)?;
-    let _boost = crate::process::Boost::realtime();
     let maps = process.maps()?;
     let (mut region, mut state) = match StateRegion::find(pid, &maps)? {
         Some((r, s)) => (Some(r), s),
