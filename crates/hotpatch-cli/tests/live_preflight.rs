@@ -218,6 +218,18 @@ fn filters_that_allow_what_hotpatch_does_let_the_apply_through() {
         assert_eq!(t.version(), 1, "{mode}");
         let report = doctor(t.pid());
         assert_eq!(finding(&report, "seccomp")["verdict"], "ok", "{mode}: {report}");
+        // No thread under a filter is lent a real-time priority for the
+        // trip (it could refuse to give it back): none has one now.
+        for tid in tids(t.pid()) {
+            let policy =
+                std::fs::read_to_string(format!("/proc/{}/task/{tid}/sched", t.pid())).unwrap_or_default();
+            assert!(
+                policy
+                    .lines()
+                    .any(|l| l.starts_with("policy") && l.trim_end().ends_with(" 0")),
+                "{mode}: thread {tid} is not SCHED_OTHER:\n{policy}"
+            );
+        }
         assert!(t.proc.alive());
     }
 }

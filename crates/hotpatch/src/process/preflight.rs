@@ -471,7 +471,6 @@ const PROT_NONE: u64 = 0;
 const PROT_R: u64 = 1;
 const PROT_RW: u64 = 3;
 const PROT_RX: u64 = 5;
-const MAP_SHARED: u64 = 0x1;
 const MAP_PRIVATE: u64 = 0x2;
 const MAP_FIXED: u64 = 0x10;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -534,7 +533,14 @@ pub const CALLS: &[Call] = &[
     call("membarrier", 324, [k(32), k(0), k(0), U, U, U], Need::Survive, "serialises cores (SYNC_CORE)"),
     apply(call("memfd_create", 319, [U; 6], Need::Run, "creates the in-process record of patches")),
     apply(call("ftruncate", 77, [U; 6], Need::Run, "sizes the record")),
-    apply(call("mmap", 9, [k(0), U, k(PROT_RW), k(MAP_SHARED), U, k(0)], Need::Run, "maps the record")),
+    apply(call("mmap", 9, [k(0), U, k(PROT_R), k(MAP_PRIVATE), U, k(0)], Need::Run, "maps the record")),
+    apply(call("mmap", 9, [U, U, k(PROT_RX), k(MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE), k(NO_FD), k(0)],
+         Need::Run, "maps trampoline pages near the image")),
+    // process::program: the clock of its deadline, the naps of its
+    // rendezvous points, and giving back a lent priority
+    call("clock_gettime", 228, [k(1), U, U, U, U, U], Need::Run, "times the one-trip program's waits"),
+    call("nanosleep", 35, [U; 6], Need::Survive, "the one-trip program's naps at its rendezvous points"),
+    call("sched_setattr", 314, [k(0), U, k(0), U, U, U], Need::Survive, "gives back the priority lent for the trip"),
     apply(call("close", 3, [U; 6], Need::Survive, "closes the record's descriptor")),
     // glibc's dlopen of the patch
     apply(call("openat", 257, [k(AT_FDCWD), U, k(O_CLOEXEC), U, U, U], Need::Run, "dlopen opens the patch")),

@@ -221,6 +221,18 @@ fn sched_setattr(tid: i32, attr: &SchedAttr) -> Result<(), std::io::Error> {
 /// policy is left alone. Best effort: without the right to raise it (not
 /// root, no `RLIMIT_RTPRIO`), nothing changes.
 pub fn lend(mem: &crate::process::Mem, tid: i32, at: u64) {
+    // Only to a thread without seccomp filters: one that refused the
+    // program's `sched_setattr` would keep the loan for good.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", mem.pid())).unwrap_or_default();
+    let seccomp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    if seccomp != Some("0") {
+        tracing::debug!(tid, ?seccomp, "no priority lent to a thread under seccomp");
+        return;
+    }
     let own = match sched_getattr(tid) {
         Ok(a) => a,
         Err(e) => {

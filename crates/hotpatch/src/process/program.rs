@@ -450,6 +450,10 @@ fn wait(a: &mut CodeAssembler, phase: u32, end: &mut CodeLabel) -> Result<(), Ic
     a.mov(edi, CLOCK_MONOTONIC)?;
     a.lea(rsi, qword_ptr(rbx + data::NOW as i32))?;
     a.syscall()?;
+    // No clock (a seccomp filter refused it): no deadline either, so it
+    // gives up at once rather than wait without one.
+    a.test(rax, rax)?;
+    a.jnz(gave_up)?;
     now_ns(a)?;
     a.cmp(rax, qword_ptr(rbx + data::DEADLINE as i32))?;
     a.jb(poll)?;
