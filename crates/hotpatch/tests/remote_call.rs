@@ -883,9 +883,13 @@ fn a_program_runs_in_one_trip() {
     assert_eq!(status.failed, Some(s_bad), "{status:?}");
     assert_eq!(status.phase, 0);
 
-    // A rendezvous nobody answers: the thread gives up at its deadline.
-    let (mut p, _) = remote.program();
-    let phase = p.wait();
+    // A rendezvous nobody answers: the thread gives up at its deadline,
+    // closing the descriptor it was told to.
+    let (mut p, mut d) = remote.program();
+    let name_at = d.take(16).expect("room");
+    mem.write(name_at, b"hp-give-up\0").expect("name");
+    let s_fd = p.syscall(319, &[Arg::Imm(name_at), Arg::Imm(1)], Check::NonNegative);
+    let phase = p.wait_closing(s_fd);
     let t0 = Instant::now();
     let run = remote.start(&p).expect("start");
     let tid = run.tid();
@@ -893,6 +897,11 @@ fn a_program_runs_in_one_trip() {
     assert_eq!(status.gave_up, Some(phase), "{status:?}");
     assert_gives_back(tid);
     assert!(t0.elapsed() >= remote::BUDGET, "gave up after {:?}", t0.elapsed());
+    let fd = remote.program_result(s_fd).expect("fd");
+    let open = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    assert!(!open.contains("hp-give-up"), "descriptor {fd} left open: {open}");
 
     assert_eq!(target.busy_errors(&mem), 0, "a busy thread saw a wrong value");
     target.assert_busy_progress(&mem, 3);

@@ -204,7 +204,8 @@ pub(super) fn load<'r>(
         &[Arg::Imm(memfd_name), Arg::Imm(load.memfd_flags())],
         Check::NonNegative,
     );
-    let filled = p.wait();
+    // A tool gone while the thread waits here leaves no descriptor behind.
+    let filled = p.wait_closing(memfd);
     p.digits(memfd, path_at + prefix.len() as u64);
     let opened = p.call(dlopen, &[Arg::Imm(path_at), Arg::Imm(RTLD_NOW)], Check::NonZero);
     let closed = p.syscall(NR_CLOSE, &[Arg::Result(memfd)], Check::None);
@@ -252,8 +253,12 @@ pub(super) fn load<'r>(
     };
     let finish_failed = |run: Running<'r>, e: EngineError, extra_fd: Option<u64>| {
         let mut left = made(&run).unwrap_or_default();
-        left.fds.extend(extra_fd);
-        let (_, remote) = run.abort();
+        let (status, remote) = run.abort();
+        // A program that gave up waiting for the fill closed the memfd
+        // itself: its number may be another file's now.
+        if !status.is_ok_and(|s| s.gave_up == Some(filled)) {
+            left.fds.extend(extra_fd);
+        }
         left.clean(remote);
         Box::new((e, left))
     };
@@ -308,13 +313,16 @@ pub(super) fn load<'r>(
     if handle == 0 {
         // dlopen failed (or never ran: the program gave up first).
         let (status, remote) = run.finish();
+        let closed_by_program = status.as_ref().is_ok_and(|s| s.gave_up == Some(filled));
         let detail = match status {
             Ok(s) if s.failed == Some(opened) => remote.dlerror(tid),
             Ok(s) => format!("the program stopped before dlopen ({s:?})"),
             Err(e) => e.to_string(),
         };
         let mut left = left;
-        left.fds.push(fd);
+        if !closed_by_program {
+            left.fds.push(fd);
+        }
         left.clean(remote);
         return Err(Box::new((failed(pid, "dlopen of the patch", detail), left)));
     }

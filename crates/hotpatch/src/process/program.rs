@@ -111,8 +111,11 @@ enum Op {
         args: Vec<Arg>,
         check: Check,
     },
+    /// A rendezvous; giving up there (no tool to answer) first closes the
+    /// descriptor a step returned, if any.
     Wait {
         phase: u32,
+        close_on_give_up: Option<Step>,
     },
     /// Write the decimal digits of a step's result, then a NUL, at `at`.
     Digits {
@@ -159,6 +162,7 @@ pub enum ProgramError {
 }
 
 const NR_NANOSLEEP: u32 = 35;
+const NR_CLOSE: u32 = 3;
 const NR_MPROTECT: u32 = 10;
 const NR_CLOCK_GETTIME: u32 = 228;
 const NR_MEMBARRIER: u32 = 324;
@@ -201,7 +205,23 @@ impl Program {
     pub fn wait(&mut self) -> u32 {
         self.phases += 1;
         let phase = self.phases;
-        self.push(Op::Wait { phase });
+        self.push(Op::Wait {
+            phase,
+            close_on_give_up: None,
+        });
+        phase
+    }
+
+    /// [`Program::wait`]; if it gives up there (the tool is gone), it
+    /// closes the descriptor `fd` returned first (an abort leaves it to
+    /// the tool, which is there to close it).
+    pub fn wait_closing(&mut self, fd: Step) -> u32 {
+        self.phases += 1;
+        let phase = self.phases;
+        self.push(Op::Wait {
+            phase,
+            close_on_give_up: Some(fd),
+        });
         phase
     }
 
@@ -322,7 +342,16 @@ impl Program {
                     a.mov(result(Step(i)), rax)?;
                     check(&mut a, *c, failed)?;
                 }
-                Op::Wait { phase } => wait(&mut a, *phase, &mut end)?,
+                Op::Wait {
+                    phase,
+                    close_on_give_up,
+                } => {
+                    if close_on_give_up.is_some_and(|s| s.0 >= i) {
+                        return Err(ProgramError::Forward(i));
+                    }
+                    let fd = close_on_give_up.map(|s| data::RESULTS + 8 * s.0 as u64);
+                    wait(&mut a, *phase, fd, &mut end)?
+                }
                 Op::Digits { of, at } => {
                     load(&mut a, rax, &Arg::Result(*of))?;
                     // Backwards into DIGITS, then forwards to `at`.
@@ -428,7 +457,7 @@ fn now_ns(a: &mut CodeAssembler) -> Result<(), IcedError> {
 /// Publish `phase`, then sleep-poll `GO` until it says this phase (go on),
 /// [`ABORT`] (return), [`CANCEL`] or the deadline (record `GAVE_UP`,
 /// return).
-fn wait(a: &mut CodeAssembler, phase: u32, end: &mut CodeLabel) -> Result<(), IcedError> {
+fn wait(a: &mut CodeAssembler, phase: u32, close: Option<u64>, end: &mut CodeLabel) -> Result<(), IcedError> {
     let d32 = |off: u64| dword_ptr(rbx + off as i32);
     let mut poll = a.create_label();
     let mut go = a.create_label();
@@ -458,6 +487,16 @@ fn wait(a: &mut CodeAssembler, phase: u32, end: &mut CodeLabel) -> Result<(), Ic
     a.cmp(rax, qword_ptr(rbx + data::DEADLINE as i32))?;
     a.jb(poll)?;
     a.set_label(&mut gave_up)?;
+    if let Some(fd_at) = close {
+        let mut open = a.create_label();
+        a.mov(rdi, qword_ptr(rbx + fd_at as i32))?;
+        a.test(rdi, rdi)?;
+        a.jns(open)?;
+        a.jmp(*end)?;
+        a.set_label(&mut open)?;
+        a.mov(eax, NR_CLOSE)?;
+        a.syscall()?;
+    }
     a.mov(d32(data::GAVE_UP), phase)?;
     a.jmp(*end)?;
     a.set_label(&mut go)
