@@ -184,6 +184,38 @@ fn clean_again(target: &mut Target, original: &[u8], what: &str) {
         panic!("{what}: code bytes after revert --all: {e}");
     }
     assert_eq!(target.version(), (0, 0), "{what}: after revert --all");
+    no_thread_keeps_a_lent_priority(pid, what);
+}
+
+/// No thread keeps a real-time policy (the target's own are normal or idle):
+/// a program killed with its tool gives back the real-time priority it
+/// was lent when it gives up or is cancelled (a moment after the fresh
+/// tool's run, at most).
+fn no_thread_keeps_a_lent_priority(pid: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let raised: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| {
+                    let tid = e.ok()?.file_name().to_string_lossy().to_string();
+                    let sched = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?;
+                    let policy = sched.lines().find(|l| l.starts_with("policy"))?.to_string();
+                    // SCHED_FIFO (1) or SCHED_RR (2): what the tool lends.
+                    let value = policy.rsplit(':').next()?.trim().to_string();
+                    (value == "1" || value == "2").then(|| format!("{tid}: {policy}"))
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        if raised.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: threads keep another policy: {raised:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Run `args` and SIGKILL it after `delay`; whether it finished first
