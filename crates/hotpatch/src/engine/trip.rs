@@ -78,8 +78,14 @@ fn failed(pid: i32, what: &str, detail: String) -> EngineError {
     })
 }
 
-fn errno_text(v: u64) -> String {
-    std::io::Error::from_raw_os_error(-(v as i64) as i32).to_string()
+/// What a step's result says: the error of a `-errno`, else the value.
+fn result_text(v: u64) -> String {
+    let r = v as i64;
+    if (-4095..0).contains(&r) {
+        std::io::Error::from_raw_os_error(-r as i32).to_string()
+    } else {
+        format!("returned {v:#x}")
+    }
 }
 
 /// What an apply asks of its program.
@@ -147,7 +153,7 @@ pub(super) fn load<'r>(
             &[Arg::Imm(name_at), Arg::Imm(MFD_CLOEXEC)],
             Check::NonNegative,
         );
-        p.syscall(
+        let sized = p.syscall(
             NR_FTRUNCATE,
             &[Arg::Result(fd), Arg::Imm(size)],
             Check::NonNegative,
@@ -165,10 +171,16 @@ pub(super) fn load<'r>(
             Check::NonNegative,
         );
         let close = p.syscall(NR_CLOSE, &[Arg::Result(fd)], Check::None);
-        Some((fd, map, close))
+        Some((fd, sized, map, close))
     } else {
         None
     };
+    let mut named: Vec<(Step, String)> = Vec::new();
+    if let Some((fd, sized, map, _)) = region_steps {
+        named.push((fd, "memfd_create of the state region".into()));
+        named.push((sized, "ftruncate of the state region".into()));
+        named.push((map, "mmap of the state region".into()));
+    }
     let scratch_steps: Vec<Step> = ask
         .new_scratch
         .iter()
@@ -194,6 +206,12 @@ pub(super) fn load<'r>(
             )
         })
         .collect();
+    for (s, r) in scratch_steps.iter().zip(ask.new_scratch) {
+        named.push((
+            *s,
+            format!("mmap of {:#x} bytes of scratch at {:#x}", r.size, r.base),
+        ));
+    }
     let memfd_name = put(&load.memfd_name()).map_err(fail)?;
     let prefix = load.path_prefix();
     let mut path = prefix.as_bytes().to_vec();
@@ -205,6 +223,7 @@ pub(super) fn load<'r>(
         Check::NonNegative,
     );
     // A tool gone while the thread waits here leaves no descriptor behind.
+    named.push((memfd, "memfd_create for the patch".into()));
     let filled = p.wait_closing(memfd);
     p.digits(memfd, path_at + prefix.len() as u64);
     let opened = p.call(dlopen, &[Arg::Imm(path_at), Arg::Imm(RTLD_NOW)], Check::NonZero);
@@ -232,7 +251,7 @@ pub(super) fn load<'r>(
     // What the program made so far, for the records or for cleanup.
     let made = |run: &Running<'_>| -> Result<LeftOver, crate::process::ProcessError> {
         let mut left = LeftOver::default();
-        if let Some((fd, map, close)) = region_steps {
+        if let Some((fd, _, map, close)) = region_steps {
             let map_r = result(run, map)?;
             if map_r != 0 && (map_r as i64) > 0 {
                 left.region = Some(map_r);
@@ -270,7 +289,11 @@ pub(super) fn load<'r>(
                 .and_then(|s| s.failed)
                 .map(|f| {
                     let r = result(&run, f).unwrap_or(0);
-                    format!("step {} of the program failed: {}", f.0, errno_text(r))
+                    let what = named
+                        .iter()
+                        .find(|(s, _)| *s == f)
+                        .map_or_else(|| format!("step {}", f.0), |(_, w)| w.clone());
+                    format!("{what} in the target failed: {}", result_text(r))
                 })
                 .unwrap_or_else(|| "the program ended early".into());
             return Err(finish_failed(
