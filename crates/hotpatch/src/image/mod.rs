@@ -5,12 +5,14 @@
 //! This layer reads files and nothing else. Everything it reports comes from
 //! the file; the load address of a mapped copy is the caller's business.
 
+mod dynsym;
 mod error;
 pub mod file;
 pub mod lookup;
 mod padding;
 mod symbol;
 
+pub use dynsym::{DynSym, DynSymbols};
 pub use error::ImageError;
 pub use lookup::{LookupError, SymbolIndex, SymbolKind, SymbolMatch, find_symbol};
 pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
