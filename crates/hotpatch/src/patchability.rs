@@ -6,7 +6,7 @@ use crate::arch::x86_64::entry::{self, MAX_PADDING};
 use crate::arch::x86_64::{
     DetourRefusal, FlipPlan, analyze_detour, direct_branch_targets, plan_flip, recognize_prepared,
 };
-use crate::image::{Function, FunctionKind, Image, ImageKind};
+use crate::image::{Function, FunctionKind, Image, ImageFile, ImageKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -141,6 +141,24 @@ pub struct ImageReport {
     pub functions: Vec<FunctionReport>,
 }
 
+/// The code bytes classification reads: an [`Image`] in memory, or an
+/// [`ImageFile`] read by ranges.
+pub(crate) trait CodeBytes {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]>;
+}
+
+impl CodeBytes for Image {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        Image::bytes_at(self, address, len)
+    }
+}
+
+impl CodeBytes for ImageFile {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        ImageFile::bytes_at(self, address, len)
+    }
+}
+
 /// Classify every function of `image`.
 pub fn survey(image: &Image) -> ImageReport {
     let functions = image.functions();
@@ -163,7 +181,13 @@ pub fn survey(image: &Image) -> ImageReport {
     let mut reports: Vec<FunctionReport> = functions
         .iter()
         .map(|f| {
-            let class = classify(image, f, site_of.get(&f.address).copied(), &targets, &entries);
+            let class = match classify_entry(image, f, site_of.get(&f.address).copied()) {
+                Entry::Done(class) => class,
+                Entry::Detour { detour, note } => {
+                    let name_at = |a: u64| image.function_at(a).map(|g| g.name().display().to_string());
+                    classify_detour(f, detour, note, &targets, &entries, name_at)
+                }
+            };
             let name = f.name();
             FunctionReport {
                 address: f.address,
@@ -216,7 +240,7 @@ pub fn survey(image: &Image) -> ImageReport {
 }
 
 /// Whether everything from `site` to `entry` is padding (nop or int3).
-fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
+pub(crate) fn padding_only(image: &impl CodeBytes, site: u64, entry: u64) -> bool {
     image
         .bytes_at(site, entry - site)
         .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
@@ -233,7 +257,7 @@ fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
 /// out of step until it resynchronises. That can add a caller that is not
 /// one (the tool is then more careful than needed) but it only misses a
 /// real caller whose bytes were decoded as part of another instruction.
-fn branch_targets(image: &Image) -> Vec<u64> {
+pub(crate) fn branch_targets(image: &Image) -> Vec<u64> {
     let pieces = code_pieces(image);
     // Decoding all of a large image's code is most of a survey's time; the
     // pieces are independent, so a few threads share them.
@@ -310,7 +334,7 @@ fn decode_pieces(pieces: &[(u64, &[u8])]) -> Vec<u64> {
     targets
 }
 
-fn prepared_class(image: &Image, site: u64, entry: u64) -> Result<Class, String> {
+fn prepared_class(image: &impl CodeBytes, site: u64, entry: u64) -> Result<Class, String> {
     // Enough bytes for padding, endbr64, entry nops, and a decode window.
     let len = entry - site + 4 + 2 + 15;
     let bytes = image
@@ -327,34 +351,45 @@ fn prepared_class(image: &Image, site: u64, entry: u64) -> Result<Class, String>
     })
 }
 
-fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], entries: &[u64]) -> Class {
+/// The first half of classifying `f`: everything but the branches into it.
+pub(crate) enum Entry {
+    Done(Class),
+    /// A detour fits; whether code jumps into it decides.
+    Detour {
+        detour: crate::arch::x86_64::Detour,
+        note: Option<String>,
+    },
+}
+
+/// Classify `f` as far as its own bytes and its padded `site` tell.
+pub(crate) fn classify_entry(image: &impl CodeBytes, f: &Function, site: Option<u64>) -> Entry {
     if f.kind == FunctionKind::IfuncResolver {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::IfuncResolver,
             detail: "an IFUNC resolver runs once at load; patch the implementation it selects".into(),
-        };
+        });
     }
     if f.is_cold_part() {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::ColdPart,
             detail: "split-off cold code, entered by jumps from its parent; patch the parent".into(),
-        };
+        });
     }
     let mut note = None;
     if let Some(site) = site {
         match prepared_class(image, site, f.address) {
-            Ok(class) => return class,
+            Ok(class) => return Entry::Done(class),
             Err(why) => note = Some(format!("listed as prepared, but {why}")),
         }
     }
     let Some(code) = image.bytes_at(f.address, f.size) else {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::NotInFile,
             detail: format!("{} bytes at {:#x} are not in the file", f.size, f.address),
-        };
+        });
     };
-    let detour = match analyze_detour(f.address, code) {
-        Ok(d) => d,
+    match analyze_detour(f.address, code) {
+        Ok(detour) => Entry::Detour { detour, note },
         Err(refusal) => {
             let reason = match refusal {
                 DetourRefusal::UnknownSize => Reason::UnknownSize,
@@ -363,12 +398,25 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
                 DetourRefusal::Unrelocatable { .. } => Reason::Unrelocatable,
                 DetourRefusal::Breakpoint { .. } => Reason::Breakpoint,
             };
-            return Class::NotPatchable {
+            Entry::Done(Class::NotPatchable {
                 reason,
                 detail: refusal.to_string(),
-            };
+            })
         }
-    };
+    }
+}
+
+/// Finish classifying `f`, whose `detour` fits its bytes: `targets` are the
+/// sorted targets of every direct branch of the image, `entries` the sorted
+/// function entries (at least those near `f`), `name_at` names them.
+pub(crate) fn classify_detour(
+    f: &Function,
+    detour: crate::arch::x86_64::Detour,
+    note: Option<String>,
+    targets: &[u64],
+    entries: &[u64],
+    name_at: impl Fn(u64) -> Option<String>,
+) -> Class {
     let range = detour.patch_at + 1..detour.patch_at + detour.displaced;
     let first_in = |sorted: &[u64]| {
         sorted
@@ -386,10 +434,7 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
         };
     }
     if let Some(other) = first_in(entries) {
-        let name = image
-            .function_at(other)
-            .map(|g| g.name().display().to_string())
-            .unwrap_or_default();
+        let name = name_at(other).unwrap_or_default();
         return Class::NotPatchable {
             reason: Reason::SymbolInsideEntry,
             detail: format!(
