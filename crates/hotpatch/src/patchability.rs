@@ -293,6 +293,72 @@ fn code_pieces(image: &Image) -> Vec<(u64, &[u8])> {
     pieces
 }
 
+/// The targets [`branch_targets`] finds inside `window`, sorted, from
+/// decoding only the pieces of code that can hold a branch there. `ranges`
+/// are the image's code ranges with their bytes, `starts` the sorted
+/// function entries and padded sites (where [`code_pieces`] cuts).
+///
+/// A direct branch ends with its displacement: rel32 (`call`, `jmp`,
+/// `jcc`, `xbegin`), rel16 (`xbegin` with `66`) or rel8. Every position
+/// whose 4 bytes, read as a rel32 ending there, reach the window (a cheap
+/// scan of all code) marks its piece; every piece within rel16 reach
+/// (±32 KiB) of the window is marked too. Marked pieces are decoded as
+/// [`code_pieces`] has them, so the answer is the whole scan's, restricted
+/// to `window`. `None` for a window below 64 KiB, where a 16-bit branch
+/// target (truncated) from anywhere could land: decode everything then.
+pub(crate) fn branch_targets_into(
+    ranges: &[(u64, &[u8])],
+    starts: &[u64],
+    window: std::ops::Range<u64>,
+) -> Option<Vec<u64>> {
+    const NEAR: u64 = (1 << 15) + 16;
+    let len = u32::try_from(window.end.checked_sub(window.start)?).ok()?;
+    if window.start < 1 << 16 {
+        return None;
+    }
+    let near = window.start.saturating_sub(NEAR)..window.end.saturating_add(NEAR);
+    let mut targets = Vec::new();
+    for &(base, code) in ranges {
+        let end = base.saturating_add(code.len() as u64);
+        let first = starts.partition_point(|&a| a <= base);
+        let cuts: Vec<u64> = starts[first..].iter().copied().take_while(|&a| a < end).collect();
+        // Piece k runs from bounds[k] to bounds[k + 1].
+        let mut bounds = Vec::with_capacity(cuts.len() + 2);
+        bounds.push(base);
+        bounds.extend_from_slice(&cuts);
+        bounds.push(end);
+        let piece_of = |address: u64| bounds.partition_point(|&b| b <= address).saturating_sub(1);
+        let mut marked: Vec<usize> = Vec::new();
+        if near.start < end && near.end > base {
+            let from = piece_of(near.start.max(base));
+            let to = piece_of((near.end - 1).min(end - 1));
+            marked.extend(from..=to);
+        }
+        // target = base + i + 4 + rel32 (mod 2^32) lies in the window iff
+        // rel32 + i - c < len, with c = window.start - base - 4 (mod 2^32).
+        let c = window.start.wrapping_sub(base.wrapping_add(4)) as u32;
+        for (i, w) in code.windows(4).enumerate() {
+            let rel = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            if rel.wrapping_add(i as u32).wrapping_sub(c) < len {
+                marked.push(piece_of(base + i as u64));
+            }
+        }
+        marked.sort_unstable();
+        marked.dedup();
+        for k in marked {
+            let (from, to) = (bounds[k], bounds[k + 1]);
+            let Some(piece) = code.get((from - base) as usize..(to - base) as usize) else {
+                continue;
+            };
+            let mut found = Vec::new();
+            direct_branch_targets(from, piece, &mut found);
+            targets.extend(found.into_iter().filter(|t| window.contains(t)));
+        }
+    }
+    targets.sort_unstable();
+    Some(targets)
+}
+
 /// [`decode_pieces`] of `pieces`, shared by `threads` threads in groups
 /// of about equal size (unsorted).
 fn decode_in_parallel(pieces: &[(u64, &[u8])], threads: usize) -> Vec<u64> {
@@ -525,5 +591,41 @@ mod tests {
             assert_eq!(many, one, "{threads} threads");
         }
         assert!(!one.is_empty());
+    }
+
+    #[test]
+    fn targets_into_a_window_are_the_whole_scan_s() {
+        let Ok(image) = Image::open(LIBC) else {
+            eprintln!("{LIBC} not readable: skipped");
+            return;
+        };
+        let all = branch_targets(&image);
+        let ranges: Vec<(u64, &[u8])> = image
+            .code_ranges()
+            .iter()
+            .map(|r| (r.start, image.bytes_at(r.start, r.end - r.start).unwrap()))
+            .collect();
+        let mut starts: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
+        starts.extend_from_slice(image.padded_sites());
+        starts.sort_unstable();
+        starts.dedup();
+        // Windows at function entries (where callers land) and at every
+        // 97th branch target (where some branch surely lands).
+        let windows = image
+            .functions()
+            .iter()
+            .step_by(5)
+            .map(|f| f.address)
+            .chain(all.iter().step_by(97).copied())
+            .map(|a| a..a + 20);
+        let mut nonempty = 0;
+        for w in windows {
+            let expected: Vec<u64> = all.iter().copied().filter(|t| w.contains(t)).collect();
+            let found = branch_targets_into(&ranges, &starts, w.clone());
+            assert_eq!(found.as_ref(), Some(&expected), "{w:x?}");
+            nonempty += usize::from(!expected.is_empty());
+        }
+        assert!(nonempty > 100, "{nonempty}");
+        assert_eq!(branch_targets_into(&ranges, &starts, 0x1000..0x1010), None);
     }
 }

@@ -10,7 +10,7 @@ use crate::arch::x86_64::entry::MAX_PADDING;
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
 use crate::image::{Image, ImageFile, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
 use crate::patchability::{
-    Class, Entry, branch_targets, classify_detour, classify_entry, padding_only, survey,
+    Class, Entry, branch_targets, branch_targets_into, classify_detour, classify_entry, padding_only, survey,
 };
 use crate::shorten::name as short;
 use std::cell::{OnceCell, RefCell};
@@ -343,13 +343,19 @@ impl<'a> Planner<'a> {
             Entry::Done(class) => return Ok(Some(class)),
             Entry::Detour { detour, note } => (detour, note),
         };
-        let targets = match targets.get() {
+        // Only branches to the entry and into the bytes the jump replaces.
+        let window = address..detour.patch_at.saturating_add(detour.displaced);
+        let into = self.branches_into(file, sites, window)?;
+        let targets: &[u64] = match &into {
             Some(t) => t,
-            None => {
-                let whole = file.read_whole().map_err(|e| self.read_error(e))?;
-                let t = branch_targets(&whole);
-                targets.get_or_init(|| t)
-            }
+            None => match targets.get() {
+                Some(t) => t,
+                None => {
+                    let whole = file.read_whole().map_err(|e| self.read_error(e))?;
+                    let t = branch_targets(&whole);
+                    targets.get_or_init(|| t)
+                }
+            },
         };
         let name_at = |a: u64| {
             near.iter()
@@ -357,6 +363,35 @@ impl<'a> Planner<'a> {
                 .map(|g| g.name().display().to_string())
         };
         Ok(Some(classify_detour(f, detour, note, targets, &entries, name_at)))
+    }
+
+    /// The image's direct branch targets in `window` (see
+    /// [`crate::patchability::branch_targets_into`]); `None` when only a
+    /// decode of the whole code can tell.
+    fn branches_into(
+        &self,
+        file: &ImageFile,
+        sites: &[u64],
+        window: std::ops::Range<u64>,
+    ) -> Result<Option<Vec<u64>>, PlanError> {
+        let mut starts = file.function_entries().map_err(|e| self.read_error(e))?;
+        starts.extend_from_slice(sites);
+        starts.sort_unstable();
+        starts.dedup();
+        let ranges = file.code_ranges().map_err(|e| self.read_error(e))?;
+        let mut code = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            // Code ranges lie in the file (`read_code_ranges`); a range that
+            // cannot be read now (the file changed) is an error, not a gap.
+            let bytes = file
+                .bytes_at(r.start, r.end - r.start)
+                .ok_or_else(|| PlanError::Read {
+                    image: self.image_name(),
+                    detail: format!("the code at {:#x}..{:#x} cannot be read", r.start, r.end),
+                })?;
+            code.push((r.start, bytes));
+        }
+        Ok(branch_targets_into(&code, &starts, window))
     }
 
     /// Resolve `name` to a function and how to patch it (file addresses).

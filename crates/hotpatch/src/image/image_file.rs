@@ -168,6 +168,46 @@ impl ImageFile {
         Ok(functions)
     }
 
+    /// See [`super::Image::code_ranges`].
+    pub fn code_ranges(&self) -> Result<Vec<std::ops::Range<u64>>, ImageError> {
+        let (endian, sections) = self.sections()?;
+        Ok(super::read_code_ranges(endian, &sections, &self.facts.segments))
+    }
+
+    /// The entries of [`super::Image::functions`], sorted, without reading
+    /// or keeping their names (only whether they have one).
+    pub fn function_entries(&self) -> Result<Vec<u64>, ImageError> {
+        let (endian, sections) = self.sections()?;
+        let mut entries = Vec::new();
+        for sh_type in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
+            let table = sections
+                .symbols(endian, &self.cache, sh_type)
+                .map_err(|e| self.corrupt(e))?;
+            if table.is_empty() {
+                continue;
+            }
+            let strings: &[u8] = sections
+                .section(table.string_section())
+                .ok()
+                .and_then(|s| s.data(endian, &self.cache).ok())
+                .unwrap_or(&[]);
+            for sym in table.symbols() {
+                let address = sym.st_value(endian);
+                if matches!(sym.st_type(), elf::STT_FUNC | elf::STT_GNU_IFUNC)
+                    && sym.st_shndx(endian) != elf::SHN_UNDEF
+                    && address != 0
+                    && in_code(&self.facts.segments, address)
+                    && has_name(strings, sym.st_name(endian) as usize)
+                {
+                    entries.push(address);
+                }
+            }
+        }
+        entries.sort_unstable();
+        entries.dedup();
+        Ok(entries)
+    }
+
     /// Find each of `queries` as [`super::SymbolIndex::find`] does, with
     /// one pass over each symbol table for all of them and no name read,
     /// copied or demangled unless it may answer a query.
@@ -276,6 +316,13 @@ fn name_at(strings: &[u8], offset: usize) -> Option<String> {
     let rest = strings.get(offset..)?;
     let end = memchr::memchr(0, rest)?;
     (end > 0).then(|| String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// Whether the name at `offset` is one [`name_at`] reads, without copying it.
+fn has_name(strings: &[u8], offset: usize) -> bool {
+    strings
+        .get(offset..)
+        .is_some_and(|rest| rest.first().is_some_and(|&b| b != 0) && memchr::memchr(0, rest).is_some())
 }
 
 /// Append to `hits[i]` every symbol of one table that answers `queries[i]`,

@@ -319,9 +319,9 @@ impl Facts {
 }
 
 /// See [`Image::code_ranges`].
-fn read_code_ranges(
+pub(crate) fn read_code_ranges<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    sections: &object::read::elf::SectionTable<'_, Header>,
+    sections: &object::read::elf::SectionTable<'d, Header, R>,
     segments: &[Segment],
 ) -> Vec<std::ops::Range<u64>> {
     let in_code_segment = |r: &std::ops::Range<u64>| {
