@@ -379,19 +379,12 @@ impl<'a> Planner<'a> {
         starts.sort_unstable();
         starts.dedup();
         let ranges = file.code_ranges().map_err(|e| self.read_error(e))?;
-        let mut code = Vec::with_capacity(ranges.len());
-        for r in &ranges {
-            // Code ranges lie in the file (`read_code_ranges`); a range that
-            // cannot be read now (the file changed) is an error, not a gap.
-            let bytes = file
-                .bytes_at(r.start, r.end - r.start)
-                .ok_or_else(|| PlanError::Read {
-                    image: self.image_name(),
-                    detail: format!("the code at {:#x}..{:#x} cannot be read", r.start, r.end),
-                })?;
-            code.push((r.start, bytes));
-        }
-        Ok(branch_targets_into(&code, &starts, window))
+        // A range that cannot be read now (the file changed since its
+        // headers were read) sends the caller to the whole-image path,
+        // which reports the error.
+        Ok(branch_targets_into(&ranges, &starts, window, |address, buf| {
+            file.read_code(address, buf)
+        }))
     }
 
     /// Resolve `name` to a function and how to patch it (file addresses).

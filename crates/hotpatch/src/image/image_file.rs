@@ -107,6 +107,26 @@ impl ImageFile {
             .ok()
     }
 
+    /// Fill `buf` with the file bytes at `address`, read directly (not
+    /// kept): for scans of all the code. False if they are not all in one
+    /// segment's file image or cannot be read.
+    pub fn read_code(&self, address: u64, buf: &mut [u8]) -> bool {
+        let Some(end) = address.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        let Some(seg) = self
+            .facts
+            .segments
+            .iter()
+            .find(|s| address >= s.vaddr && end <= s.vaddr.saturating_add(s.filesz))
+        else {
+            return false;
+        };
+        self.file
+            .read_exact_at(buf, seg.offset + (address - seg.vaddr))
+            .is_ok()
+    }
+
     /// See [`super::Image::code_end`].
     pub fn code_end(&self, address: u64) -> Option<u64> {
         self.facts
