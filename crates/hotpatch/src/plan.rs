@@ -864,9 +864,20 @@ mod lean_tests {
         let source = "static int helper(int x) { return x * 3 + 1; }\n\
                       int work(int x) { return helper(x) + helper(x + 1); }\n\
                       int unprepared_twin(int x) { return work(x) - 2; }\n\
-                      int main(int argc, char **argv) { (void)argv; return work(argc) + unprepared_twin(argc); }\n";
+                      /* Rust legacy mangling, with `a` spelled as an escape: `foo::apply`. */\n\
+                      int escaped(int x) __asm__(\"_ZN3foo9$u61$pply17h0123456789abcdefE\");\n\
+                      int escaped(int x) { return x * 7; }\n\
+                      int main(int argc, char **argv) { (void)argv; return work(argc) + unprepared_twin(argc) + escaped(argc); }\n";
         let exe = hotpatch_testkit::build::build_target(dir.path(), "cc", "lean", source, &[]);
         agree(exe.to_str().unwrap(), 1);
+        let file = ImageFile::open(&exe, &exe).unwrap();
+        let escaped = Planner::lean(&file, &["foo::apply"])
+            .unwrap()
+            .symbol("foo::apply");
+        assert_eq!(
+            escaped.map(|s| s.name),
+            Ok("_ZN3foo9$u61$pply17h0123456789abcdefE".to_string())
+        );
         let plain = hotpatch_testkit::build::build_unprepared(dir.path(), "cc", "plain", source, &[]);
         agree(plain.to_str().unwrap(), 1);
         // This test binary: Rust names, legacy-mangled, with hashes.

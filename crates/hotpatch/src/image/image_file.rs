@@ -289,13 +289,17 @@ impl Candidates {
         // Demangled Rust names: the last path component, when it is a plain
         // identifier, appears verbatim in the mangled name (legacy and v0
         // copy ASCII identifiers, v0 back-references point at earlier
-        // text) unless a legacy `$uXX$` escape spelled part of it.
+        // text) unless a legacy `$uXX$` escape spelled part of it (as an
+        // identifier character: other escapes make it no plain identifier).
         let last = name.rsplit("::").next().unwrap_or(name);
         let plain = !last.is_empty() && last.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         let contain = plain.then(|| {
             let mut found = Vec::new();
             for needle in [last.as_bytes(), b"$u"] {
                 for p in memchr::memmem::find_iter(strings, needle) {
+                    if needle == b"$u" && !escapes_identifier_char(&strings[p..]) {
+                        continue;
+                    }
                     let start = memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1);
                     found.push((start, p));
                 }
@@ -328,6 +332,28 @@ impl Candidates {
                     .is_some_and(|&(start, _)| start <= offset),
             }
     }
+}
+
+/// Whether `text` starts with a legacy Rust escape `$uXX$` that
+/// `rustc_demangle` turns into an identifier character (a letter, digit
+/// or `_`); rustc writes such escapes only for other characters.
+fn escapes_identifier_char(text: &[u8]) -> bool {
+    let Some(rest) = text.strip_prefix(b"$u") else {
+        return false;
+    };
+    let digits = &rest[..rest
+        .iter()
+        .position(|&b| b == b'$' || b == 0)
+        .unwrap_or(rest.len())];
+    if rest.get(digits.len()) != Some(&b'$') || !digits.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return false;
+    }
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| u32::from_str_radix(d, 16).ok())
+        .and_then(char::from_u32)
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The name at `offset` of `strings`, as [`super::lookup::symbols`] reads
