@@ -10,6 +10,7 @@
 //! truncated file gives a short read, which is an error here like any
 //! other.
 
+use super::gnu_hash::GnuHash;
 use super::lookup::{LookupError, Query, SymbolKind, SymbolMatch, pick};
 use super::{Facts, Function, ImageError, ImageKind, Segment, file, hex, in_code, padding, symbol};
 use object::elf;
@@ -228,6 +229,16 @@ impl ImageFile {
         Ok(entries)
     }
 
+    /// The bytes of the `.gnu.hash` section, if the image has one.
+    fn gnu_hash<'s>(
+        &'s self,
+        endian: Endianness,
+        sections: &SectionTable<'s, Header, &'s ReadCache<std::fs::File>>,
+    ) -> Option<&'s [u8]> {
+        let section = sections.iter().find(|s| s.sh_type(endian) == elf::SHT_GNU_HASH)?;
+        section.data(endian, &self.cache).ok()
+    }
+
     /// Find each of `queries` as [`super::SymbolIndex::find`] does, with
     /// one pass over each symbol table for all of them and no name read,
     /// copied or demangled unless it may answer a query.
@@ -251,7 +262,28 @@ impl ImageFile {
                 .ok()
                 .and_then(|s| s.data(endian, &self.cache).ok())
                 .unwrap_or(&[]);
-            scan_table(endian, table.symbols(), strings, &parsed, &mut hits);
+            // `.dynsym` names equal to a query, from `.gnu.hash` where the
+            // image has one (symbols below its first index are compared).
+            let hashed = (sh_type == elf::SHT_DYNSYM)
+                .then(|| self.gnu_hash(endian, &sections))
+                .flatten();
+            let equal: Vec<Option<Vec<usize>>> = parsed
+                .iter()
+                .map(|q| {
+                    let table_hash = GnuHash::parse(hashed?)?;
+                    let mut found = table_hash.find(endian, table.symbols(), strings, q.name.as_bytes())?;
+                    let below = table.symbols().len().min(table_hash.symoffset() as usize);
+                    found.extend((0..below).filter(|&i| {
+                        strings
+                            .get(table.symbols()[i].st_name(endian) as usize..)
+                            .and_then(|rest| rest.strip_prefix(q.name.as_bytes()))
+                            .is_some_and(|after| after.first() == Some(&0))
+                    }));
+                    found.sort_unstable();
+                    Some(found)
+                })
+                .collect();
+            scan_table(endian, table.symbols(), strings, &parsed, &equal, &mut hits);
         }
         let image = self.path.display().to_string();
         Ok(queries
@@ -274,7 +306,9 @@ struct Candidates {
 }
 
 impl Candidates {
-    fn of(strings: &[u8], name: &str) -> Candidates {
+    /// `known_equal`: the caller has the symbols equal to `name` (from
+    /// `.gnu.hash`), so the strings are not searched for them.
+    fn of(strings: &[u8], name: &str, known_equal: bool) -> Candidates {
         // A lossy name (U+FFFD) may come from invalid bytes, which no
         // search for the name's own bytes finds: such a query reads all.
         if name.contains('\u{fffd}') || name.contains('\0') {
@@ -285,7 +319,11 @@ impl Candidates {
         }
         let mut pattern = name.as_bytes().to_vec();
         pattern.push(0);
-        let equal = memchr::memmem::find_iter(strings, &pattern).collect();
+        let equal = if known_equal {
+            Vec::new()
+        } else {
+            memchr::memmem::find_iter(strings, &pattern).collect()
+        };
         // Demangled Rust names: the last path component, when it is a plain
         // identifier, appears verbatim in the mangled name (legacy and v0
         // copy ASCII identifiers, v0 back-references point at earlier
@@ -314,10 +352,10 @@ impl Candidates {
     }
 
     /// Whether the name at `offset` may answer the query.
-    fn may_match(&self, offset: usize) -> bool {
+    fn may_match(&self, offset: usize, known_equal: bool) -> bool {
         let equal = match &self.equal {
             None => return true,
-            Some(e) => e.binary_search(&offset).is_ok(),
+            Some(e) => known_equal || e.binary_search(&offset).is_ok(),
         };
         equal
             || match &self.contain {
@@ -374,19 +412,27 @@ fn has_name(strings: &[u8], offset: usize) -> bool {
 /// Append to `hits[i]` every symbol of one table that answers `queries[i]`,
 /// in table order: the symbols [`super::lookup::symbols`] lists for this
 /// table, filtered as [`super::SymbolIndex::find`] filters them.
+/// `equal[i]`, when known, lists the (sorted) indices of the symbols
+/// whose name is `queries[i]`'s.
 fn scan_table(
     endian: Endianness,
     symbols: &[Sym64],
     strings: &[u8],
     queries: &[Query<'_>],
+    equal: &[Option<Vec<usize>>],
     hits: &mut [Vec<SymbolMatch>],
 ) {
     let candidates: Vec<Option<Candidates>> = queries
         .iter()
-        .map(|q| q.address.is_none().then(|| Candidates::of(strings, q.name)))
+        .zip(equal)
+        .map(|(q, e)| {
+            q.address
+                .is_none()
+                .then(|| Candidates::of(strings, q.name, e.is_some()))
+        })
         .collect();
     let mut file: Option<String> = None;
-    for sym in symbols {
+    for (index, sym) in symbols.iter().enumerate() {
         let kind = match sym.st_type() {
             elf::STT_FILE => {
                 file = name_at(strings, sym.st_name(endian) as usize);
@@ -401,10 +447,13 @@ fn scan_table(
         }
         let offset = sym.st_name(endian) as usize;
         let mut name: Option<Option<String>> = None;
-        for ((q, c), out) in queries.iter().zip(&candidates).zip(hits.iter_mut()) {
+        for (((q, c), e), out) in queries.iter().zip(&candidates).zip(equal).zip(hits.iter_mut()) {
             let maybe = match (q.address, c) {
                 (Some(address), _) => address == Some(sym.st_value(endian)),
-                (None, Some(c)) => c.may_match(offset),
+                (None, Some(c)) => {
+                    let known_equal = e.as_ref().is_some_and(|e| e.binary_search(&index).is_ok());
+                    c.may_match(offset, known_equal)
+                }
                 (None, None) => true,
             };
             if !maybe {

@@ -8,6 +8,7 @@
 mod dynsym;
 mod error;
 pub mod file;
+pub mod gnu_hash;
 mod image_file;
 pub mod lookup;
 mod padding;
