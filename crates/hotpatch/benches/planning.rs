@@ -15,10 +15,40 @@ use hotpatch::image::ImageFile;
 use hotpatch::plan::Planner;
 use std::time::{Duration, Instant};
 
-/// (image, function): the biggest library on Debian 12 with libllvm14,
-/// libc, and this workspace's own debug `hotpatch` binary (full symbols).
-fn subjects() -> Vec<(String, String)> {
-    let mut s = vec![
+/// A prepared image of about 90 MB, built here: `functions` padded C
+/// functions (gcc `-fpatchable-function-entry=8,6`) and an 80 MiB
+/// constant, so that the file is as big as libLLVM and the function to
+/// plan is prepared (libLLVM's are not).
+fn big_prepared(dir: &std::path::Path, functions: usize) -> Option<String> {
+    use std::fmt::Write;
+    let mut c = String::from("const char blob[80 << 20] = {1};\n");
+    for i in 0..functions {
+        let _ = writeln!(c, "int f{i}(int x) {{ return x * {i} + {}; }}", i % 7);
+    }
+    c.push_str("int main(int c, char **v) { (void)v; return f1(c) + blob[c]; }\n");
+    let source = dir.join("big.c");
+    std::fs::write(&source, c).ok()?;
+    let exe = dir.join("big_prepared");
+    let ok = std::process::Command::new("cc")
+        .args(["-O1", "-fpatchable-function-entry=8,6", "-o"])
+        .arg(&exe)
+        .arg(&source)
+        .status()
+        .ok()?
+        .success();
+    ok.then(|| exe.display().to_string())
+}
+
+/// (image, function): a big prepared image built here, the biggest
+/// library on Debian 12 with libllvm14, libc, and this workspace's own
+/// debug `hotpatch` binary (full symbols).
+fn subjects(dir: &std::path::Path, quick: bool) -> Vec<(String, String)> {
+    let functions = if quick { 2000 } else { 40000 };
+    let mut s: Vec<(String, String)> = big_prepared(dir, functions)
+        .map(|exe| (exe, format!("f{}", functions / 2)))
+        .into_iter()
+        .collect();
+    s.extend([
         (
             "/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1".to_string(),
             "LLVMGetModuleIdentifier".to_string(),
@@ -27,7 +57,7 @@ fn subjects() -> Vec<(String, String)> {
             "/usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
             "strtol".to_string(),
         ),
-    ];
+    ]);
     let exe = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/debug/hotpatch");
     if std::fs::metadata(exe).is_ok() {
         s.push((exe.to_string(), "hotpatch::engine::apply::apply".to_string()));
@@ -108,7 +138,12 @@ fn main() {
         "| image | MB | what | result | old median ms | new median ms | ratio | old maxrss MiB | new maxrss MiB |"
     );
     println!("|---|---:|---|---|---:|---:|---:|---:|---:|");
-    for (path, name) in subjects() {
+    let Ok(dir) = tempfile::tempdir() else {
+        println!("no temporary directory");
+        return;
+    };
+    eprintln!("building a big prepared image (about 30 s)...");
+    for (path, name) in subjects(dir.path(), quick) {
         let Ok(meta) = std::fs::metadata(&path) else {
             println!("| {path} | (missing) | | | | | | | |");
             continue;
