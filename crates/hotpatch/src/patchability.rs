@@ -6,7 +6,7 @@ use crate::arch::x86_64::entry::{self, MAX_PADDING};
 use crate::arch::x86_64::{
     DetourRefusal, FlipPlan, analyze_detour, direct_branch_targets, plan_flip, recognize_prepared,
 };
-use crate::image::{Function, FunctionKind, Image, ImageKind};
+use crate::image::{Function, FunctionKind, Image, ImageFile, ImageKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -141,6 +141,24 @@ pub struct ImageReport {
     pub functions: Vec<FunctionReport>,
 }
 
+/// The code bytes classification reads: an [`Image`] in memory, or an
+/// [`ImageFile`] read by ranges.
+pub(crate) trait CodeBytes {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]>;
+}
+
+impl CodeBytes for Image {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        Image::bytes_at(self, address, len)
+    }
+}
+
+impl CodeBytes for ImageFile {
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        ImageFile::bytes_at(self, address, len)
+    }
+}
+
 /// Classify every function of `image`.
 pub fn survey(image: &Image) -> ImageReport {
     let functions = image.functions();
@@ -163,7 +181,13 @@ pub fn survey(image: &Image) -> ImageReport {
     let mut reports: Vec<FunctionReport> = functions
         .iter()
         .map(|f| {
-            let class = classify(image, f, site_of.get(&f.address).copied(), &targets, &entries);
+            let class = match classify_entry(image, f, site_of.get(&f.address).copied()) {
+                Entry::Done(class) => class,
+                Entry::Detour { detour, note } => {
+                    let name_at = |a: u64| image.function_at(a).map(|g| g.name().display().to_string());
+                    classify_detour(f, detour, note, &targets, &entries, name_at)
+                }
+            };
             let name = f.name();
             FunctionReport {
                 address: f.address,
@@ -216,7 +240,7 @@ pub fn survey(image: &Image) -> ImageReport {
 }
 
 /// Whether everything from `site` to `entry` is padding (nop or int3).
-fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
+pub(crate) fn padding_only(image: &impl CodeBytes, site: u64, entry: u64) -> bool {
     image
         .bytes_at(site, entry - site)
         .is_some_and(|b| b.iter().all(|&x| x == entry::NOP || x == 0xcc))
@@ -233,7 +257,7 @@ fn padding_only(image: &Image, site: u64, entry: u64) -> bool {
 /// out of step until it resynchronises. That can add a caller that is not
 /// one (the tool is then more careful than needed) but it only misses a
 /// real caller whose bytes were decoded as part of another instruction.
-fn branch_targets(image: &Image) -> Vec<u64> {
+pub(crate) fn branch_targets(image: &Image) -> Vec<u64> {
     let pieces = code_pieces(image);
     // Decoding all of a large image's code is most of a survey's time; the
     // pieces are independent, so a few threads share them.
@@ -267,6 +291,123 @@ fn code_pieces(image: &Image) -> Vec<(u64, &[u8])> {
         }
     }
     pieces
+}
+
+/// The targets [`branch_targets`] finds inside `window`, sorted, from
+/// decoding only the pieces of code that can hold a branch there. `ranges`
+/// are the image's code ranges, `starts` the sorted function entries and
+/// padded sites (where [`code_pieces`] cuts), and `read(address, buf)`
+/// fills `buf` with the code bytes at `address` (false: it cannot; then
+/// the answer is `None`). The code is read in chunks, never whole.
+///
+/// A direct branch ends with its displacement: rel32 (`call`, `jmp`,
+/// `jcc`, `xbegin`), rel16 (`xbegin` with `66`) or rel8. Every position
+/// whose 4 bytes, read as a rel32 ending there, reach the window (a cheap
+/// scan of all code) marks its piece; every piece within rel16 reach
+/// (±32 KiB) of the window is marked too. Marked pieces are decoded as
+/// [`code_pieces`] has them, so the answer is the whole scan's, restricted
+/// to `window`. `None` too for a window below 64 KiB, where a 16-bit
+/// branch target (truncated) from anywhere could land: decode everything.
+pub(crate) fn branch_targets_into(
+    ranges: &[std::ops::Range<u64>],
+    starts: &[u64],
+    window: std::ops::Range<u64>,
+    read: impl FnMut(u64, &mut [u8]) -> bool,
+) -> Option<Vec<u64>> {
+    targets_into_by_chunks(ranges, starts, window, read, 1 << 20)
+}
+
+/// [`branch_targets_into`], reading `chunk` bytes at a time.
+fn targets_into_by_chunks(
+    ranges: &[std::ops::Range<u64>],
+    starts: &[u64],
+    window: std::ops::Range<u64>,
+    mut read: impl FnMut(u64, &mut [u8]) -> bool,
+    chunk: usize,
+) -> Option<Vec<u64>> {
+    const NEAR: u64 = (1 << 15) + 16;
+    let len = u32::try_from(window.end.checked_sub(window.start)?).ok()?;
+    if window.start < 1 << 16 {
+        return None;
+    }
+    let near = window.start.saturating_sub(NEAR)..window.end.saturating_add(NEAR);
+    let mut targets = Vec::new();
+    let mut buf = Vec::new();
+    for range in ranges {
+        let (base, end) = (range.start, range.end);
+        let first = starts.partition_point(|&a| a <= base);
+        // Piece k runs from bounds[k] to bounds[k + 1].
+        let mut bounds = vec![base];
+        bounds.extend(starts[first..].iter().copied().take_while(|&a| a < end));
+        bounds.push(end);
+        let piece_of = |address: u64| bounds.partition_point(|&b| b <= address).saturating_sub(1);
+        let mut marked: Vec<usize> = Vec::new();
+        if near.start < end && near.end > base {
+            marked.extend(piece_of(near.start.max(base))..=piece_of((near.end - 1).min(end - 1)));
+        }
+        // Chunks overlap by 3 bytes so that every 4-byte window is seen once.
+        let mut at = base;
+        while at.saturating_add(4) <= end {
+            let n = usize::try_from((end - at).min(chunk as u64 + 3)).ok()?;
+            buf.resize(n, 0);
+            if !read(at, &mut buf) {
+                return None;
+            }
+            rel32_hits(&buf, at, &window, len, |address| marked.push(piece_of(address)));
+            at += (n - 3) as u64;
+        }
+        marked.sort_unstable();
+        marked.dedup();
+        for k in marked {
+            let (from, to) = (bounds[k], bounds[k + 1]);
+            buf.resize(usize::try_from(to - from).ok()?, 0);
+            if !read(from, &mut buf) {
+                return None;
+            }
+            let mut found = Vec::new();
+            direct_branch_targets(from, &buf, &mut found);
+            targets.extend(found.into_iter().filter(|t| window.contains(t)));
+        }
+    }
+    targets.sort_unstable();
+    Some(targets)
+}
+
+/// Call `hit` with the address of every position of `code` (at `base`)
+/// whose 4 bytes, as a rel32 ending after them, point into `window`
+/// (`len` long), and a few more: positions are tested 4 at a time and a
+/// group with a hit reports all 4.
+fn rel32_hits(code: &[u8], base: u64, window: &std::ops::Range<u64>, len: u32, mut hit: impl FnMut(u64)) {
+    // target = base + i + 4 + rel32 (mod 2^32) lies in the window iff
+    // rel32 + i - c < len, with c = window.start - base - 4 (mod 2^32).
+    let c = window.start.wrapping_sub(base.wrapping_add(4)) as u32;
+    let lo = code.chunks_exact(4);
+    let hi = code.get(4..).unwrap_or(&[]).chunks_exact(4);
+    let mut tested = 0;
+    for (j, (a, b)) in lo.zip(hi).enumerate() {
+        let x = u64::from(u32::from_le_bytes([a[0], a[1], a[2], a[3]]))
+            | (u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) << 32);
+        let i = (4 * j) as u32;
+        let d = i.wrapping_sub(c);
+        let any = ((x as u32).wrapping_add(d) < len)
+            | (((x >> 8) as u32).wrapping_add(d.wrapping_add(1)) < len)
+            | (((x >> 16) as u32).wrapping_add(d.wrapping_add(2)) < len)
+            | (((x >> 24) as u32).wrapping_add(d.wrapping_add(3)) < len);
+        if any {
+            // Rare: report all 4 (pieces may be a byte long).
+            for k in 0..4 {
+                hit(base + u64::from(i) + k);
+            }
+        }
+        tested = 4 * (j + 1);
+    }
+    // The last positions (fewer than 8 bytes left), one at a time.
+    for i in tested..code.len().saturating_sub(3) {
+        let rel = u32::from_le_bytes([code[i], code[i + 1], code[i + 2], code[i + 3]]);
+        if rel.wrapping_add((i as u32).wrapping_sub(c)) < len {
+            hit(base + i as u64);
+        }
+    }
 }
 
 /// [`decode_pieces`] of `pieces`, shared by `threads` threads in groups
@@ -310,7 +451,7 @@ fn decode_pieces(pieces: &[(u64, &[u8])]) -> Vec<u64> {
     targets
 }
 
-fn prepared_class(image: &Image, site: u64, entry: u64) -> Result<Class, String> {
+fn prepared_class(image: &impl CodeBytes, site: u64, entry: u64) -> Result<Class, String> {
     // Enough bytes for padding, endbr64, entry nops, and a decode window.
     let len = entry - site + 4 + 2 + 15;
     let bytes = image
@@ -327,34 +468,45 @@ fn prepared_class(image: &Image, site: u64, entry: u64) -> Result<Class, String>
     })
 }
 
-fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], entries: &[u64]) -> Class {
+/// The first half of classifying `f`: everything but the branches into it.
+pub(crate) enum Entry {
+    Done(Class),
+    /// A detour fits; whether code jumps into it decides.
+    Detour {
+        detour: crate::arch::x86_64::Detour,
+        note: Option<String>,
+    },
+}
+
+/// Classify `f` as far as its own bytes and its padded `site` tell.
+pub(crate) fn classify_entry(image: &impl CodeBytes, f: &Function, site: Option<u64>) -> Entry {
     if f.kind == FunctionKind::IfuncResolver {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::IfuncResolver,
             detail: "an IFUNC resolver runs once at load; patch the implementation it selects".into(),
-        };
+        });
     }
     if f.is_cold_part() {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::ColdPart,
             detail: "split-off cold code, entered by jumps from its parent; patch the parent".into(),
-        };
+        });
     }
     let mut note = None;
     if let Some(site) = site {
         match prepared_class(image, site, f.address) {
-            Ok(class) => return class,
+            Ok(class) => return Entry::Done(class),
             Err(why) => note = Some(format!("listed as prepared, but {why}")),
         }
     }
     let Some(code) = image.bytes_at(f.address, f.size) else {
-        return Class::NotPatchable {
+        return Entry::Done(Class::NotPatchable {
             reason: Reason::NotInFile,
             detail: format!("{} bytes at {:#x} are not in the file", f.size, f.address),
-        };
+        });
     };
-    let detour = match analyze_detour(f.address, code) {
-        Ok(d) => d,
+    match analyze_detour(f.address, code) {
+        Ok(detour) => Entry::Detour { detour, note },
         Err(refusal) => {
             let reason = match refusal {
                 DetourRefusal::UnknownSize => Reason::UnknownSize,
@@ -363,12 +515,25 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
                 DetourRefusal::Unrelocatable { .. } => Reason::Unrelocatable,
                 DetourRefusal::Breakpoint { .. } => Reason::Breakpoint,
             };
-            return Class::NotPatchable {
+            Entry::Done(Class::NotPatchable {
                 reason,
                 detail: refusal.to_string(),
-            };
+            })
         }
-    };
+    }
+}
+
+/// Finish classifying `f`, whose `detour` fits its bytes: `targets` are the
+/// sorted targets of every direct branch of the image, `entries` the sorted
+/// function entries (at least those near `f`), `name_at` names them.
+pub(crate) fn classify_detour(
+    f: &Function,
+    detour: crate::arch::x86_64::Detour,
+    note: Option<String>,
+    targets: &[u64],
+    entries: &[u64],
+    name_at: impl Fn(u64) -> Option<String>,
+) -> Class {
     let range = detour.patch_at + 1..detour.patch_at + detour.displaced;
     let first_in = |sorted: &[u64]| {
         sorted
@@ -386,10 +551,7 @@ fn classify(image: &Image, f: &Function, site: Option<u64>, targets: &[u64], ent
         };
     }
     if let Some(other) = first_in(entries) {
-        let name = image
-            .function_at(other)
-            .map(|g| g.name().display().to_string())
-            .unwrap_or_default();
+        let name = name_at(other).unwrap_or_default();
         return Class::NotPatchable {
             reason: Reason::SymbolInsideEntry,
             detail: format!(
@@ -480,5 +642,85 @@ mod tests {
             assert_eq!(many, one, "{threads} threads");
         }
         assert!(!one.is_empty());
+    }
+
+    #[test]
+    fn targets_into_a_window_are_the_whole_scan_s() {
+        let Ok(image) = Image::open(LIBC) else {
+            eprintln!("{LIBC} not readable: skipped");
+            return;
+        };
+        let all = branch_targets(&image);
+        let ranges = image.code_ranges();
+        let read = |address: u64, buf: &mut [u8]| match image.bytes_at(address, buf.len() as u64) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                true
+            }
+            None => false,
+        };
+        let mut starts: Vec<u64> = image.functions().iter().map(|f| f.address).collect();
+        starts.extend_from_slice(image.padded_sites());
+        starts.sort_unstable();
+        starts.dedup();
+        // Windows at function entries (where callers land) and at every
+        // 97th branch target (where some branch surely lands).
+        let windows = image
+            .functions()
+            .iter()
+            .step_by(5)
+            .map(|f| f.address)
+            .chain(all.iter().step_by(97).copied())
+            .map(|a| a..a + 20);
+        let mut nonempty = 0;
+        for (n, w) in windows.enumerate() {
+            let expected: Vec<u64> = all.iter().copied().filter(|t| w.contains(t)).collect();
+            let found = branch_targets_into(ranges, &starts, w.clone(), read);
+            assert_eq!(found.as_ref(), Some(&expected), "{w:x?}");
+            // Chunks of odd sizes, down to the 4-byte minimum.
+            for chunk in [1, 4093].into_iter().filter(|_| n % 50 == 0) {
+                let found = targets_into_by_chunks(ranges, &starts, w.clone(), read, chunk);
+                assert_eq!(found.as_ref(), Some(&expected), "{w:x?}, chunk {chunk}");
+            }
+            nonempty += usize::from(!expected.is_empty());
+        }
+        assert!(nonempty > 100, "{nonempty}");
+        assert_eq!(branch_targets_into(ranges, &starts, 0x1000..0x1010, read), None);
+    }
+
+    proptest::proptest! {
+        /// The 4-at-a-time scan reports every position a one-at-a-time
+        /// scan finds (it may report more: it compares modulo 2^32).
+        #[test]
+        fn rel32_scan_misses_nothing(
+            mut code in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            planted in proptest::collection::vec((0usize..200, 0u64..40), 0..6),
+            base in 0x10000u64..0x1000_0000,
+            offset in 0u64..400,
+            len in 1u32..40,
+        ) {
+            let window = base + offset..base + offset + u64::from(len);
+            // Branches that land in the window (some overwritten by others).
+            for (at, k) in planted {
+                if at + 4 <= code.len() {
+                    let rel = (window.start + k % u64::from(len)).wrapping_sub(base + at as u64 + 4);
+                    code[at..at + 4].copy_from_slice(&(rel as u32).to_le_bytes());
+                }
+            }
+            let mut naive = Vec::new();
+            for i in 0..code.len().saturating_sub(3) {
+                let rel = i32::from_le_bytes([code[i], code[i + 1], code[i + 2], code[i + 3]]);
+                let target = (base + i as u64 + 4).wrapping_add(rel as i64 as u64);
+                // Below 2^32 away, mod 2^32 equality is equality.
+                if window.contains(&target) {
+                    naive.push(base + i as u64);
+                }
+            }
+            let mut fast = Vec::new();
+            rel32_hits(&code, base, &window, len, |a| fast.push(a));
+            for a in &naive {
+                proptest::prop_assert!(fast.contains(a), "{a:#x} missed");
+            }
+        }
     }
 }

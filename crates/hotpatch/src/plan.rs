@@ -6,10 +6,14 @@
 //! the trampoline if any, and the padding (nobody executes those yet); then
 //! the entries, one byte at a time. Revert is the mirror image.
 
+use crate::arch::x86_64::entry::MAX_PADDING;
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
-use crate::image::{Image, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
-use crate::patchability::{Class, survey};
+use crate::image::{Image, ImageFile, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
+use crate::patchability::{
+    Class, Entry, branch_targets, branch_targets_into, classify_detour, classify_entry, padding_only, survey,
+};
 use crate::shorten::name as short;
+use std::cell::{OnceCell, RefCell};
 
 /// One compare-and-swap write into the target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -140,6 +144,8 @@ pub enum PlanError {
         name: String,
         detail: String,
     },
+    #[error("{}: {detail}", short(image))]
+    Read { image: String, detail: String },
     #[error("{}: {functions}; nothing was changed", short(image))]
     UsedByTheTool { image: String, functions: String },
     #[error("{}: `{}`: {detail}", short(image), short(name))]
@@ -150,13 +156,31 @@ pub enum PlanError {
     },
 }
 
-/// Target names → functions and how to patch them, for one image: the
-/// image is surveyed and its symbols indexed once, however many functions
-/// a patch names.
+/// Target names → functions and how to patch them, for one image.
+///
+/// [`Planner::new`] surveys a whole parsed [`Image`] and indexes all its
+/// symbols once (for callers that have one). [`Planner::lean`] works on an
+/// [`ImageFile`] and reads only what the names asked about need: their
+/// symbols, the functions around them, the padded sites; only a function
+/// without usable padding (a detour) makes it read and decode the whole
+/// code, for the branches into the function.
 pub struct Planner<'a> {
-    image: &'a Image,
-    symbols: SymbolIndex,
-    classes: std::collections::HashMap<u64, Class>,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    Whole {
+        image: &'a Image,
+        symbols: SymbolIndex,
+        classes: std::collections::HashMap<u64, Class>,
+    },
+    Lean {
+        file: &'a ImageFile,
+        found: RefCell<std::collections::HashMap<String, Result<SymbolMatch, LookupError>>>,
+        sites: OnceCell<Vec<u64>>,
+        /// The whole image's direct branch targets, sorted.
+        targets: OnceCell<Vec<u64>>,
+    },
 }
 
 impl<'a> Planner<'a> {
@@ -167,27 +191,98 @@ impl<'a> Planner<'a> {
             .map(|f| (f.address, f.class))
             .collect();
         Planner {
-            image,
-            symbols: SymbolIndex::new(image),
-            classes,
+            source: Source::Whole {
+                image,
+                symbols: SymbolIndex::new(image),
+                classes,
+            },
         }
     }
 
-    pub fn image(&self) -> &'a Image {
-        self.image
+    /// A planner for `file` that finds `names` (the names a patch uses)
+    /// in one pass over each symbol table; other names are found when
+    /// asked for.
+    pub fn lean(file: &'a ImageFile, names: &[&str]) -> Result<Planner<'a>, PlanError> {
+        let planner = Planner {
+            source: Source::Lean {
+                file,
+                found: RefCell::default(),
+                sites: OnceCell::new(),
+                targets: OnceCell::new(),
+            },
+        };
+        planner.find_all(names)?;
+        Ok(planner)
+    }
+
+    /// The image's path, for messages.
+    pub fn path(&self) -> &std::path::Path {
+        match &self.source {
+            Source::Whole { image, .. } => image.path(),
+            Source::Lean { file, .. } => file.path(),
+        }
     }
 
     fn image_name(&self) -> String {
-        self.image.path().display().to_string()
+        self.path().display().to_string()
+    }
+
+    fn read_error(&self, e: crate::image::ImageError) -> PlanError {
+        PlanError::Read {
+            image: self.image_name(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn find_all(&self, names: &[&str]) -> Result<(), PlanError> {
+        let Source::Lean { file, found, .. } = &self.source else {
+            return Ok(());
+        };
+        let mut missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !found.borrow().contains_key(*n))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let results = file.find_symbols(&missing).map_err(|e| self.read_error(e))?;
+        let mut found = found.borrow_mut();
+        for (name, result) in missing.iter().zip(results) {
+            found.insert(name.to_string(), result);
+        }
+        Ok(())
     }
 
     /// The symbol `name` (see [`SymbolIndex::find`]).
     pub fn symbol(&self, name: &str) -> Result<SymbolMatch, PlanError> {
-        Ok(self.symbols.find(name)?)
+        match &self.source {
+            Source::Whole { symbols, .. } => Ok(symbols.find(name)?),
+            Source::Lean { found, .. } => {
+                self.find_all(&[name])?;
+                let result = found.borrow().get(name).cloned();
+                match result {
+                    Some(r) => Ok(r?),
+                    None => Err(PlanError::Read {
+                        image: self.image_name(),
+                        detail: format!("`{}` was not looked up", short(name)),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn bytes_at(&self, address: u64, len: u64) -> Option<&[u8]> {
+        match &self.source {
+            Source::Whole { image, .. } => image.bytes_at(address, len),
+            Source::Lean { file, .. } => file.bytes_at(address, len),
+        }
     }
 
     /// The function `name` and its class.
-    pub fn function(&self, name: &str) -> Result<(u64, &Class), PlanError> {
+    pub fn function(&self, name: &str) -> Result<(u64, Class), PlanError> {
         let sym = self.symbol(name)?;
         if sym.kind != SymbolKind::Function {
             return Err(PlanError::NotAFunction {
@@ -195,28 +290,113 @@ impl<'a> Planner<'a> {
                 name: name.to_string(),
             });
         }
-        let class = self
-            .classes
-            .get(&sym.address)
-            .ok_or_else(|| PlanError::NotPatchable {
-                image: self.image_name(),
-                name: name.to_string(),
-                detail: format!("no function starts at {:#x}", sym.address),
-            })?;
+        let class = match &self.source {
+            Source::Whole { classes, .. } => classes.get(&sym.address).cloned(),
+            Source::Lean { .. } => self.lean_class(sym.address)?,
+        };
+        let class = class.ok_or_else(|| PlanError::NotPatchable {
+            image: self.image_name(),
+            name: name.to_string(),
+            detail: format!("no function starts at {:#x}", sym.address),
+        })?;
         Ok((sym.address, class))
+    }
+
+    /// The class [`survey`] gives the function at `address`, from the
+    /// symbols near it, its padded site and its bytes (and, for a detour
+    /// only, the whole image's branches).
+    fn lean_class(&self, address: u64) -> Result<Option<Class>, PlanError> {
+        let Source::Lean {
+            file, sites, targets, ..
+        } = &self.source
+        else {
+            return Ok(None);
+        };
+        // Every function whose entry could share the padding before
+        // `address` or lie in the bytes a detour would overwrite.
+        let window = address.saturating_sub(MAX_PADDING)..address.saturating_add(MAX_PADDING);
+        let near = file.functions_in(window).map_err(|e| self.read_error(e))?;
+        let Some(f) = near.iter().find(|f| f.address == address) else {
+            return Ok(None);
+        };
+        let entries: Vec<u64> = near.iter().map(|f| f.address).collect();
+        let sites = match sites.get() {
+            Some(s) => s,
+            None => {
+                let read = file.padded_sites().map_err(|e| self.read_error(e))?;
+                sites.get_or_init(|| read)
+            }
+        };
+        // As `survey` maps them: a site belongs to the first entry at or
+        // after it, within reach and over padding only; the last such wins.
+        let from = address.saturating_sub(MAX_PADDING);
+        let site = sites[sites.partition_point(|&s| s < from)..]
+            .iter()
+            .take_while(|&&s| s <= address)
+            .copied()
+            .filter(|&s| {
+                entries.get(entries.partition_point(|&a| a < s)) == Some(&address)
+                    && padding_only(*file, s, address)
+            })
+            .last();
+        let (detour, note) = match classify_entry(*file, f, site) {
+            Entry::Done(class) => return Ok(Some(class)),
+            Entry::Detour { detour, note } => (detour, note),
+        };
+        // Only branches to the entry and into the bytes the jump replaces.
+        let window = address..detour.patch_at.saturating_add(detour.displaced);
+        let into = self.branches_into(file, sites, window)?;
+        let targets: &[u64] = match &into {
+            Some(t) => t,
+            None => match targets.get() {
+                Some(t) => t,
+                None => {
+                    let whole = file.read_whole().map_err(|e| self.read_error(e))?;
+                    let t = branch_targets(&whole);
+                    targets.get_or_init(|| t)
+                }
+            },
+        };
+        let name_at = |a: u64| {
+            near.iter()
+                .find(|g| g.address == a)
+                .map(|g| g.name().display().to_string())
+        };
+        Ok(Some(classify_detour(f, detour, note, targets, &entries, name_at)))
+    }
+
+    /// The image's direct branch targets in `window` (see
+    /// [`crate::patchability::branch_targets_into`]); `None` when only a
+    /// decode of the whole code can tell.
+    fn branches_into(
+        &self,
+        file: &ImageFile,
+        sites: &[u64],
+        window: std::ops::Range<u64>,
+    ) -> Result<Option<Vec<u64>>, PlanError> {
+        let mut starts = file.function_entries().map_err(|e| self.read_error(e))?;
+        starts.extend_from_slice(sites);
+        starts.sort_unstable();
+        starts.dedup();
+        let ranges = file.code_ranges().map_err(|e| self.read_error(e))?;
+        // A range that cannot be read now (the file changed since its
+        // headers were read) sends the caller to the whole-image path,
+        // which reports the error.
+        Ok(branch_targets_into(&ranges, &starts, window, |address, buf| {
+            file.read_code(address, buf)
+        }))
     }
 
     /// Resolve `name` to a function and how to patch it (file addresses).
     pub fn method(&self, name: &str) -> Result<(u64, Method), PlanError> {
         let (address, class) = self.function(name)?;
         match class {
-            Class::Prepared { flip, .. } => Ok((address, Method::Prepared(flip.clone()))),
+            Class::Prepared { flip, .. } => Ok((address, Method::Prepared(flip))),
             Class::Detourable {
                 detour, direct_calls, ..
             } => {
                 let len = detour.patch_at - address + detour.displaced;
                 let code = self
-                    .image
                     .bytes_at(address, len)
                     .ok_or_else(|| PlanError::NotPatchable {
                         image: self.image_name(),
@@ -227,16 +407,16 @@ impl<'a> Planner<'a> {
                 Ok((
                     address,
                     Method::Detour {
-                        detour: detour.clone(),
+                        detour,
                         code,
-                        direct_calls: *direct_calls,
+                        direct_calls,
                     },
                 ))
             }
             Class::NotPatchable { detail, .. } => Err(PlanError::NotPatchable {
                 image: self.image_name(),
                 name: name.to_string(),
-                detail: detail.clone(),
+                detail,
             }),
         }
     }
@@ -619,5 +799,110 @@ mod tests {
         };
         assert_eq!(w.inverse().inverse(), w);
         assert_eq!(w.inverse().new, vec![1]);
+    }
+}
+
+#[cfg(test)]
+mod lean_tests {
+    use super::*;
+    use crate::image::lookup::symbols;
+    use proptest::prelude::*;
+
+    const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+
+    /// Every `step`-th symbol name of `image` (raw, demangled, `file:`
+    /// qualified, by address), and a few names that name nothing.
+    fn sample_names(image: &Image, step: usize) -> Vec<String> {
+        let mut names = vec![
+            "no_such_function".to_string(),
+            "0xzz".into(),
+            "x.c:nothing".into(),
+        ];
+        for s in symbols(image).iter().step_by(step) {
+            names.push(s.name.clone());
+            names.push(format!("{:#x}", s.address));
+            if let Some(d) = crate::image::symbol::demangle(&s.name) {
+                names.push(d);
+            }
+            if let Some(f) = &s.file {
+                names.push(format!("{f}:{}", s.name));
+            }
+        }
+        names
+    }
+
+    /// The lean planner answers every name as the whole-image one does.
+    fn agree(path: &str, step: usize) {
+        let image = Image::open(path).unwrap();
+        let file = ImageFile::open(path, path).unwrap();
+        let whole = Planner::new(&image);
+        let names = sample_names(&image, step);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let lean = Planner::lean(&file, &refs).unwrap();
+        let mut methods = 0;
+        for name in &names {
+            assert_eq!(lean.symbol(name), whole.symbol(name), "{path}: symbol {name}");
+            let (l, w) = (lean.method(name), whole.method(name));
+            assert_eq!(l, w, "{path}: method {name}");
+            methods += usize::from(w.is_ok());
+        }
+        assert!(methods > 0, "{path}: no patchable function sampled");
+    }
+
+    #[test]
+    fn lean_planner_agrees_on_libc() {
+        if std::fs::metadata(LIBC).is_err() {
+            eprintln!("{LIBC} not readable: skipped");
+            return;
+        }
+        agree(LIBC, 7);
+    }
+
+    #[test]
+    fn lean_planner_agrees_on_a_prepared_c_binary_and_a_rust_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "static int helper(int x) { return x * 3 + 1; }\n\
+                      int work(int x) { return helper(x) + helper(x + 1); }\n\
+                      int unprepared_twin(int x) { return work(x) - 2; }\n\
+                      /* Rust legacy mangling, with `a` spelled as an escape: `foo::apply`. */\n\
+                      int escaped(int x) __asm__(\"_ZN3foo9$u61$pply17h0123456789abcdefE\");\n\
+                      int escaped(int x) { return x * 7; }\n\
+                      int main(int argc, char **argv) { (void)argv; return work(argc) + unprepared_twin(argc) + escaped(argc); }\n";
+        let exe = hotpatch_testkit::build::build_target(dir.path(), "cc", "lean", source, &[]);
+        agree(exe.to_str().unwrap(), 1);
+        let file = ImageFile::open(&exe, &exe).unwrap();
+        let escaped = Planner::lean(&file, &["foo::apply"])
+            .unwrap()
+            .symbol("foo::apply");
+        assert_eq!(
+            escaped.map(|s| s.name),
+            Ok("_ZN3foo9$u61$pply17h0123456789abcdefE".to_string())
+        );
+        let plain = hotpatch_testkit::build::build_unprepared(dir.path(), "cc", "plain", source, &[]);
+        agree(plain.to_str().unwrap(), 1);
+        // This test binary: Rust names, legacy-mangled, with hashes.
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        agree(me.to_str().unwrap(), 997);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random names (pieces of real names, `::` paths, `file:` forms)
+        /// are found, or not, alike.
+        #[test]
+        fn random_names_agree(pieces in proptest::collection::vec(
+            prop_oneof![
+                Just("mem".to_string()), Just("cpy".to_string()), Just("::".to_string()),
+                Just("str".to_string()), Just("_".to_string()), Just("malloc".to_string()),
+                Just(":".to_string()), Just("$u".to_string()), Just(".c".to_string()),
+                "[a-z_]{1,6}",
+            ], 1..5)) {
+            let query = pieces.concat();
+            let Ok(image) = Image::open(LIBC) else { return Ok(()); };
+            let file = ImageFile::open(LIBC, LIBC).unwrap();
+            let lean = Planner::lean(&file, &[&query]).unwrap();
+            let index = SymbolIndex::new(&image);
+            prop_assert_eq!(lean.symbol(&query), index.find(&query).map_err(PlanError::from));
+        }
     }
 }

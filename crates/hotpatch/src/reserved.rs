@@ -13,7 +13,7 @@
 //! (`ld-linux-x86-64.so.2`: mapping, relocation, the debugger hook), so
 //! no function of the loader may be replaced either.
 
-use crate::image::{Image, SymbolKind};
+use crate::image::SymbolKind;
 use crate::plan::Planner;
 
 /// A function of the C library the tool calls in the target, and what for.
@@ -76,8 +76,7 @@ pub struct Refusal {
 /// file address of `planner`'s image) that the tool runs itself. Aliases
 /// count: a function is matched by its address, not its name.
 pub fn refusals(planner: &Planner<'_>, planned: &[(String, u64)]) -> Vec<Refusal> {
-    let image: &Image = planner.image();
-    let path = image.path().display().to_string();
+    let path = planner.path().display().to_string();
     if is_dynamic_loader(&path) {
         let why = format!(
             "hotpatch loads patches with `dlopen`, which runs the code of the dynamic loader ({})",
@@ -121,6 +120,7 @@ pub fn refusals(planner: &Planner<'_>, planned: &[(String, u64)]) -> Vec<Refusal
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Image;
 
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     const LOADER: &str = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";

@@ -150,7 +150,13 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             });
         }
     }
-    let planner = Planner::new(&target.image);
+    let names: Vec<&str> = spec
+        .replacements
+        .iter()
+        .map(|r| r.target.as_str())
+        .chain(spec.references.iter().map(|r| r.symbol.as_str()))
+        .collect();
+    let planner = Planner::lean(&target.image, &names)?;
     let mut planned: Vec<Planned> = Vec::new();
     for r in &spec.replacements {
         let (entry, method) = planner.method(&r.target)?;
@@ -317,7 +323,7 @@ fn refuse_what_the_tool_runs(planner: &Planner<'_>, planned: &[Planned]) -> Resu
         })
         .collect();
     Err(crate::plan::PlanError::UsedByTheTool {
-        image: planner.image().path().display().to_string(),
+        image: planner.path().display().to_string(),
         functions: functions.join("; "),
     }
     .into())

@@ -3,7 +3,7 @@
 //! the scratch pages (slots, trampolines) near the image.
 
 use super::EngineError;
-use crate::image::Image;
+use crate::image::ImageFile;
 use crate::patchfile::TargetImage;
 use crate::process::{MapEntry, MappedImage, Mem, Placement, Process, Remote, lock};
 use crate::state::{self, Cursor, ScratchRecord, State, StateError};
@@ -62,7 +62,7 @@ impl Lock {
 /// The image a patch targets, as mapped in the process.
 pub struct TargetImageInProcess {
     pub mapped: MappedImage,
-    pub image: Image,
+    pub image: ImageFile,
     pub bias: u64,
 }
 
@@ -78,10 +78,9 @@ pub fn target_image(
         .ok()
         .map(|p| p.display().to_string().trim_end_matches(" (deleted)").to_string());
     let file_name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
-    let open = |m: &MappedImage| -> Result<Image, EngineError> {
-        let data = crate::image::file::read_regular(&m.open_path)?;
-        Ok(Image::parse(&m.path, data)?)
-    };
+    // Headers only: the planner reads the rest as it needs it.
+    let open =
+        |m: &MappedImage| -> Result<ImageFile, EngineError> { Ok(ImageFile::open(&m.path, &m.open_path)?) };
     let wanted = target.map(|t| t.image.as_str());
     let mut found = None;
     for m in &images {

@@ -149,50 +149,92 @@ impl SymbolIndex {
     /// names for one address (aliases, the same symbol in both tables) are
     /// one match.
     pub fn find(&self, query: &str) -> Result<SymbolMatch, LookupError> {
-        let hits: Vec<&SymbolMatch> = if let Some(hex) = query.strip_prefix("0x") {
-            let address = u64::from_str_radix(hex, 16).ok();
-            self.symbols
+        let q = Query::parse(query);
+        let hits: Vec<&SymbolMatch> = match q.address {
+            Some(address) => self
+                .symbols
                 .iter()
-                .filter(|s| Some(s.address) == address)
-                .collect()
-        } else {
-            let (file, name) = match query.rsplit_once(':') {
-                // `crate::path::name` is a Rust path, not `file:name`.
-                Some((f, n)) if !f.ends_with(':') && !n.is_empty() && !query.contains("::") => (Some(f), n),
-                _ => (None, query),
-            };
-            self.by_name
-                .get(name)
+                .filter(|s| address.is_some() && Some(s.address) == address)
+                .collect(),
+            None => self
+                .by_name
+                .get(q.name)
                 .map(|v| v.iter().map(|&i| &self.symbols[i]).collect::<Vec<_>>())
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|s| match file {
-                    Some(f) => s
-                        .file
-                        .as_deref()
-                        .is_some_and(|sf| sf == f || sf.ends_with(&format!("/{f}"))),
-                    None => true,
-                })
-                .collect()
+                .filter(|s| q.file_matches(s))
+                .collect(),
         };
-        let mut distinct: Vec<&SymbolMatch> = Vec::new();
-        for h in hits {
-            if !distinct.iter().any(|d| d.address == h.address) {
-                distinct.push(h);
-            }
+        pick(&self.image, query, hits)
+    }
+}
+
+/// A query, taken apart: `0xADDRESS`, `file:name` or `name`.
+#[derive(Debug, Clone)]
+pub(crate) struct Query<'q> {
+    /// For `0x…`: the address (`None` inside when it is not hex).
+    pub address: Option<Option<u64>>,
+    pub file: Option<&'q str>,
+    pub name: &'q str,
+}
+
+impl<'q> Query<'q> {
+    pub fn parse(query: &'q str) -> Query<'q> {
+        if let Some(hex) = query.strip_prefix("0x") {
+            return Query {
+                address: Some(u64::from_str_radix(hex, 16).ok()),
+                file: None,
+                name: query,
+            };
         }
-        match distinct.as_slice() {
-            [] => Err(LookupError::NotFound {
-                image: self.image.clone(),
-                query: query.to_string(),
-            }),
-            [one] => Ok((*one).clone()),
-            many => Err(LookupError::Ambiguous {
-                image: self.image.clone(),
-                query: query.to_string(),
-                candidates: many.iter().map(|s| s.qualified()).collect(),
-            }),
+        let (file, name) = match query.rsplit_once(':') {
+            // `crate::path::name` is a Rust path, not `file:name`.
+            Some((f, n)) if !f.ends_with(':') && !n.is_empty() && !query.contains("::") => (Some(f), n),
+            _ => (None, query),
+        };
+        Query {
+            address: None,
+            file,
+            name,
         }
+    }
+
+    pub fn file_matches(&self, s: &SymbolMatch) -> bool {
+        match self.file {
+            Some(f) => s
+                .file
+                .as_deref()
+                .is_some_and(|sf| sf == f || sf.ends_with(&format!("/{f}"))),
+            None => true,
+        }
+    }
+
+    /// Whether the symbol named `raw` (as read, lossy) answers this
+    /// query by its name, raw or demangled.
+    pub fn name_matches(&self, raw: &str) -> bool {
+        raw == self.name || demangle(raw).is_some_and(|d| d != raw && d == self.name)
+    }
+}
+
+/// The one match among `hits` (in table order), or why there is none.
+pub(crate) fn pick(image: &str, query: &str, hits: Vec<&SymbolMatch>) -> Result<SymbolMatch, LookupError> {
+    let mut distinct: Vec<&SymbolMatch> = Vec::new();
+    for h in hits {
+        if !distinct.iter().any(|d| d.address == h.address) {
+            distinct.push(h);
+        }
+    }
+    match distinct.as_slice() {
+        [] => Err(LookupError::NotFound {
+            image: image.to_string(),
+            query: query.to_string(),
+        }),
+        [one] => Ok((*one).clone()),
+        many => Err(LookupError::Ambiguous {
+            image: image.to_string(),
+            query: query.to_string(),
+            candidates: many.iter().map(|s| s.qualified()).collect(),
+        }),
     }
 }
 

@@ -5,17 +5,23 @@
 //! This layer reads files and nothing else. Everything it reports comes from
 //! the file; the load address of a mapped copy is the caller's business.
 
+mod dynsym;
 mod error;
 pub mod file;
+pub mod gnu_hash;
+mod image_file;
 pub mod lookup;
 mod padding;
-mod symbol;
+pub(crate) mod symbol;
 
+pub use dynsym::{DynSym, DynSymbols};
 pub use error::ImageError;
+pub use image_file::ImageFile;
 pub use lookup::{LookupError, SymbolIndex, SymbolKind, SymbolMatch, find_symbol};
 pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
 
 use object::Endianness;
+use object::ReadRef;
 use object::elf;
 use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader};
 use std::path::{Path, PathBuf};
@@ -70,92 +76,28 @@ impl Image {
     /// Parse `data`, the contents of the file at `path` (used in messages).
     pub fn parse(path: impl AsRef<Path>, data: Vec<u8>) -> Result<Image, ImageError> {
         let path = path.as_ref().to_path_buf();
-        error::check_ident(&path, &data)?;
-        let corrupt = |what: &str| ImageError::Corrupt {
+        let facts = Facts::read(&path, &*data, data.len() as u64)?;
+        let corrupt = |what: String| ImageError::Corrupt {
             path: path.clone(),
-            what: what.to_string(),
+            what,
         };
-        let header = Header::parse(&*data).map_err(|e| corrupt(&e.to_string()))?;
-        let endian = header.endian().map_err(|e| corrupt(&e.to_string()))?;
-        if header.e_machine(endian) != elf::EM_X86_64 {
-            return Err(ImageError::WrongMachine {
-                path,
-                machine: error::machine_name(header.e_machine(endian)),
-            });
-        }
-        let program_headers = header
-            .program_headers(endian, &*data)
-            .map_err(|e| corrupt(&e.to_string()))?;
-        let has_interp = program_headers
-            .iter()
-            .any(|ph| ph.p_type(endian) == elf::PT_INTERP);
-        let e_type = header.e_type(endian);
-        if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
-            return Err(ImageError::UnsupportedType { path, e_type });
-        }
-        let segments: Vec<Segment> = program_headers
-            .iter()
-            .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
-            .map(|ph| Segment {
-                vaddr: ph.p_vaddr(endian),
-                memsz: ph.p_memsz(endian),
-                offset: ph.p_offset(endian),
-                filesz: ph.p_filesz(endian),
-                executable: ph.p_flags(endian) & elf::PF_X != 0,
-            })
-            .collect();
-        for s in &segments {
-            let in_file = s
-                .offset
-                .checked_add(s.filesz)
-                .is_some_and(|end| end <= data.len() as u64);
-            if !in_file || s.vaddr.checked_add(s.memsz).is_none() {
-                return Err(corrupt(&format!(
-                    "segment at {:#x} (file offset {:#x}, {:#x} bytes) lies outside the file",
-                    s.vaddr, s.offset, s.filesz
-                )));
-            }
-            // The kernel refuses such a segment too (load_elf_binary).
-            if s.filesz > s.memsz {
-                return Err(corrupt(&format!(
-                    "segment at {:#x} has more bytes in the file ({:#x}) than in memory ({:#x})",
-                    s.vaddr, s.filesz, s.memsz
-                )));
-            }
-        }
+        let header = Header::parse(&*data).map_err(|e| corrupt(e.to_string()))?;
+        let endian = header.endian().map_err(|e| corrupt(e.to_string()))?;
         let sections = header
             .sections(endian, &*data)
-            .map_err(|e| corrupt(&e.to_string()))?;
-        let build_id = read_build_id(endian, &data, header, &sections);
-        let soname = read_soname(endian, &data, &sections);
-        // A runnable library (libc.so.6 has a PT_INTERP) is still a library:
-        // the linker marks a PIE with DF_1_PIE; without that flag, an
-        // interpreter and no soname mean a PIE from an older linker.
-        let kind = if e_type == elf::ET_EXEC {
-            ImageKind::Executable
-        } else if dynamic_value(endian, &data, &sections, elf::DT_FLAGS_1)
-            .is_some_and(|flags| flags & u64::from(elf::DF_1_PIE) != 0)
-            || (has_interp && soname.is_none())
-        {
-            ImageKind::PieExecutable
-        } else {
-            ImageKind::SharedLibrary
-        };
-        let mut functions = symbol::read_functions(endian, &data, &sections).map_err(|e| corrupt(&e))?;
-        let padded_sites = padding::read_sites(endian, &data, &sections).map_err(|e| corrupt(&e))?;
+            .map_err(|e| corrupt(e.to_string()))?;
+        let segments = facts.segments;
+        let mut functions = symbol::read_functions(endian, &*data, &sections, |_| true).map_err(corrupt)?;
+        let padded_sites = padding::read_sites(endian, &*data, &sections).map_err(corrupt)?;
         // A function is only worth reporting if its entry is code we can see.
-        functions.retain(|f| {
-            segments
-                .iter()
-                .any(|s| s.executable && f.address >= s.vaddr && f.address < s.vaddr + s.memsz)
-        });
+        functions.retain(|f| in_code(&segments, f.address));
         let code_ranges = read_code_ranges(endian, &sections, &segments);
         Ok(Image {
             path,
             data,
-            kind,
-            build_id,
-            soname,
+            kind: facts.kind,
+            build_id: facts.build_id,
+            soname: facts.soname,
             segments,
             functions,
             padded_sites,
@@ -269,10 +211,118 @@ impl Image {
     }
 }
 
+/// Whether `address` lies in an executable segment: where a function
+/// entry must be for the image to report it.
+pub(crate) fn in_code(segments: &[Segment], address: u64) -> bool {
+    segments
+        .iter()
+        .any(|s| s.executable && address >= s.vaddr && address < s.vaddr + s.memsz)
+}
+
+/// What the headers of an image say, read through any [`ReadRef`]: the
+/// whole file in memory ([`Image`]) or ranges of an open file
+/// ([`ImageFile`]).
+pub(crate) struct Facts {
+    pub kind: ImageKind,
+    pub build_id: Option<Vec<u8>>,
+    pub soname: Option<String>,
+    pub segments: Vec<Segment>,
+}
+
+impl Facts {
+    /// Check the identification, machine, type and segments of the `len`
+    /// bytes of `data`, and read the build-id, soname and kind.
+    pub fn read<'d, R: ReadRef<'d>>(path: &Path, data: R, len: u64) -> Result<Facts, ImageError> {
+        let ident = data
+            .read_bytes_at(0, len.min(16))
+            .map_err(|()| ImageError::Corrupt {
+                path: path.to_path_buf(),
+                what: "the ELF identification cannot be read".into(),
+            })?;
+        error::check_ident(path, ident)?;
+        let corrupt = |what: &str| ImageError::Corrupt {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        };
+        let header = Header::parse(data).map_err(|e| corrupt(&e.to_string()))?;
+        let endian = header.endian().map_err(|e| corrupt(&e.to_string()))?;
+        if header.e_machine(endian) != elf::EM_X86_64 {
+            return Err(ImageError::WrongMachine {
+                path: path.to_path_buf(),
+                machine: error::machine_name(header.e_machine(endian)),
+            });
+        }
+        let program_headers = header
+            .program_headers(endian, data)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        let has_interp = program_headers
+            .iter()
+            .any(|ph| ph.p_type(endian) == elf::PT_INTERP);
+        let e_type = header.e_type(endian);
+        if e_type != elf::ET_EXEC && e_type != elf::ET_DYN {
+            return Err(ImageError::UnsupportedType {
+                path: path.to_path_buf(),
+                e_type,
+            });
+        }
+        let segments: Vec<Segment> = program_headers
+            .iter()
+            .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
+            .map(|ph| Segment {
+                vaddr: ph.p_vaddr(endian),
+                memsz: ph.p_memsz(endian),
+                offset: ph.p_offset(endian),
+                filesz: ph.p_filesz(endian),
+                executable: ph.p_flags(endian) & elf::PF_X != 0,
+            })
+            .collect();
+        for s in &segments {
+            let in_file = s.offset.checked_add(s.filesz).is_some_and(|end| end <= len);
+            if !in_file || s.vaddr.checked_add(s.memsz).is_none() {
+                return Err(corrupt(&format!(
+                    "segment at {:#x} (file offset {:#x}, {:#x} bytes) lies outside the file",
+                    s.vaddr, s.offset, s.filesz
+                )));
+            }
+            // The kernel refuses such a segment too (load_elf_binary).
+            if s.filesz > s.memsz {
+                return Err(corrupt(&format!(
+                    "segment at {:#x} has more bytes in the file ({:#x}) than in memory ({:#x})",
+                    s.vaddr, s.filesz, s.memsz
+                )));
+            }
+        }
+        let sections = header
+            .sections(endian, data)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        let build_id = read_build_id(endian, data, header, &sections);
+        let soname = read_soname(endian, data, &sections);
+        // A runnable library (libc.so.6 has a PT_INTERP) is still a library:
+        // the linker marks a PIE with DF_1_PIE; without that flag, an
+        // interpreter and no soname mean a PIE from an older linker.
+        let kind = if e_type == elf::ET_EXEC {
+            ImageKind::Executable
+        } else if dynamic_value(endian, data, &sections, elf::DT_FLAGS_1)
+            .is_some_and(|flags| flags & u64::from(elf::DF_1_PIE) != 0)
+            || (has_interp && soname.is_none())
+        {
+            ImageKind::PieExecutable
+        } else {
+            ImageKind::SharedLibrary
+        };
+        Ok(Facts {
+            kind,
+            build_id,
+            soname,
+            segments,
+        })
+    }
+}
+
 /// See [`Image::code_ranges`].
-fn read_code_ranges(
+pub(crate) fn read_code_ranges<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    sections: &object::read::elf::SectionTable<'_, Header>,
+    sections: &object::read::elf::SectionTable<'d, Header, R>,
     segments: &[Segment],
 ) -> Vec<std::ops::Range<u64>> {
     let in_code_segment = |r: &std::ops::Range<u64>| {
@@ -318,13 +368,13 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_build_id(
+fn read_build_id<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
+    data: R,
     header: &Header,
-    sections: &object::read::elf::SectionTable<'_, Header>,
+    sections: &object::read::elf::SectionTable<'d, Header, R>,
 ) -> Option<Vec<u8>> {
-    let from_notes = |mut notes: object::read::elf::NoteIterator<'_, Header>| {
+    let from_notes = |mut notes: object::read::elf::NoteIterator<'d, Header>| {
         while let Ok(Some(note)) = notes.next() {
             if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
                 return Some(note.desc().to_vec());
@@ -351,10 +401,10 @@ fn read_build_id(
 }
 
 /// The value of the first `tag` entry of the dynamic section.
-fn dynamic_value(
+fn dynamic_value<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
-    sections: &object::read::elf::SectionTable<'_, Header>,
+    data: R,
+    sections: &object::read::elf::SectionTable<'d, Header, R>,
     tag: u32,
 ) -> Option<u64> {
     let (dynamic, _) = sections.dynamic(endian, data).ok()??;
@@ -364,10 +414,10 @@ fn dynamic_value(
         .map(|d| d.d_val(endian))
 }
 
-fn read_soname(
+fn read_soname<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
-    sections: &object::read::elf::SectionTable<'_, Header>,
+    data: R,
+    sections: &object::read::elf::SectionTable<'d, Header, R>,
 ) -> Option<String> {
     let (dynamic, link) = sections.dynamic(endian, data).ok()??;
     let strings = sections.strings(endian, data, link).ok()?;

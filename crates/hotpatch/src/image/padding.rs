@@ -3,6 +3,7 @@
 //! pointing at its first padding byte.
 
 use object::Endianness;
+use object::ReadRef;
 use object::elf;
 use object::read::elf::{Rela, SectionHeader, SectionTable};
 use std::collections::HashMap;
@@ -18,10 +19,10 @@ pub const SECTION_NAME: &[u8] = b"__patchable_function_entries";
 /// value is the addend of an `R_X86_64_RELATIVE` dynamic relocation at that
 /// slot; those are applied here. Entries that stay zero (functions removed
 /// by `--gc-sections`) are dropped.
-pub(super) fn read_sites(
+pub(super) fn read_sites<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
-    sections: &SectionTable<'_, Header>,
+    data: R,
+    sections: &SectionTable<'d, Header, R>,
 ) -> Result<Vec<u64>, String> {
     let mut relative: Option<HashMap<u64, u64>> = None;
     let mut sites = Vec::new();
@@ -55,10 +56,10 @@ pub(super) fn read_sites(
 /// `r_offset → r_addend` for every `R_X86_64_RELATIVE` in allocated RELA
 /// sections (`.rela.dyn`). Unreadable sections are skipped: the sites they
 /// would have resolved stay unknown rather than wrong.
-fn relative_relocations(
+fn relative_relocations<'d, R: ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
-    sections: &SectionTable<'_, Header>,
+    data: R,
+    sections: &SectionTable<'d, Header, R>,
 ) -> HashMap<u64, u64> {
     let mut map = HashMap::new();
     for section in sections.iter() {

@@ -158,10 +158,13 @@ struct RawFunction {
 
 /// Read defined `STT_FUNC`/`STT_GNU_IFUNC` symbols of both tables and merge
 /// them: one [`Function`] per address, every distinct name kept once.
-pub(super) fn read_functions(
+/// Only symbols whose address `keep` accepts are read (their names are
+/// read and demangled; the others' are not).
+pub(super) fn read_functions<'d, R: object::ReadRef<'d>>(
     endian: Endianness,
-    data: &[u8],
-    sections: &SectionTable<'_, Header>,
+    data: R,
+    sections: &SectionTable<'d, Header, R>,
+    keep: impl Fn(u64) -> bool,
 ) -> Result<Vec<Function>, String> {
     let mut raw = Vec::new();
     for (sh_type, dynamic) in [(elf::SHT_SYMTAB, false), (elf::SHT_DYNSYM, true)] {
@@ -174,7 +177,10 @@ pub(super) fn read_functions(
                 elf::STT_GNU_IFUNC => true,
                 _ => continue,
             };
-            if sym.st_shndx(endian) == elf::SHN_UNDEF || sym.st_value(endian) == 0 {
+            if sym.st_shndx(endian) == elf::SHN_UNDEF
+                || sym.st_value(endian) == 0
+                || !keep(sym.st_value(endian))
+            {
                 continue;
             }
             let binding = match sym.st_bind() {

@@ -102,7 +102,7 @@ use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
 use super::threads::{self, SyscallState};
 use super::{MapEntry, Mem, ProcessError};
-use crate::image::Image;
+use crate::image::{DynSymbols, Image};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
