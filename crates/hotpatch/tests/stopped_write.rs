@@ -150,3 +150,58 @@ fn refuses_while_a_return_address_is_inside() {
     assert_eq!(t.ask("w"), "alive");
     assert_eq!(t.ask("ping"), "alive");
 }
+
+/// The thread holding the return address is lent to a program (waiting at
+/// a rendezvous in the call region) during the stop: its registers show
+/// the stub's, and the stop must still see where it will return to.
+#[test]
+fn refuses_while_a_thread_running_a_program_holds_a_return_address_inside() {
+    use hotpatch::process::{Placement, Remote, threads};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, _, holder) = Target::start(dir.path());
+    let pid = t.pid();
+    let mem = Mem::open(pid).unwrap();
+    // The blocker: the thread other than main sleeping in read(2).
+    let blocker = threads::threads(pid)
+        .unwrap()
+        .into_iter()
+        .find(|th| th.tid != pid && th.state == 'S')
+        .expect("the blocked thread")
+        .tid;
+    let mut remote = Remote::attach(pid, Placement::Anywhere).unwrap();
+    remote.pin_thread(Some(blocker));
+    let (mut p, _) = remote.program();
+    let phase = p.wait();
+    let mut run = remote.start(&p).unwrap();
+    assert!(run.reach(phase).unwrap());
+    assert_eq!(run.tid(), blocker);
+    let maps = Process::open(pid).unwrap().maps().unwrap();
+    let before = mem.read(holder, 8).unwrap();
+    let w = Write {
+        address: holder,
+        expected: before[..5].to_vec(),
+        new: vec![0xe9, 0, 0, 0, 0],
+    };
+    let err = write_stopped(
+        pid,
+        &mem,
+        &maps,
+        &[w],
+        &[Overwrite {
+            start: holder,
+            len: 8,
+        }],
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{:#x}", holder + 6)) && msg.contains("nothing written"),
+        "{msg}"
+    );
+    assert_eq!(mem.read(holder, 8).unwrap(), before, "nothing may change");
+    run.go(phase).unwrap();
+    run.finish().0.unwrap();
+    // Unblock it: the thread returns through the untouched bytes.
+    assert_eq!(t.ask("w"), "alive");
+    assert_eq!(t.ask("ping"), "alive");
+}

@@ -98,8 +98,33 @@ pub fn find_inside(
                 found_at: Some(at),
             }));
         }
+        // A thread running a remote call or a program (of this tool or
+        // another) shows the stub's registers: where it will return to is
+        // saved in the call region's frame.
+        if let Some((rip, rsp)) = crate::process::remote::saved_context(mem, maps, regs.rsp) {
+            if ranges.contains(rip) {
+                return Ok(Some(Inside {
+                    tid,
+                    address: rip,
+                    found_at: Some(rsp.wrapping_sub(stub_ret_drop())),
+                }));
+            }
+            if let Some((at, value)) = scan_stack(mem, maps, rsp, ranges)? {
+                return Ok(Some(Inside {
+                    tid,
+                    address: value,
+                    found_at: Some(at),
+                }));
+            }
+        }
     }
     Ok(None)
+}
+
+/// How far below a borrowed thread's own `rsp` the stub keeps its resume
+/// `rip` (the red zone, then the slot).
+fn stub_ret_drop() -> u64 {
+    crate::process::stub::RED_ZONE + 8
 }
 
 /// Do `writes` in order, compare-and-swap; if one finds other bytes than
