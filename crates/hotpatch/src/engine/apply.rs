@@ -423,6 +423,18 @@ fn apply_in(
             make_region: region.is_none(),
             new_scratch: &new_scratch,
             live_slots: needs.live_slots,
+            big_table: trip::big_table(
+                state,
+                &maps,
+                needs.live_slots,
+                needs
+                    .scratch
+                    .iter()
+                    .filter(|n| !n.executable)
+                    .map(|n| n.bytes)
+                    .sum::<u64>()
+                    + 64,
+            ),
             entries: needs.entries,
             entries_stopped: needs.stopped,
             shootdown_page: trip::shootdown_page(state, &new_scratch, &maps),

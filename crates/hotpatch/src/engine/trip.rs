@@ -98,6 +98,9 @@ pub(super) struct ApplyTrip<'a> {
     pub new_scratch: &'a [ScratchRecord],
     /// Live slots the apply will store (functions patched before).
     pub live_slots: usize,
+    /// Where their table goes if it does not fit the program's data block
+    /// (see [`big_table`]).
+    pub big_table: Option<u64>,
     /// Whether entries will be written (functions not live now).
     pub entries: bool,
     /// Whether that needs every thread stopped: the program then ends
@@ -230,11 +233,13 @@ pub(super) fn load<'r>(
     let closed = p.syscall(NR_CLOSE, &[Arg::Result(memfd)], Check::None);
     let loaded = p.wait();
     let stores = if ask.live_slots > 0 {
-        d.take(16 * ask.live_slots as u64).map(|table| Stores {
-            table,
-            count: ask.live_slots,
-            step: p.stores(table, ask.live_slots as u64),
-        })
+        d.take(16 * ask.live_slots as u64)
+            .or(ask.big_table)
+            .map(|table| Stores {
+                table,
+                count: ask.live_slots,
+                step: p.stores(table, ask.live_slots as u64),
+            })
     } else {
         None
     };
@@ -557,6 +562,32 @@ impl Drop for Trip<'_> {
 
 fn read_result(remote: &Remote, step: Step) -> Result<u64, crate::process::ProcessError> {
     remote.program_result(step)
+}
+
+/// Room for a table of `pairs` (address, value) pairs that does not fit
+/// the program's data block: the free end of one of our data scratch page
+/// sets (slots are handed out from the start; `reserve` bytes of it are
+/// kept for the slots this apply hands out), in a mapping `maps` shows as
+/// ours (anonymous, private, read-write). The pages it touches stay
+/// allocated; later slots may reuse them.
+pub(super) fn big_table(state: &State, maps: &[MapEntry], pairs: usize, reserve: u64) -> Option<u64> {
+    let len = 16 * pairs as u64;
+    state.scratch.iter().filter(|r| !r.executable).find_map(|r| {
+        let end = r.base.checked_add(r.size)?;
+        let at = end.checked_sub(len)? & !15;
+        let free_from = r.base.checked_add(r.used)?.checked_add(reserve)?;
+        let ours = maps.iter().any(|m| {
+            m.start <= at
+                && end <= m.end
+                && m.readable
+                && m.writable
+                && !m.executable
+                && m.private
+                && m.inode == 0
+                && m.path.is_none()
+        });
+        (at >= free_from && ours).then_some(at)
+    })
 }
 
 /// A data page of ours for a TLB shootdown (see [`target::sync_cores`]).
