@@ -82,7 +82,12 @@ fn a_second_patch_supersedes_three_hundred_functions_in_one_trip() {
     check(&mut proc, 3);
     // Back to patch 2's versions, then to the original.
     let id = second["patch"]["id"].as_u64().expect("id");
-    revert(pid, Some(id));
+    let stepped = revert_json(pid, Some(id));
+    assert_eq!(
+        stepped["remote_calls"], 1,
+        "{N} slots stepping back took {} trips",
+        stepped["remote_calls"]
+    );
     check(&mut proc, 2);
     revert(pid, None);
     check(&mut proc, 1);

@@ -617,6 +617,7 @@ pub(super) fn stores_and_sync(
         None
     } else {
         d.take(16 * stores.len() as u64)
+            .or_else(|| big_table(state, &maps, stores.len(), 0))
     };
     let in_program =
         (stores.is_empty() || table.is_some()) && target::check_slots(state, remote, stores).is_ok();
