@@ -556,21 +556,28 @@ pub fn sync_cores(remote: &mut Remote, state: &State) {
     }
 }
 
+/// Whether `[start, end)` lies in one mapping of `maps` of the kind the
+/// tool maps for data: anonymous, private, read-write, not executable.
+pub fn our_data(maps: &[MapEntry], start: u64, end: u64) -> bool {
+    maps.iter().any(|m| {
+        m.start <= start
+            && end <= m.end
+            && m.readable
+            && m.writable
+            && !m.executable
+            && m.private
+            && m.inode == 0
+            && m.path.is_none()
+    })
+}
+
 /// A data page the tool mapped (anonymous, private, read-write, recorded
 /// as our scratch) whose protection a TLB shootdown may flip: never
 /// anything else, whatever the record says.
 pub fn shootdown_page(state: &State, maps: &[MapEntry]) -> Option<u64> {
     let ours = |base: u64| {
-        maps.iter().any(|m| {
-            m.start <= base
-                && base.checked_add(4096).is_some_and(|e| e <= m.end)
-                && m.readable
-                && m.writable
-                && !m.executable
-                && m.private
-                && m.inode == 0
-                && m.path.is_none()
-        })
+        base.checked_add(4096)
+            .is_some_and(|end| our_data(maps, base, end))
     };
     state
         .scratch

@@ -576,17 +576,7 @@ pub(super) fn big_table(state: &State, maps: &[MapEntry], pairs: usize, reserve:
         let end = r.base.checked_add(r.size)?;
         let at = end.checked_sub(len)? & !15;
         let free_from = r.base.checked_add(r.used)?.checked_add(reserve)?;
-        let ours = maps.iter().any(|m| {
-            m.start <= at
-                && end <= m.end
-                && m.readable
-                && m.writable
-                && !m.executable
-                && m.private
-                && m.inode == 0
-                && m.path.is_none()
-        });
-        (at >= free_from && ours).then_some(at)
+        (at >= free_from && target::our_data(maps, at, end)).then_some(at)
     })
 }
 

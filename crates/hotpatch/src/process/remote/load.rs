@@ -87,6 +87,21 @@ fn take_descriptor(pid: i32, fd: u64) -> Result<OwnedFd, std::io::Error> {
     Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
 }
 
+/// Take the target's descriptor `fd`, check it is the empty, unsealed
+/// memfd called `name`, fill it with `bytes`, seal it, read it back.
+fn fill_descriptor(pid: i32, fd: u64, name: &str, bytes: &[u8]) -> Result<(), ProcessError> {
+    let mut file = std::fs::File::from(take_descriptor(pid, fd).map_err(|e| ProcessError::CallFailed {
+        pid,
+        what: format!("pidfd_getfd of the patch's memfd (descriptor {fd})"),
+        detail: e.to_string(),
+    })?);
+    fill_and_seal(&mut file, name, bytes).map_err(|detail| ProcessError::CallFailed {
+        pid,
+        what: format!("filling the patch's memfd (descriptor {fd})"),
+        detail,
+    })
+}
+
 /// Check that `file` is the empty, unsealed memfd called `name`, fill it
 /// with `bytes`, seal it, and read it back.
 fn fill_and_seal(file: &mut std::fs::File, name: &str, bytes: &[u8]) -> Result<(), String> {
@@ -203,17 +218,7 @@ impl ContentLoad {
     /// Take the target's descriptor `fd` (the memfd the program made),
     /// check it, fill it with `bytes`, seal it, read it back.
     pub fn fill(&self, pid: i32, fd: u64, bytes: &[u8]) -> Result<(), ProcessError> {
-        let mut file =
-            std::fs::File::from(take_descriptor(pid, fd).map_err(|e| ProcessError::CallFailed {
-                pid,
-                what: format!("pidfd_getfd of the patch's memfd (descriptor {fd})"),
-                detail: e.to_string(),
-            })?);
-        fill_and_seal(&mut file, &self.name, bytes).map_err(|detail| ProcessError::CallFailed {
-            pid,
-            what: format!("filling the patch's memfd (descriptor {fd})"),
-            detail,
-        })
+        fill_descriptor(pid, fd, &self.name, bytes)
     }
 }
 
@@ -321,19 +326,7 @@ impl Remote {
         nonce: u64,
         flags: i32,
     ) -> Result<u64, ProcessError> {
-        let pid = self.pid;
-        let mut file =
-            std::fs::File::from(take_descriptor(pid, fd).map_err(|e| ProcessError::CallFailed {
-                pid,
-                what: format!("pidfd_getfd of the patch's memfd (descriptor {fd})"),
-                detail: e.to_string(),
-            })?);
-        fill_and_seal(&mut file, name, bytes).map_err(|detail| ProcessError::CallFailed {
-            pid,
-            what: format!("filling the patch's memfd (descriptor {fd})"),
-            detail,
-        })?;
-        drop(file);
+        fill_descriptor(self.pid, fd, name, bytes)?;
         self.dlopen(&unique_fd_path(fd, nonce), flags)
     }
 

@@ -190,54 +190,34 @@ impl<'r> Running<'r> {
     /// (`Ok(false)`: see [`Running::status`] for why).
     pub fn reach(&mut self, phase: u32) -> Result<bool, ProcessError> {
         let start = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_micros(200));
-        loop {
-            let s = self.status()?;
-            if s.ended {
-                return Ok(false);
-            }
-            if s.phase >= phase {
-                tracing::trace!(
-                    pid = self.remote.pid,
-                    phase,
-                    waited_us = start.elapsed().as_micros() as u64,
-                    since_start_us = self.started.elapsed().as_micros() as u64,
-                    "program at its rendezvous"
-                );
-                return Ok(true);
-            }
-            if start.elapsed() >= self.remote.timeouts.call {
-                let what = format!("waiting for the program to reach its rendezvous {phase}");
-                // The thread is still in it: nothing else may use the frame.
-                self.remote.poisoned = Some(format!("thread {} may still be running a program", self.tid));
-                return Err(ProcessError::Timeout {
-                    pid: self.remote.pid,
-                    tid: self.tid,
-                    what,
-                    after: self.remote.timeouts.call,
-                });
-            }
-            if !crate::process::threads::thread_exists(self.remote.pid, self.tid) {
-                return Err(self.remote.gone_or(
-                    self.tid,
-                    ProcessError::NoSuchThread {
-                        pid: self.remote.pid,
-                        tid: self.tid,
-                    },
-                    "during the program",
-                ));
-            }
-            backoff.pause();
+        let what = format!("waiting for the program to reach its rendezvous {phase}");
+        let s = self.wait_for(&what, |s| s.ended || s.phase >= phase)?;
+        if !s.ended {
+            tracing::trace!(
+                pid = self.remote.pid,
+                phase,
+                waited_us = start.elapsed().as_micros() as u64,
+                since_start_us = self.started.elapsed().as_micros() as u64,
+                "program at its rendezvous"
+            );
         }
+        Ok(!s.ended)
     }
 
     /// Wait until the program has done all it will do (`ENDED`).
     fn wait_ended(&mut self) -> Result<Status, ProcessError> {
+        self.wait_for("waiting for the program to return", |s| s.ended)
+    }
+
+    /// Poll the program's status until `done` says so; bounded by the
+    /// session's call timeout (then the session is poisoned: the thread
+    /// may still be in the program), and by the thread's existence.
+    fn wait_for(&mut self, what: &str, done: impl Fn(&Status) -> bool) -> Result<Status, ProcessError> {
         let start = Instant::now();
         let mut backoff = Backoff::new(Duration::from_micros(200));
         loop {
             let s = self.status()?;
-            if s.ended {
+            if done(&s) {
                 return Ok(s);
             }
             if start.elapsed() >= self.remote.timeouts.call {
@@ -245,7 +225,7 @@ impl<'r> Running<'r> {
                 return Err(ProcessError::Timeout {
                     pid: self.remote.pid,
                     tid: self.tid,
-                    what: "waiting for the program to return".into(),
+                    what: what.to_string(),
                     after: self.remote.timeouts.call,
                 });
             }
