@@ -112,40 +112,41 @@ fn waits_until_no_thread_is_inside_then_writes() {
     eprintln!("write after {:?}, stop {:?}", started.elapsed(), took);
 }
 
-#[test]
-fn refuses_while_a_return_address_is_inside() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut t, _, holder) = Target::start(dir.path());
-    let pid = t.pid();
+/// A jump written over `holder`'s first bytes with every thread stopped
+/// must be refused, naming the blocked thread's return address holder+6
+/// (push rbx (1) + mov rax,rdi (3) + call *rax (2): strictly inside
+/// [holder, holder+8)), with nothing written. The refusal's message.
+fn refused_over_holder(pid: i32, holder: u64) -> String {
     let mem = Mem::open(pid).unwrap();
     let maps = Process::open(pid).unwrap().maps().unwrap();
-    // push rbx (1) + mov rax,rdi (3) + call *rax (2): the blocked thread's
-    // return address is holder+6, strictly inside [holder, holder+8).
     let before = mem.read(holder, 8).unwrap();
     let w = Write {
         address: holder,
         expected: before[..5].to_vec(),
         new: vec![0xe9, 0, 0, 0, 0],
     };
-    let err = write_stopped(
-        pid,
-        &mem,
-        &maps,
-        &[w],
-        &[Overwrite {
-            start: holder,
-            len: 8,
-        }],
-    )
-    .unwrap_err();
-    let msg = err.to_string();
+    let overwrite = Overwrite {
+        start: holder,
+        len: 8,
+    };
+    let msg = write_stopped(pid, &mem, &maps, &[w], &[overwrite])
+        .unwrap_err()
+        .to_string();
     assert!(
-        msg.contains(&format!("{:#x}", holder + 6))
-            && msg.contains("stack")
-            && msg.contains("nothing written"),
+        msg.contains(&format!("{:#x}", holder + 6)) && msg.contains("nothing written"),
         "{msg}"
     );
     assert_eq!(mem.read(holder, 8).unwrap(), before, "nothing may change");
+    msg
+}
+
+#[test]
+fn refuses_while_a_return_address_is_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, _, holder) = Target::start(dir.path());
+    let pid = t.pid();
+    let msg = refused_over_holder(pid, holder);
+    assert!(msg.contains("stack"), "{msg}");
     // Unblock it: the thread returns through the untouched bytes.
     assert_eq!(t.ask("w"), "alive");
     assert_eq!(t.ask("ping"), "alive");
@@ -160,7 +161,6 @@ fn refuses_while_a_thread_running_a_program_holds_a_return_address_inside() {
     let dir = tempfile::tempdir().unwrap();
     let (mut t, _, holder) = Target::start(dir.path());
     let pid = t.pid();
-    let mem = Mem::open(pid).unwrap();
     // The blocker: the thread other than main sleeping in read(2).
     let blocker = threads::threads(pid)
         .unwrap()
@@ -175,30 +175,7 @@ fn refuses_while_a_thread_running_a_program_holds_a_return_address_inside() {
     let mut run = remote.start(&p).unwrap();
     assert!(run.reach(phase).unwrap());
     assert_eq!(run.tid(), blocker);
-    let maps = Process::open(pid).unwrap().maps().unwrap();
-    let before = mem.read(holder, 8).unwrap();
-    let w = Write {
-        address: holder,
-        expected: before[..5].to_vec(),
-        new: vec![0xe9, 0, 0, 0, 0],
-    };
-    let err = write_stopped(
-        pid,
-        &mem,
-        &maps,
-        &[w],
-        &[Overwrite {
-            start: holder,
-            len: 8,
-        }],
-    )
-    .unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains(&format!("{:#x}", holder + 6)) && msg.contains("nothing written"),
-        "{msg}"
-    );
-    assert_eq!(mem.read(holder, 8).unwrap(), before, "nothing may change");
+    refused_over_holder(pid, holder);
     run.go(phase).unwrap();
     run.finish().0.unwrap();
     // Unblock it: the thread returns through the untouched bytes.

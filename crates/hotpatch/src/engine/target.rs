@@ -461,7 +461,7 @@ fn slots_writable(pid: i32, maps: &[MapEntry], stores: &[(u64, u64)]) -> Result<
 
 /// Whether a program may store `stores` as they are: every slot writable
 /// now (a page left read-only needs [`store_slots`]' repair first).
-pub fn check_slots(_state: &State, remote: &Remote, stores: &[(u64, u64)]) -> Result<(), EngineError> {
+pub fn check_slots(remote: &Remote, stores: &[(u64, u64)]) -> Result<(), EngineError> {
     let maps = Process::open(remote.pid())?.maps()?;
     slots_writable(remote.pid(), &maps, stores)
 }

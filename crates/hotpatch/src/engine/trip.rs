@@ -137,11 +137,12 @@ pub(super) fn load<'r>(
     let load =
         ContentLoad::new(pid, ask.bytes, ask.label).map_err(|e| Box::new((e.into(), LeftOver::default())))?;
     let (mut p, mut d) = remote.program();
+    let mem = remote.mem();
     let mut put = |bytes: &[u8]| -> Result<u64, EngineError> {
         let at = d
             .take(bytes.len() as u64)
             .ok_or_else(|| failed(pid, "the program", "its strings do not fit".into()))?;
-        remote_write(pid, at, bytes)?;
+        mem.write(at, bytes)?;
         Ok(at)
     };
     let fail = |e| Box::new((e, LeftOver::default()));
@@ -230,7 +231,8 @@ pub(super) fn load<'r>(
     let filled = p.wait_closing(memfd);
     p.digits(memfd, path_at + prefix.len() as u64);
     let opened = p.call(dlopen, &[Arg::Imm(path_at), Arg::Imm(RTLD_NOW)], Check::NonZero);
-    let closed = p.syscall(NR_CLOSE, &[Arg::Result(memfd)], Check::None);
+    // (A handle means this close runs too: nothing between can fail.)
+    p.syscall(NR_CLOSE, &[Arg::Result(memfd)], Check::None);
     let loaded = p.wait();
     let stores = if ask.live_slots > 0 {
         d.take(16 * ask.live_slots as u64)
@@ -258,7 +260,7 @@ pub(super) fn load<'r>(
         let mut left = LeftOver::default();
         if let Some((fd, _, map, close)) = region_steps {
             let map_r = result(run, map)?;
-            if map_r != 0 && (map_r as i64) > 0 {
+            if (map_r as i64) > 0 {
                 left.region = Some(map_r);
             }
             let fd_r = result(run, fd)? as i64;
@@ -334,10 +336,6 @@ pub(super) fn load<'r>(
         Err(e) => return Err(Box::new((e.into(), left))),
     };
     let handle = result(&run, opened).unwrap_or(0);
-    let closed_ran = handle != 0
-        && run
-            .status()
-            .is_ok_and(|s| s.failed.is_none_or(|f| f.0 > closed.0));
     if handle == 0 {
         // dlopen failed (or never ran: the program gave up first).
         let (status, remote) = run.finish();
@@ -355,9 +353,6 @@ pub(super) fn load<'r>(
         return Err(Box::new((failed(pid, "dlopen of the patch", detail), left)));
     }
     let mut left = left;
-    if !closed_ran {
-        left.fds.push(fd);
-    }
     match run.loaded(load, handle) {
         Ok(_) => {}
         Err(e) => {
@@ -398,11 +393,6 @@ pub(super) fn load<'r>(
         region,
         scratch,
     })
-}
-
-fn remote_write(pid: i32, at: u64, bytes: &[u8]) -> Result<(), EngineError> {
-    crate::process::Mem::open(pid)?.write(at, bytes)?;
-    Ok(())
 }
 
 /// What a program made that its failure leaves: recorded or undone.
@@ -449,7 +439,7 @@ impl<'r> Trip<'r> {
             Ok(s) => {
                 live.sync_counts
                     && s.gave_up.is_none()
-                    && read_result(remote, live.sync).is_ok_and(|r| r == 0)
+                    && remote.program_result(live.sync).is_ok_and(|r| r == 0)
             }
             Err(e) => {
                 tracing::warn!(pid = remote.pid(), "ending the program: {e}");
@@ -490,7 +480,7 @@ impl<'r> Trip<'r> {
         if let Stage::Program(live) = &mut self.stage
             && !live.past_loaded
             && live.stores.map_or(0, |s| s.count) == stores.len()
-            && target::check_slots(state, live.run.remote(), stores).is_ok()
+            && target::check_slots(live.run.remote(), stores).is_ok()
         {
             if let Some(s) = live.stores {
                 let pairs: Vec<u8> = stores
@@ -503,7 +493,7 @@ impl<'r> Trip<'r> {
             live.run.go(live.loaded)?;
             let stores = live.stores;
             let stored = |remote: &Remote| match stores {
-                Some(s) => read_result(remote, s.step).is_ok_and(|n| n == s.count as u64),
+                Some(s) => remote.program_result(s.step).is_ok_and(|n| n == s.count as u64),
                 None => true,
             };
             match live.entries {
@@ -560,10 +550,6 @@ impl Drop for Trip<'_> {
     }
 }
 
-fn read_result(remote: &Remote, step: Step) -> Result<u64, crate::process::ProcessError> {
-    remote.program_result(step)
-}
-
 /// Room for a table of `pairs` (address, value) pairs that does not fit
 /// the program's data block: the free end of one of our data scratch page
 /// sets (slots are handed out from the start; `reserve` bytes of it are
@@ -609,8 +595,7 @@ pub(super) fn stores_and_sync(
         d.take(16 * stores.len() as u64)
             .or_else(|| big_table(state, &maps, stores.len(), 0))
     };
-    let in_program =
-        (stores.is_empty() || table.is_some()) && target::check_slots(state, remote, stores).is_ok();
+    let in_program = (stores.is_empty() || table.is_some()) && target::check_slots(remote, stores).is_ok();
     if !in_program {
         target::store_slots(state, remote, stores)?;
         target::sync_cores(remote, state);
@@ -632,13 +617,13 @@ pub(super) fn stores_and_sync(
     let (status, remote) = run.finish();
     status?;
     let all_stored = match stored {
-        Some(step) => read_result(remote, step)? == stores.len() as u64,
+        Some(step) => remote.program_result(step)? == stores.len() as u64,
         None => true,
     };
     if !all_stored {
         target::store_slots(state, remote, stores)?;
         target::sync_cores(remote, state);
-    } else if read_result(remote, sync)? != 0 {
+    } else if remote.program_result(sync)? != 0 {
         target::sync_cores(remote, state);
     }
     Ok(())

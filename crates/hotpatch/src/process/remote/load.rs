@@ -26,12 +26,9 @@ use crate::process::maps;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NR_CLOSE: u64 = 3;
-const NR_MEMFD_CREATE: u64 = 319;
 const MFD_CLOEXEC: u64 = 0x1;
 const MFD_ALLOW_SEALING: u64 = 0x2;
 const MFD_EXEC: u64 = 0x10;
-const EINVAL: i64 = 22;
 
 /// A library loaded by content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +142,7 @@ fn fill_and_seal(file: &mut std::fs::File, name: &str, bytes: &[u8]) -> Result<(
 /// the tool fills and seals it ([`ContentLoad::fill`]); the program writes
 /// the descriptor's number after [`ContentLoad::path_prefix`], `dlopen`s
 /// that path and closes the descriptor; the tool checks the handle
-/// ([`Running::loaded`]). The same checks as [`Remote::dlopen_bytes`].
+/// ([`Running::loaded`]). Steps 1–4 of this module's description.
 #[derive(Debug)]
 pub struct ContentLoad {
     syms: DynSymbols,
@@ -251,83 +248,6 @@ impl Remote {
     pub fn file_addresses(&self, handle: u64, names: &[&str]) -> Option<Vec<u64>> {
         let (bias, syms) = self.loaded.get(&handle)?;
         names.iter().map(|n| syms.dlsym_address(*bias, n)).collect()
-    }
-
-    /// Load `bytes` as a library in the target with `dlopen(…, flags)`;
-    /// `label` goes into the memfd's name (`hotpatch-patch-LABEL-NONCE`).
-    /// On any failure nothing stays loaded and no descriptor stays open in
-    /// the target.
-    pub fn dlopen_bytes(
-        &mut self,
-        bytes: &[u8],
-        label: &str,
-        flags: i32,
-    ) -> Result<LoadedLibrary, ProcessError> {
-        let pid = self.pid;
-        let failed = |what: &str, detail: String| ProcessError::CallFailed {
-            pid,
-            what: what.to_string(),
-            detail,
-        };
-        let syms = DynSymbols::parse(bytes).map_err(|e| failed("loading the patch", e))?;
-        let nonce = nonce().map_err(|e| failed("loading the patch", format!("/dev/urandom: {e}")))?;
-        let label: String = label
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(64)
-            .collect();
-        let name = format!("hotpatch-patch-{label}-{nonce:016x}");
-        let name_at = self.c_string(&name)?;
-        let mut fd = self.syscall(
-            NR_MEMFD_CREATE,
-            &[name_at, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC],
-        )?;
-        if fd == -EINVAL {
-            // A kernel before 6.3 knows no MFD_EXEC (and no noexec memfds).
-            fd = self.syscall(NR_MEMFD_CREATE, &[name_at, MFD_CLOEXEC | MFD_ALLOW_SEALING])?;
-        }
-        if fd < 0 {
-            return Err(failed(
-                "memfd_create for the patch",
-                std::io::Error::from_raw_os_error(-fd as i32).to_string(),
-            ));
-        }
-        let fd = fd as u64;
-        let result = self.load_from(fd, &name, bytes, nonce, flags);
-        // The mapping keeps the memfd alive; the descriptor is not needed.
-        if let Err(e) = self.syscall(NR_CLOSE, &[fd]) {
-            tracing::warn!(pid, fd, "close of the patch's memfd in the target failed: {e}");
-        }
-        let handle = result?;
-        match self.verify_loaded(handle, &name, &syms) {
-            Ok(bias) => {
-                self.loaded.insert(handle, (bias, syms));
-                Ok(LoadedLibrary {
-                    handle,
-                    memfd: name,
-                    bias,
-                })
-            }
-            Err(detail) => {
-                // dlopen took a reference to whatever it returned: give it back.
-                if let Ok(f) = self.libc_function("dlclose") {
-                    let _ = self.call(f, &[handle]);
-                }
-                Err(failed("dlopen of the patch", detail))
-            }
-        }
-    }
-
-    fn load_from(
-        &mut self,
-        fd: u64,
-        name: &str,
-        bytes: &[u8],
-        nonce: u64,
-        flags: i32,
-    ) -> Result<u64, ProcessError> {
-        fill_descriptor(self.pid, fd, name, bytes)?;
-        self.dlopen(&unique_fd_path(fd, nonce), flags)
     }
 
     /// The handle's link map must describe an object mapped from the memfd
