@@ -125,7 +125,8 @@ pub fn apply_file(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<
 fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applied, EngineError> {
     let started = Instant::now();
     let file = patch.file();
-    crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Apply)?;
+    let judged =
+        crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Apply)?;
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: preflight");
     let path = file.path();
     // 1. Everything that needs no change to the process.
@@ -222,7 +223,12 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         Some((r, s)) => (Some(r), s),
         None => (None, State::default()),
     };
-    let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    let mut remote = Remote::attach_judged(
+        pid,
+        Placement::Anywhere,
+        judged.scope,
+        crate::process::preflight::Operation::Apply,
+    )?;
     if let Some(r) = region.as_mut() {
         r.make_private(&mut remote, &state)?;
     }

@@ -51,7 +51,8 @@ fn revert_in(pid: i32, which: Which) -> Result<Reverts, EngineError> {
         reverted: Vec::new(),
         remote_calls: 0,
     };
-    crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Revert)?;
+    let judged =
+        crate::process::preflight::require_patchable(pid, crate::process::preflight::Operation::Revert)?;
     let process = Process::open(pid)?;
     let _lock = Lock::take(pid)?;
     let maps = process.maps()?;
@@ -101,7 +102,12 @@ fn revert_in(pid: i32, which: Which) -> Result<Reverts, EngineError> {
             }
         }
     }
-    let mut remote = Remote::attach(pid, Placement::Anywhere)?;
+    let mut remote = Remote::attach_judged(
+        pid,
+        Placement::Anywhere,
+        judged.scope,
+        crate::process::preflight::Operation::Revert,
+    )?;
     region.make_private(&mut remote, &state)?;
     let mut out = Vec::new();
     let mut result = Ok(());

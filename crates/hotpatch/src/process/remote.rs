@@ -98,6 +98,7 @@ pub use region::{REGION_NAME, free_spots, regions, remove_regions, saved_context
 pub use running::{BUDGET, ProgramData, Running};
 pub use target_libc::TargetLibc;
 
+use super::preflight::{self, Depth, Operation, Scope};
 use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
 use super::threads::{self, SyscallState};
@@ -204,6 +205,10 @@ pub struct Remote {
     /// The thread of the last program, maybe still leaving the stub: the
     /// frame, code page and data block are its until the done flag.
     pending: Option<i32>,
+    /// The threads a preflight judged ([`Remote::judged`]): others are
+    /// checked before they run a call.
+    scope: Scope,
+    op: Operation,
 }
 
 /// The fixed parts of a session being opened.
@@ -211,6 +216,8 @@ pub struct Remote {
 struct Session {
     pid: i32,
     timeouts: Timeouts,
+    /// Which threads the session may use (its scope and operation).
+    choice: Choice,
 }
 
 impl Session {
@@ -263,6 +270,8 @@ impl Session {
             loaded: std::collections::HashMap::new(),
             unnamed: false,
             pending: None,
+            scope: self.choice.scope,
+            op: self.choice.op,
         }
     }
 }
@@ -271,12 +280,34 @@ impl Remote {
     /// Open a session: reuse a call region left in the target by an earlier
     /// session if there is an idle one placed as asked, else map one
     /// (through a cave, see the module docs) and put the session stub in it.
+    /// Any thread may be used once checked ([`Scope::PlainThreads`]).
     pub fn attach(pid: i32, placement: Placement) -> Result<Remote, ProcessError> {
         Self::attach_with(pid, placement, Timeouts::default())
     }
 
     pub fn attach_with(pid: i32, placement: Placement, timeouts: Timeouts) -> Result<Remote, ProcessError> {
-        Self::open(pid, placement, timeouts, true)?.ok_or(ProcessError::NoSuchProcess { pid })
+        Self::open(pid, placement, timeouts, Choice::default(), true)?
+            .ok_or(ProcessError::NoSuchProcess { pid })
+    }
+
+    /// [`Remote::attach`] after a preflight for `op` judged `scope` (its
+    /// [`preflight::Report::scope`]): at [`Scope::EveryThread`] any thread
+    /// may run a call; at [`Scope::PlainThreads`] each thread is checked
+    /// first, and every thread judged again before one that is not plain
+    /// is used.
+    pub fn attach_judged(
+        pid: i32,
+        placement: Placement,
+        scope: Scope,
+        op: Operation,
+    ) -> Result<Remote, ProcessError> {
+        let choice = Choice {
+            scope,
+            op,
+            ..Choice::default()
+        };
+        Self::open(pid, placement, Timeouts::default(), choice, true)?
+            .ok_or(ProcessError::NoSuchProcess { pid })
     }
 
     /// Like [`Remote::attach_with`]; with `create` false, only an existing
@@ -285,6 +316,7 @@ impl Remote {
         pid: i32,
         placement: Placement,
         timeouts: Timeouts,
+        choice: Choice,
         create: bool,
     ) -> Result<Option<Remote>, ProcessError> {
         let t0 = Instant::now();
@@ -297,7 +329,11 @@ impl Remote {
         let xsave = xsave_size();
         let size = Layout::size_for(xsave);
         let started = super::lock::start_time(pid)?;
-        let session = Session { pid, timeouts };
+        let session = Session {
+            pid,
+            timeouts,
+            choice,
+        };
         // An idle region left by an earlier session.
         for base in region_bases(&maps, xsave) {
             let layout = Layout::new(base, xsave);
@@ -336,11 +372,11 @@ impl Remote {
                 continue;
             };
             let layout = Layout::new(base, xsave);
-            match bootstrap(&mem, &layout, timeouts) {
+            match bootstrap(&mem, &layout, timeouts, choice) {
                 Ok(()) => {
                     let stub = match install_stub(&mem, &layout) {
                         Ok(stub) => stub,
-                        Err(e) => return Err(unmap_failed(&mem, &layout, timeouts, e)),
+                        Err(e) => return Err(unmap_failed(&mem, &layout, timeouts, choice, e)),
                     };
                     let mut r = session.into_remote(mem, layout, stub, lock, false, maps);
                     // Named by the first trip (a program's first step, or
@@ -411,6 +447,15 @@ impl Remote {
         self.calls + u64::from(!self.reused)
     }
 
+    /// The threads this session may use, for a call through a cave.
+    fn cave_choice(&self) -> Choice {
+        Choice {
+            scope: self.scope,
+            op: self.op,
+            ..Choice::default()
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -471,7 +516,7 @@ impl Remote {
                 });
             }
         }
-        unmap_through_cave(&self.mem, self.region(), self.timeouts)
+        unmap_through_cave(&self.mem, self.region(), self.timeouts, self.cave_choice())
     }
 
     /// The address of function `name` in the target's libc.
@@ -760,15 +805,17 @@ impl Remote {
         let frame_at = self.layout.frame();
         let (entry, errno_fn) = (self.stub.entry, self.errno_fn);
         let mut committed = false;
-        let choice = Choice {
+        let mut choice = Choice {
             pinned: self.pinned,
             seed: spread_seed(self.calls),
+            scope: self.scope,
+            op: self.op,
         };
         let hijacked = hijack(
             self.pid,
             &self.mem,
             self.timeouts,
-            choice,
+            &mut choice,
             None,
             &mut committed,
             &mut |regs, _, tid| {
@@ -811,6 +858,7 @@ impl Remote {
                 })
             },
         );
+        self.scope = choice.scope;
         let tid = match hijacked {
             Ok(tid) => tid,
             Err(e) => {

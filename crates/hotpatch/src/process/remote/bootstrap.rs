@@ -6,7 +6,12 @@ use super::*;
 
 /// Run the cave bootstrap once at `layout.base`: `mmap` RW, `mprotect` the
 /// code page RX, marker. `CallFailed` when the mmap failed (try elsewhere).
-pub(super) fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Result<(), ProcessError> {
+pub(super) fn bootstrap(
+    mem: &Mem,
+    layout: &Layout,
+    timeouts: Timeouts,
+    choice: Choice,
+) -> Result<(), ProcessError> {
     let pid = mem.pid();
     let op = CaveOp {
         nr: NR_MMAP,
@@ -27,7 +32,7 @@ pub(super) fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Resul
             .ok()
             .filter(|m| *m as u32 == stub::BOOT_MAGIC)
     };
-    match run_cave(mem, &op, timeouts, &probe)? {
+    match run_cave(mem, &op, timeouts, choice, &probe)? {
         Some(m) if m >> 32 == 0 => Ok(()),
         Some(m) => {
             // Mapped, but it cannot hold code: nowhere else will either
@@ -43,7 +48,7 @@ pub(super) fn bootstrap(mem: &Mem, layout: &Layout, timeouts: Timeouts) -> Resul
                     std::io::Error::from_raw_os_error(errno)
                 ),
             };
-            Err(unmap_failed(mem, layout, timeouts, refused))
+            Err(unmap_failed(mem, layout, timeouts, choice, refused))
         }
         None => Err(ProcessError::CallFailed {
             pid,
@@ -76,6 +81,7 @@ pub(super) fn unmap_through_cave(
     mem: &Mem,
     region: Range<u64>,
     timeouts: Timeouts,
+    choice: Choice,
 ) -> Result<(), ProcessError> {
     let pid = mem.pid();
     let op = CaveOp {
@@ -88,7 +94,7 @@ pub(super) fn unmap_through_cave(
         let maps = crate::process::Process::open(pid).and_then(|p| p.maps()).ok()?;
         (!maps.iter().any(|m| m.start < region.end && region.start < m.end)).then_some(0)
     };
-    match run_cave(mem, &op, timeouts, &gone)? {
+    match run_cave(mem, &op, timeouts, choice, &gone)? {
         Some(_) => Ok(()),
         None => Err(ProcessError::CallFailed {
             pid,
@@ -105,11 +111,12 @@ pub(super) fn unmap_failed(
     mem: &Mem,
     layout: &Layout,
     timeouts: Timeouts,
+    choice: Choice,
     error: ProcessError,
 ) -> ProcessError {
     let pid = mem.pid();
     let region = layout.base..layout.end();
-    let what = match unmap_through_cave(mem, region.clone(), timeouts) {
+    let what = match unmap_through_cave(mem, region.clone(), timeouts, choice) {
         Ok(()) => "was unmapped again: nothing is left in the process".to_string(),
         Err(e) => format!(
             "could not be unmapped ({e}): {:#x}-{:#x} stays mapped, unused",
@@ -132,6 +139,7 @@ pub(super) fn run_cave(
     mem: &Mem,
     op: &CaveOp,
     timeouts: Timeouts,
+    mut choice: Choice,
     probe: &dyn Fn() -> Option<u64>,
 ) -> Result<Option<u64>, ProcessError> {
     let pid = mem.pid();
@@ -146,7 +154,7 @@ pub(super) fn run_cave(
         pid,
         mem,
         timeouts,
-        Choice::default(),
+        &mut choice,
         Some(&maps),
         &mut committed,
         &mut |regs, maps, _| {

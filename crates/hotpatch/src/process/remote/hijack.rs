@@ -4,10 +4,29 @@
 use super::*;
 
 /// Which thread to take.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Choice {
     pub(super) pinned: Option<i32>,
     pub(super) seed: u64,
+    /// The threads the caller's preflight judged: at
+    /// [`Scope::PlainThreads`], a thread is used only if it is plain
+    /// ([`preflight::thread_unfit`]), or after a look at every thread
+    /// allowed it (which widens this to [`Scope::EveryThread`]).
+    pub(super) scope: Scope,
+    /// What the session is for (the calls a look at every thread judges).
+    pub(super) op: Operation,
+}
+
+impl Default for Choice {
+    /// Any thread, each checked before use.
+    fn default() -> Choice {
+        Choice {
+            pinned: None,
+            seed: 0,
+            scope: Scope::PlainThreads,
+            op: Operation::Apply,
+        }
+    }
 }
 
 /// A seed for [`threads::pick_spread`]: the call counter mixed with the
@@ -52,14 +71,17 @@ pub(super) fn hijack(
     pid: i32,
     mem: &Mem,
     timeouts: Timeouts,
-    choice: Choice,
+    choice: &mut Choice,
     maps: Option<&[MapEntry]>,
     committed: &mut bool,
     plan: &mut Plan<'_>,
 ) -> Result<i32, ProcessError> {
     let mut excluded: Vec<i32> = Vec::new();
+    // Threads left out as not plain while only the main thread was judged.
+    let mut unfit: Vec<i32> = Vec::new();
     let mut last_err = None;
-    for _attempt in 0..4 {
+    let mut attempts = 0;
+    while attempts < 4 {
         let t0 = Instant::now();
         let chosen = match choice.pinned {
             Some(tid) if excluded.contains(&tid) => None,
@@ -72,8 +94,40 @@ pub(super) fn hijack(
             None => threads::sample(pid, choice.seed, &excluded)?,
         };
         let Some(t) = chosen else {
-            break;
+            if unfit.is_empty() || choice.scope == Scope::EveryThread {
+                break;
+            }
+            // Only threads that are not plain are left: judge every
+            // thread now, and take them only if every one may run the
+            // calls (no filter refuses one, nothing else stands in the way).
+            let report = preflight::require(pid, Depth::Full, choice.op)?;
+            if report.scope != Scope::EveryThread {
+                return Err(ProcessError::NoUsableThread {
+                    pid,
+                    why: format!(
+                        "the threads without a seccomp filter cannot be used now, and the others' filters refuse what hotpatch does: {}",
+                        report
+                            .findings
+                            .iter()
+                            .find(|f| f.check == preflight::Check::Seccomp)
+                            .map_or("", |f| f.detail.as_str())
+                    ),
+                });
+            }
+            choice.scope = Scope::EveryThread;
+            excluded.retain(|tid| !unfit.contains(tid));
+            unfit.clear();
+            continue;
         };
+        if choice.scope == Scope::PlainThreads
+            && let Some(why) = preflight::thread_unfit(pid, t.tid)
+        {
+            tracing::debug!(pid, tid = t.tid, why, "thread not plain; next thread");
+            excluded.push(t.tid);
+            unfit.push(t.tid);
+            continue;
+        }
+        attempts += 1;
         let t_threads = t0.elapsed();
         let mut traced = match Traced::seize(pid, t.tid) {
             Ok(tr) => tr,

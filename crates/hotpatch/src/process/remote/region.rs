@@ -215,7 +215,13 @@ pub fn regions(pid: i32) -> Result<Vec<Range<u64>>, ProcessError> {
 /// holds and whose last call returned); returns how many.
 pub fn remove_regions(pid: i32) -> Result<usize, ProcessError> {
     let mut removed = 0;
-    while let Some(remote) = Remote::open(pid, Placement::Anywhere, Timeouts::default(), false)? {
+    while let Some(remote) = Remote::open(
+        pid,
+        Placement::Anywhere,
+        Timeouts::default(),
+        Choice::default(),
+        false,
+    )? {
         remote.release()?;
         removed += 1;
     }
