@@ -228,6 +228,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         Placement::Anywhere,
         judged.scope,
         crate::process::preflight::Operation::Apply,
+        maps.clone(),
     )?;
     if let Some(r) = region.as_mut() {
         r.make_private(&mut remote, &state)?;

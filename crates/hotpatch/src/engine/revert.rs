@@ -107,6 +107,7 @@ fn revert_in(pid: i32, which: Which) -> Result<Reverts, EngineError> {
         Placement::Anywhere,
         judged.scope,
         crate::process::preflight::Operation::Revert,
+        maps.clone(),
     )?;
     region.make_private(&mut remote, &state)?;
     let mut out = Vec::new();
