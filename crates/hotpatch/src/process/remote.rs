@@ -99,6 +99,7 @@ pub use running::{BUDGET, ProgramData, Running};
 pub use target_libc::TargetLibc;
 
 use super::preflight::{self, Depth, Operation, Scope};
+use super::priority;
 use super::ptrace::{Backoff, Regs, Traced};
 use super::stub::{self, CaveOp, CaveRestore, Layout, SessionStub, frame};
 use super::threads::{self, SyscallState};
@@ -828,6 +829,7 @@ impl Remote {
             seed: spread_seed(self.calls),
             scope: self.scope,
             op: self.op,
+            lend: lend_priority.is_some(),
         };
         let hijacked = hijack(
             self.pid,

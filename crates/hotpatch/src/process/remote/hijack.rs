@@ -15,7 +15,15 @@ pub(super) struct Choice {
     pub(super) scope: Scope,
     /// What the session is for (the calls a look at every thread judges).
     pub(super) op: Operation,
+    /// The call lends its thread a real-time priority (a program that
+    /// gives it back itself): a thread slow to stop may be lent one early.
+    pub(super) lend: bool,
 }
+
+/// How long an interrupted thread may take to stop before it is lent a
+/// priority: one that waits in a system call stops within tens of µs when
+/// a CPU is free.
+const QUICK_STOP: Duration = Duration::from_micros(300);
 
 impl Default for Choice {
     /// Any thread, each checked before use.
@@ -25,6 +33,7 @@ impl Default for Choice {
             seed: 0,
             scope: Scope::PlainThreads,
             op: Operation::Apply,
+            lend: false,
         }
     }
 }
@@ -137,7 +146,18 @@ pub(super) fn hijack(
             }
             Err(e) => return Err(e),
         };
-        match traced.interrupt(timeouts.stop) {
+        // A thread that does not stop at once waits for a CPU: lend it a
+        // real-time priority for the rest of the way (given back if it is
+        // not sent into the stub, by the program if it is).
+        let mut loan = None;
+        let mut stop = traced.interrupt(QUICK_STOP.min(timeouts.stop));
+        if matches!(stop, Err(ProcessError::Timeout { .. })) {
+            if choice.lend {
+                loan = priority::EarlyLoan::make(pid, t.tid);
+            }
+            stop = traced.interrupt(timeouts.stop.saturating_sub(QUICK_STOP));
+        }
+        match stop {
             Ok(()) => {}
             Err(e @ (ProcessError::Exited { .. } | ProcessError::Timeout { .. })) => {
                 excluded.push(t.tid);
@@ -173,10 +193,15 @@ pub(super) fn hijack(
         traced.set_regs(&h.regs)?;
         *committed = true;
         if let Some(at) = h.lend_priority {
-            // After SETREGS (a tool killed before leaves it as it was) and
-            // while it is stopped (the program cannot have restored yet):
-            // what it had, where the program restores it from, then raised.
-            crate::process::priority::lend(mem, t.tid, at);
+            // After SETREGS (a tool killed before leaves it as it was, or
+            // to the guardian with an early loan) and while it is stopped
+            // (the program cannot have restored yet): what it had, where
+            // the program restores it from, then raised.
+            if priority::lend(mem, t.tid, at, loan.as_ref())
+                && let Some(l) = loan.take()
+            {
+                l.settle();
+            }
         }
         traced.detach()?;
         tracing::trace!(

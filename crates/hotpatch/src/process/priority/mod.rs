@@ -14,6 +14,8 @@
 
 use nix::libc;
 
+mod guardian;
+
 /// While alive, the calling thread runs at `SCHED_FIFO` priority 1 (the
 /// lowest real-time priority) if it may; dropping it restores the policy
 /// it had. Threads and processes it starts meanwhile run at normal
@@ -214,50 +216,145 @@ fn sched_setattr(tid: i32, attr: &SchedAttr) -> Result<(), std::io::Error> {
     Ok(())
 }
 
-/// Lend thread `tid` of a target `SCHED_FIFO` priority 1 for the program
-/// it is about to run: its own attributes are written at `at` first (the
-/// program restores them itself on its way out, so the loan ends with the
-/// program whatever happens to the tool); a thread already at a real-time
-/// policy is left alone. Best effort: without the right to raise it (not
-/// root, no `RLIMIT_RTPRIO`), nothing changes.
-pub fn lend(mem: &crate::process::Mem, tid: i32, at: u64) {
-    // Only to a thread without seccomp filters: one that refused the
-    // program's `sched_setattr` would keep the loan for good.
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", mem.pid())).unwrap_or_default();
+/// Whether thread `tid` of `pid` runs without seccomp filters: only such
+/// a thread is lent a priority (one that refused the program's
+/// `sched_setattr` would keep the loan for good).
+fn unfiltered(pid: i32, tid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
     let seccomp = status
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp:"))
         .map(str::trim);
     if seccomp != Some("0") {
         tracing::debug!(tid, ?seccomp, "no priority lent to a thread under seccomp");
-        return;
+        return false;
     }
-    let own = match sched_getattr(tid) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(tid, "sched_getattr: {e}; no priority lent");
-            return;
-        }
-    };
-    let realtime = [libc::SCHED_FIFO, libc::SCHED_RR, 6 /* SCHED_DEADLINE */];
-    if realtime.contains(&(own.policy as i32)) {
-        return;
-    }
-    let own = SchedAttr { size: 56, ..own };
-    if let Err(e) = mem.write(at, &own.bytes()) {
-        tracing::debug!(tid, "recording the thread's scheduling: {e}; no priority lent");
-        return;
-    }
-    let fifo = SchedAttr {
+    true
+}
+
+fn is_realtime_attr(a: &SchedAttr) -> bool {
+    [libc::SCHED_FIFO, libc::SCHED_RR, 6 /* SCHED_DEADLINE */].contains(&(a.policy as i32))
+}
+
+/// What a loan sets: `SCHED_FIFO` 1, keeping the thread's reset-on-fork.
+fn fifo_for(own: &SchedAttr) -> SchedAttr {
+    SchedAttr {
         size: 56,
         policy: libc::SCHED_FIFO as u32,
         flags: own.flags & SCHED_FLAG_RESET_ON_FORK,
         priority: 1,
         ..SchedAttr::default()
+    }
+}
+
+/// Lend thread `tid` of a target `SCHED_FIFO` priority 1 for the program
+/// it is about to run: its own attributes are written at `at` first (the
+/// program restores them itself on its way out, so the loan ends with the
+/// program whatever happens to the tool); a thread already at a real-time
+/// policy is left alone. `early`: a loan made before the thread stopped
+/// ([`EarlyLoan`]), whose attributes are the ones to give back. Best
+/// effort: without the right to raise it (not root, no `RLIMIT_RTPRIO`),
+/// nothing changes. Returns whether the program now holds the loan (it
+/// will restore what is at `at`).
+pub fn lend(mem: &crate::process::Mem, tid: i32, at: u64, early: Option<&EarlyLoan>) -> bool {
+    let own = match early {
+        Some(loan) => loan.own,
+        None => {
+            if !unfiltered(mem.pid(), tid) {
+                return false;
+            }
+            match sched_getattr(tid) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(tid, "sched_getattr: {e}; no priority lent");
+                    return false;
+                }
+            }
+        }
     };
-    if let Err(e) = sched_setattr(tid, &fifo) {
+    if is_realtime_attr(&own) {
+        return false;
+    }
+    let own = SchedAttr { size: 56, ..own };
+    if let Err(e) = mem.write(at, &own.bytes()) {
+        tracing::debug!(tid, "recording the thread's scheduling: {e}; no priority lent");
+        return false;
+    }
+    if early.is_some() {
+        // Raised already.
+        return true;
+    }
+    if let Err(e) = sched_setattr(tid, &fifo_for(&own)) {
         tracing::debug!(tid, "no real-time priority lent to the borrowed thread: {e}");
+        return false;
+    }
+    true
+}
+
+/// A priority lent to a target thread *before* it reached its ptrace stop:
+/// interrupted while it waits for a CPU among busy threads, a thread at
+/// normal priority takes its turn first (2–45 ms measured among 8 busy
+/// threads on 2 cores), at `SCHED_FIFO` 1 it stops within 50 µs. Until
+/// the program holds the loan ([`EarlyLoan::settle`], after [`lend`]),
+/// the tool owes it: dropping the loan gives the thread its attributes
+/// back, and the [`Guardian`] does if the tool dies first.
+#[derive(Debug)]
+pub struct EarlyLoan {
+    tid: i32,
+    own: SchedAttr,
+    settled: bool,
+}
+
+impl EarlyLoan {
+    /// Raise thread `tid` of `pid` now, if it is a thread that may be lent
+    /// one (no seccomp filter, not real-time already) and the guardian
+    /// runs; `None` otherwise (nothing changed).
+    pub fn make(pid: i32, tid: i32) -> Option<EarlyLoan> {
+        if !unfiltered(pid, tid) {
+            return None;
+        }
+        let own = SchedAttr {
+            size: 56,
+            ..sched_getattr(tid).ok()?
+        };
+        if is_realtime_attr(&own) {
+            return None;
+        }
+        // The guardian hears of the loan before it exists: a tool killed
+        // right after the raise leaves it a loan to give back.
+        guardian::record(guardian::Record::lent(tid, &own)).ok()?;
+        if let Err(e) = sched_setattr(tid, &fifo_for(&own)) {
+            tracing::debug!(tid, "no early priority lent: {e}");
+            let _ = guardian::record(guardian::Record::ended(tid));
+            return None;
+        }
+        Some(EarlyLoan {
+            tid,
+            own,
+            settled: false,
+        })
+    }
+
+    /// The program holds the loan now (it restores the thread itself).
+    pub fn settle(mut self) {
+        self.settled = true;
+        let _ = guardian::record(guardian::Record::ended(self.tid));
+    }
+}
+
+impl Drop for EarlyLoan {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Only undo our own loan: a thread whose policy changed since is
+        // left as it is now.
+        if sched_getattr(self.tid).is_ok_and(|a| a.policy == libc::SCHED_FIFO as u32 && a.priority == 1)
+            && let Err(e) = sched_setattr(self.tid, &self.own)
+        {
+            tracing::warn!(tid = self.tid, "giving back a lent priority failed: {e}");
+        }
+        let _ = guardian::record(guardian::Record::ended(self.tid));
     }
 }
 
