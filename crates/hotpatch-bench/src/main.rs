@@ -35,6 +35,8 @@ pub struct Config {
     pub apply_functions: Vec<usize>,
     pub apply_threads: Vec<usize>,
     pub apply_runs: usize,
+    /// Which routes the `apply` section measures.
+    pub apply_routes: Vec<apply_time::Route>,
     /// The largest size, run only if it fits `apply_big_budget`.
     pub apply_big: Option<usize>,
     pub apply_big_runs: usize,
@@ -65,6 +67,7 @@ impl Config {
             apply_functions: vec![1, 10, 100, 1000],
             apply_threads: vec![1, 16, 128],
             apply_runs: 5,
+            apply_routes: vec![apply_time::Route::Prepared, apply_time::Route::Detour],
             apply_big: Some(10_000),
             apply_big_runs: 1,
             apply_big_budget: Duration::from_secs(120),
@@ -93,6 +96,7 @@ impl Config {
             apply_functions: vec![1, 10],
             apply_threads: vec![1],
             apply_runs: 1,
+            apply_routes: vec![apply_time::Route::Prepared, apply_time::Route::Detour],
             apply_big: None,
             apply_big_runs: 0,
             apply_big_budget: Duration::ZERO,
@@ -116,13 +120,32 @@ impl Config {
 const SECTIONS: &[&str] = &["stall", "apply", "scale", "overhead", "memory", "side"];
 
 const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--only SECTION,...]
+                      [--apply-functions N,...] [--apply-threads N,...] [--apply-runs N]
+                      [--apply-route prepared|detour]
   sections: stall, apply, scale, overhead, memory, side (default: all)
+  --apply-functions/--apply-threads/--apply-runs/--apply-route: only these rows of
+    `apply` (e.g. `--only apply --apply-functions 1000 --apply-threads 1 --apply-route prepared`)
   Prints markdown tables on stdout (progress on stderr); figures are never asserted.";
 
 struct Args {
     quick: bool,
     json_out: Option<PathBuf>,
     only: Vec<String>,
+    apply_functions: Option<Vec<usize>>,
+    apply_threads: Option<Vec<usize>>,
+    apply_runs: Option<usize>,
+    apply_route: Option<apply_time::Route>,
+}
+
+/// A comma-separated list of positive counts.
+fn counts(flag: &str, list: Option<String>) -> std::result::Result<Vec<usize>, String> {
+    let list = list.ok_or(format!("{flag} needs a list of numbers"))?;
+    list.split(',')
+        .map(|n| match n.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(format!("{flag}: `{n}` is not a positive number")),
+        })
+        .collect()
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -130,6 +153,10 @@ fn parse_args() -> std::result::Result<Args, String> {
         quick: false,
         json_out: None,
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
+        apply_functions: None,
+        apply_threads: None,
+        apply_runs: None,
+        apply_route: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -142,6 +169,22 @@ fn parse_args() -> std::result::Result<Args, String> {
                 if let Some(bad) = args.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
                     return Err(format!("unknown section `{bad}`"));
                 }
+            }
+            "--apply-functions" => args.apply_functions = Some(counts(&a, it.next())?),
+            "--apply-threads" => args.apply_threads = Some(counts(&a, it.next())?),
+            "--apply-runs" => {
+                let runs = counts(&a, it.next())?;
+                match runs.as_slice() {
+                    [n] => args.apply_runs = Some(*n),
+                    _ => return Err("--apply-runs needs one number".into()),
+                }
+            }
+            "--apply-route" => {
+                args.apply_route = Some(match it.next().as_deref() {
+                    Some("prepared") => apply_time::Route::Prepared,
+                    Some("detour") => apply_time::Route::Detour,
+                    _ => return Err("--apply-route needs `prepared` or `detour`".into()),
+                })
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
@@ -301,11 +344,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = if args.quick {
+    let mut cfg = if args.quick {
         Config::quick()
     } else {
         Config::full()
     };
+    if let Some(f) = &args.apply_functions {
+        cfg.apply_functions = f.clone();
+        // Only the sizes asked for.
+        cfg.apply_big = None;
+    }
+    if let Some(t) = &args.apply_threads {
+        cfg.apply_threads = t.clone();
+    }
+    if let Some(r) = args.apply_runs {
+        cfg.apply_runs = r;
+    }
+    if let Some(r) = args.apply_route {
+        cfg.apply_routes = vec![r];
+    }
     let started = Instant::now();
     let work = match Work::new() {
         Ok(w) => w,
