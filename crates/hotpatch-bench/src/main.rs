@@ -6,9 +6,10 @@
 //! cargo run --release -p hotpatch-bench                 # full run, under 10 minutes on 2 cores
 //! cargo run --release -p hotpatch-bench -- --quick      # CI smoke, tiny sizes
 //! cargo run --release -p hotpatch-bench -- --only stall,apply --json-out bench.json
+//! cargo run --release -p hotpatch-bench -- --only timeline --svg-out docs   # docs/lateness.svg
 //! ```
 //!
-//! Sections: `stall`, `apply`, `scale`, `overhead`, `memory`, `side`. Each builds its
+//! Sections: `stall`, `apply`, `scale`, `overhead`, `memory`, `side`, `timeline`. Each builds its
 //! C subjects with gcc in a temporary directory; every process it starts is
 //! killed and reaped when the section ends, on every path.
 
@@ -19,6 +20,8 @@ mod overhead;
 mod scale;
 mod side;
 mod stall;
+mod svg;
+mod timeline;
 
 use common::{Result, Work, progress};
 use serde::Serialize;
@@ -55,6 +58,12 @@ pub struct Config {
     pub side_threads: Vec<usize>,
     pub side_window: Duration,
     pub side_windows: usize,
+    /// The timeline: workers of its stall target, the window before and
+    /// after each operation, the bins of the chart.
+    pub timeline_workers: usize,
+    pub timeline_before: Duration,
+    pub timeline_after: Duration,
+    pub timeline_bin_ms: f64,
 }
 
 impl Config {
@@ -84,6 +93,10 @@ impl Config {
             side_threads: vec![16, 128],
             side_window: Duration::from_millis(2000),
             side_windows: 2,
+            timeline_workers: 16,
+            timeline_before: Duration::from_millis(100),
+            timeline_after: Duration::from_millis(150),
+            timeline_bin_ms: 1.0,
         }
     }
 
@@ -113,16 +126,23 @@ impl Config {
             side_threads: vec![16],
             side_window: Duration::from_millis(1500),
             side_windows: 1,
+            timeline_workers: 4,
+            timeline_before: Duration::from_millis(30),
+            timeline_after: Duration::from_millis(50),
+            timeline_bin_ms: 1.0,
         }
     }
 }
 
-const SECTIONS: &[&str] = &["stall", "apply", "scale", "overhead", "memory", "side"];
+const SECTIONS: &[&str] = &[
+    "stall", "apply", "scale", "overhead", "memory", "side", "timeline",
+];
 
-const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--only SECTION,...]
+const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--svg-out DIR] [--only SECTION,...]
                       [--apply-functions N,...] [--apply-threads N,...] [--apply-runs N]
                       [--apply-route prepared|detour]
-  sections: stall, apply, scale, overhead, memory, side (default: all)
+  sections: stall, apply, scale, overhead, memory, side, timeline (default: all)
+  --svg-out DIR: the timeline's chart, DIR/lateness.svg
   --apply-functions/--apply-threads/--apply-runs/--apply-route: only these rows of
     `apply` (e.g. `--only apply --apply-functions 1000 --apply-threads 1 --apply-route prepared`)
   Prints markdown tables on stdout (progress on stderr); figures are never asserted.";
@@ -130,6 +150,7 @@ const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--only S
 struct Args {
     quick: bool,
     json_out: Option<PathBuf>,
+    svg_out: Option<PathBuf>,
     only: Vec<String>,
     apply_functions: Option<Vec<usize>>,
     apply_threads: Option<Vec<usize>>,
@@ -152,6 +173,7 @@ fn parse_args() -> std::result::Result<Args, String> {
     let mut args = Args {
         quick: false,
         json_out: None,
+        svg_out: None,
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
         apply_functions: None,
         apply_threads: None,
@@ -163,6 +185,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--json-out" => args.json_out = Some(it.next().ok_or("--json-out needs a file")?.into()),
+            "--svg-out" => args.svg_out = Some(it.next().ok_or("--svg-out needs a directory")?.into()),
             "--only" => {
                 let list = it.next().ok_or("--only needs a list of sections")?;
                 args.only = list.split(',').map(str::to_string).collect();
@@ -307,6 +330,7 @@ struct Report {
     overhead: Option<std::result::Result<overhead::OverheadResult, String>>,
     memory: Option<std::result::Result<memory::MemoryResult, String>>,
     side: Option<std::result::Result<side::SideResult, String>>,
+    timeline: Option<std::result::Result<timeline::TimelineResult, String>>,
 }
 
 /// Run one section if selected, print its table (or its error) now.
@@ -427,6 +451,22 @@ fn main() -> ExitCode {
         || side::run(&cfg, &work),
         side::render,
     );
+    let timeline = section(
+        &args,
+        "timeline",
+        &mut failures,
+        || timeline::run(&cfg, &work),
+        timeline::render,
+    );
+    if let (Some(dir), Some(Ok(t))) = (&args.svg_out, &timeline) {
+        let path = dir.join("lateness.svg");
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, timeline::chart(t, &m.commit)));
+        match written {
+            Ok(()) => progress(&format!("wrote {}", path.display())),
+            Err(e) => failures.push(format!("timeline: cannot write {}: {e}", path.display())),
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     m.loadavg_end = loadavg();
     println!(
@@ -443,6 +483,7 @@ fn main() -> ExitCode {
         overhead,
         memory,
         side,
+        timeline,
     };
     if let Some(path) = &args.json_out {
         let text = match serde_json::to_string_pretty(&report) {
