@@ -159,6 +159,9 @@ pub struct Panel {
     pub worst: Vec<(f64, f64)>,
     /// (time ms, median lateness µs of that bin).
     pub median: Vec<(f64, f64)>,
+    /// The x axis of this panel, ms from the operation's start (each
+    /// panel has its own: gdb's operation is 100 times hotpatch's).
+    pub x_range: (f64, f64),
     /// Points farther apart than this (ms) are not joined: no wake was due
     /// in between (the threads were stopped).
     pub gap_ms: f64,
@@ -177,12 +180,12 @@ pub fn runs(points: &[(f64, f64)], gap: f64) -> Vec<Vec<(f64, f64)>> {
     out
 }
 
-/// The chart: panels stacked, a shared x axis (ms from the operation's
-/// start) over `x_range`, a shared log y axis of lateness.
-pub fn lateness_chart(title: &str, subtitle: &str, panels: &[Panel], x_range: (f64, f64)) -> String {
+/// The chart: panels stacked, each with its x axis (ms from the
+/// operation's start), all on the same log y axis of lateness.
+pub fn lateness_chart(title: &str, subtitle: &str, panels: &[Panel]) -> String {
     let (width, left, right) = (900.0, 78.0, 20.0);
     let lines: Vec<&str> = subtitle.lines().collect();
-    let (panel_h, gap, bottom) = (150.0, 34.0, 58.0);
+    let (panel_h, gap, bottom) = (150.0, 44.0, 48.0);
     let top = 52.0 + 16.0 * lines.len() as f64;
     let height = top + panels.len() as f64 * (panel_h + gap) - gap + bottom;
     let mut svg = Svg::new(width, height);
@@ -202,10 +205,10 @@ pub fn lateness_chart(title: &str, subtitle: &str, panels: &[Panel], x_range: (f
         .flat_map(|p| p.worst.iter().map(|&(_, v)| v))
         .fold(1.0f64, f64::max);
     let y_decades = worst.log10().ceil().max(3.0) as i32;
-    let (x0, x1) = x_range;
     let plot_w = width - left - right;
-    let x_of = |t: f64| left + (t.clamp(x0, x1) - x0) / (x1 - x0) * plot_w;
     for (i, panel) in panels.iter().enumerate() {
+        let (x0, x1) = panel.x_range;
+        let x_of = |t: f64| left + (t.clamp(x0, x1) - x0) / (x1 - x0) * plot_w;
         let y_top = top + i as f64 * (panel_h + gap);
         let y_of = |us: f64| y_top + panel_h - us.max(1.0).log10() / y_decades as f64 * panel_h;
         svg.rect(left, y_top, plot_w, panel_h, "#fbfbfb", Some("#999"));
@@ -237,15 +240,13 @@ pub fn lateness_chart(title: &str, subtitle: &str, panels: &[Panel], x_range: (f
                 1.0,
                 false,
             );
-            if i + 1 == panels.len() {
-                svg.text(
-                    (x, y_top + panel_h + 17.0),
-                    11.0,
-                    Anchor::Middle,
-                    false,
-                    &format!("{t}"),
-                );
-            }
+            svg.text(
+                (x, y_top + panel_h + 16.0),
+                11.0,
+                Anchor::Middle,
+                false,
+                &format!("{t}"),
+            );
         }
         for (points, colour, width) in [(&panel.median, "#8fb3d9", 1.0), (&panel.worst, "#1f4e8c", 1.3)] {
             let inside: Vec<(f64, f64)> = points
@@ -273,7 +274,7 @@ pub fn lateness_chart(title: &str, subtitle: &str, panels: &[Panel], x_range: (f
     }
     let last = top + panels.len() as f64 * (panel_h + gap) - gap;
     svg.text(
-        (left + plot_w / 2.0, last + 38.0),
+        (left + plot_w / 2.0, last + 36.0),
         12.0,
         Anchor::Middle,
         false,
@@ -342,14 +343,10 @@ mod tests {
             op_end_ms: end,
             worst: vec![(-10.0, 50.0), (0.5, 3000.0), (20.0, 40.0)],
             median: vec![(-10.0, 10.0), (0.5, 12.0), (20.0, 9.0)],
+            x_range: (-50.0, end + 100.0),
             gap_ms: 100.0,
         };
-        let svg = lateness_chart(
-            "t",
-            "s",
-            &[panel("hotpatch", 2.0), panel("gdb", 300.0)],
-            (-50.0, 400.0),
-        );
+        let svg = lateness_chart("t", "s", &[panel("hotpatch", 2.0), panel("gdb", 300.0)]);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 4);

@@ -250,7 +250,6 @@ pub fn run(cfg: &Config, work: &Work) -> Result<TimelineResult> {
 
 /// The chart of a result.
 pub fn chart(r: &TimelineResult, commit: &str) -> String {
-    let end = r.series.iter().map(|s| s.op_ms).fold(0.0, f64::max) + r.after_ms;
     let panels: Vec<Panel> = r
         .series
         .iter()
@@ -259,6 +258,7 @@ pub fn chart(r: &TimelineResult, commit: &str) -> String {
             op_end_ms: s.op_ms,
             worst: s.bins.iter().map(|b| (b.t_ms, b.worst_us)).collect(),
             median: s.bins.iter().map(|b| (b.t_ms, b.median_us)).collect(),
+            x_range: (-r.before_ms, s.op_ms + r.after_ms),
             gap_ms: 2.5 * r.bin_ms,
         })
         .collect();
@@ -266,11 +266,10 @@ pub fn chart(r: &TimelineResult, commit: &str) -> String {
         "How late the target's threads wake around one operation",
         &format!(
             "stall target: {} workers waking every {} µs, a fresh process per method; bins of {} ms by each wake's deadline\n\
-             (a gap: no wake was due, the threads were stopped); hotpatch-bench, commit {commit}",
+             (a gap: no wake had its deadline there, the threads were stopped or late past it); hotpatch-bench, commit {commit}",
             r.workers, r.period_us, r.bin_ms
         ),
         &panels,
-        (-r.before_ms, end),
     )
 }
 
