@@ -252,7 +252,7 @@ impl<'a> Planner<'a> {
         &self,
         file: &ImageFile,
         window: std::ops::Range<u64>,
-    ) -> Result<Vec<Function>, PlanError> {
+    ) -> Result<std::borrow::Cow<'_, [Function]>, PlanError> {
         if let Source::Lean { near, .. } = &self.source
             && let Some((windows, functions)) = near.get()
             && let Some(w) = windows.get(windows.partition_point(|w| w.end < window.end))
@@ -261,9 +261,11 @@ impl<'a> Planner<'a> {
         {
             let from = functions.partition_point(|f| f.address < window.start);
             let to = functions.partition_point(|f| f.address < window.end);
-            return Ok(functions[from..to].to_vec());
+            return Ok(std::borrow::Cow::Borrowed(&functions[from..to]));
         }
-        file.functions_in(window).map_err(|e| self.read_error(e))
+        file.functions_in(window)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| self.read_error(e))
     }
 
     /// The image's path, for messages.

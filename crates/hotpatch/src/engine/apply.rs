@@ -174,9 +174,10 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         .collect();
     let planner = Planner::lean(&target.image, &names)?;
     let mut planned: Vec<Planned> = Vec::new();
+    let mut by_entry: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
     for r in &spec.replacements {
         let (entry, method) = planner.method(&r.target)?;
-        if let Some(other) = planned.iter().find(|p| p.entry == entry) {
+        if let Some(other) = by_entry.insert(entry, planned.len()).map(|i| &planned[i]) {
             return Err(EngineError::Failed {
                 pid,
                 what: format!("`{}` and `{}` are the same function", other.name, r.target),

@@ -374,7 +374,8 @@ struct Candidates {
 impl Candidates {
     /// `known_equal`: the caller has the symbols equal to `name` (from
     /// `.gnu.hash`), so the strings are not searched for them.
-    fn of(strings: &[u8], name: &str, known_equal: bool) -> Candidates {
+    /// `escapes`: the table's [`escapes`], found once for every query.
+    fn of(strings: &[u8], name: &str, known_equal: bool, escapes: &[(usize, usize)]) -> Candidates {
         // A lossy name (U+FFFD) may come from invalid bytes, which no
         // search for the name's own bytes finds: such a query reads all.
         if name.contains('\u{fffd}') || name.contains('\0') {
@@ -383,13 +384,6 @@ impl Candidates {
                 contain: None,
             };
         }
-        let mut pattern = name.as_bytes().to_vec();
-        pattern.push(0);
-        let equal = if known_equal {
-            Vec::new()
-        } else {
-            memchr::memmem::find_iter(strings, &pattern).collect()
-        };
         // Demangled Rust names: the last path component, when it is a plain
         // identifier, appears verbatim in the mangled name (legacy and v0
         // copy ASCII identifiers, v0 back-references point at earlier
@@ -397,17 +391,31 @@ impl Candidates {
         // identifier character: other escapes make it no plain identifier).
         let last = name.rsplit("::").next().unwrap_or(name);
         let plain = !last.is_empty() && last.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        let contain = plain.then(|| {
-            let mut found = Vec::new();
-            for needle in [last.as_bytes(), b"$u"] {
-                for p in memchr::memmem::find_iter(strings, needle) {
-                    if needle == b"$u" && !escapes_identifier_char(&strings[p..]) {
-                        continue;
-                    }
-                    let start = memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1);
-                    found.push((start, p));
-                }
+        let occurrences: Option<Vec<usize>> =
+            plain.then(|| memchr::memmem::find_iter(strings, last.as_bytes()).collect());
+        let equal = match &occurrences {
+            _ if known_equal => Vec::new(),
+            // The name is its last component: its equal names are the
+            // occurrences followed by the NUL ending a name (the search
+            // finds occurrences that do not overlap: only for a name that
+            // cannot overlap itself are they all).
+            Some(found) if last.len() == name.len() && !overlaps_itself(name.as_bytes()) => found
+                .iter()
+                .copied()
+                .filter(|&p| strings.get(p + name.len()) == Some(&0))
+                .collect(),
+            _ => {
+                let mut pattern = name.as_bytes().to_vec();
+                pattern.push(0);
+                memchr::memmem::find_iter(strings, &pattern).collect()
             }
+        };
+        let contain = occurrences.map(|found| {
+            let mut found: Vec<(usize, usize)> = found
+                .into_iter()
+                .map(|p| (memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1), p))
+                .collect();
+            found.extend_from_slice(escapes);
             found.sort_unstable_by_key(|&(_, p)| p);
             found
         });
@@ -463,6 +471,21 @@ fn offsets_that_may_match(equal: &[usize], contain: &[(usize, usize)], offsets: 
     out
 }
 
+/// Whether two occurrences of `text` can overlap: some proper prefix is
+/// also a suffix.
+fn overlaps_itself(text: &[u8]) -> bool {
+    (1..text.len()).any(|k| text[..k] == text[text.len() - k..])
+}
+
+/// The legacy Rust escapes `$uXX$` of an identifier character in
+/// `strings`: (start of the name, offset) of each, by offset.
+fn escapes(strings: &[u8]) -> Vec<(usize, usize)> {
+    memchr::memmem::find_iter(strings, b"$u")
+        .filter(|&p| escapes_identifier_char(&strings[p..]))
+        .map(|p| (memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1), p))
+        .collect()
+}
+
 /// Whether `text` starts with a legacy Rust escape `$uXX$` that
 /// `rustc_demangle` turns into an identifier character (a letter, digit
 /// or `_`); rustc writes such escapes only for other characters.
@@ -513,13 +536,14 @@ fn scan_table(
     equal: &[Option<Vec<usize>>],
     hits: &mut [Vec<SymbolMatch>],
 ) {
+    let escapes = escapes(strings);
     let candidates: Vec<Option<Candidates>> = queries
         .iter()
         .zip(equal)
         .map(|(q, e)| {
             q.address
                 .is_none()
-                .then(|| Candidates::of(strings, q.name, e.is_some()))
+                .then(|| Candidates::of(strings, q.name, e.is_some(), &escapes))
         })
         .collect();
     // Which queries may match each symbol, found from the candidates once
@@ -623,6 +647,16 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn names_that_overlap_themselves() {
+        assert!(overlaps_itself(b"aa") && overlaps_itself(b"abcab"));
+        assert!(!overlaps_itself(b"f_1") && !overlaps_itself(b"a") && !overlaps_itself(b"ab"));
+        // An equal name inside an occurrence the search skips over.
+        let strings = b"\0aaa\0";
+        let c = Candidates::of(strings, "aa", false, &[]);
+        assert_eq!(c.equal, Some(vec![2]));
+    }
+
+    #[test]
     fn windows_merge() {
         assert_eq!(
             merge_windows(&[10..20, 0..5, 15..30, 30..31, 40..40]),
@@ -661,7 +695,7 @@ mod tests {
             }
             offsets.sort_unstable();
             offsets.dedup();
-            let c = Candidates::of(&strings, query, false);
+            let c = Candidates::of(&strings, query, false, &escapes(&strings));
             let (Some(equal), Some(contain)) = (&c.equal, &c.contain) else {
                 return Ok(());
             };
