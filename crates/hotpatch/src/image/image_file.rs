@@ -360,6 +360,10 @@ pub fn merge_windows(windows: &[std::ops::Range<u64>]) -> Vec<std::ops::Range<u6
     out
 }
 
+/// Up to this many queries, [`scan_table`] asks each query about each
+/// symbol; above, it indexes the symbols the queries may match first.
+const FEW_QUERIES: usize = 8;
+
 /// Where a query's name may be in a string table: the offsets at which a
 /// name equal to it starts, and the stretches of names that contain a piece
 /// without which no name demangles to it.
@@ -427,7 +431,6 @@ impl Candidates {
 
     /// Whether the name at `offset` may answer the query (what
     /// [`offsets_that_may_match`] computes for all offsets at once).
-    #[cfg(test)]
     fn may_match(&self, offset: usize, known_equal: bool) -> bool {
         let equal = match &self.equal {
             None => return true,
@@ -546,10 +549,12 @@ fn scan_table(
                 .then(|| Candidates::of(strings, q.name, e.is_some(), &escapes))
         })
         .collect();
-    // Which queries may match each symbol, found from the candidates once
-    // (not every query tried on every symbol): a name offset's queries,
-    // a symbol index's (from `.gnu.hash`), an address's, and those that
-    // may match any name.
+    // Which queries may match each symbol. For many queries, found from
+    // the candidates once (not every query tried on every symbol): a name
+    // offset's queries, a symbol index's (from `.gnu.hash`), an address's,
+    // and those that may match any name. For a few, each query is asked
+    // (no index over a big table for one name).
+    let indexed = queries.len() > FEW_QUERIES;
     let considered = |sym: &Sym64| {
         matches!(
             sym.st_type(),
@@ -558,7 +563,7 @@ fn scan_table(
     };
     let mut offsets: Vec<usize> = symbols
         .iter()
-        .filter(|s| considered(s))
+        .filter(|s| indexed && considered(s))
         .map(|s| s.st_name(endian) as usize)
         .collect();
     offsets.sort_unstable();
@@ -568,6 +573,9 @@ fn scan_table(
     let mut by_address: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
     let mut always: Vec<usize> = Vec::new();
     for (qi, ((q, c), e)) in queries.iter().zip(&candidates).zip(equal).enumerate() {
+        if !indexed {
+            break;
+        }
         match (q.address, c) {
             (Some(Some(address)), _) => by_address.entry(address).or_default().push(qi),
             (Some(None), _) => {}
@@ -605,12 +613,28 @@ fn scan_table(
         }
         let offset = sym.st_name(endian) as usize;
         maybe.clear();
-        maybe.extend_from_slice(&always);
-        if let Ok(pos) = offsets.binary_search(&offset) {
-            maybe.extend_from_slice(&by_offset[pos]);
+        if indexed {
+            maybe.extend_from_slice(&always);
+            if let Ok(pos) = offsets.binary_search(&offset) {
+                maybe.extend_from_slice(&by_offset[pos]);
+            }
+            maybe.extend(by_index.get(&index).into_iter().flatten());
+            maybe.extend(by_address.get(&sym.st_value(endian)).into_iter().flatten());
+        } else {
+            for (qi, ((q, c), e)) in queries.iter().zip(&candidates).zip(equal).enumerate() {
+                let may = match (q.address, c) {
+                    (Some(address), _) => address == Some(sym.st_value(endian)),
+                    (None, Some(c)) => c.may_match(
+                        offset,
+                        e.as_ref().is_some_and(|e| e.binary_search(&index).is_ok()),
+                    ),
+                    (None, None) => true,
+                };
+                if may {
+                    maybe.push(qi);
+                }
+            }
         }
-        maybe.extend(by_index.get(&index).into_iter().flatten());
-        maybe.extend(by_address.get(&sym.st_value(endian)).into_iter().flatten());
         if maybe.is_empty() {
             continue;
         }
