@@ -19,6 +19,10 @@
  *   report  "count N", "missed N", "max_ns N", "alt N" (calls that ran
  *           work_alt), then "hist BUCKET:COUNT ..." (non-zero
  *           buckets, see bucket_of)
+ *   trace   start recording every wake (its CLOCK_MONOTONIC time and its
+ *           lateness, ns), up to TRACE_CAP per worker
+ *   samples stop recording; print "sample WORKER TIME_NS LATE_NS" for
+ *           each wake recorded since `trace`
  *   quit
  * Prints "ready work=0x... work_alt=0x... work_unprep=0x..." once every
  * worker runs.
@@ -38,11 +42,19 @@
 #define COARSE 4096    /* then 64 us buckets, up to ~264 ms */
 #define BUCKETS (LINEAR + COARSE)
 
+#define TRACE_CAP 32768 /* wakes per worker per trace: 6.5 s at 200 us */
+
 struct worker {
     uint32_t hist[BUCKETS];
     uint64_t count, missed, max_ns;
     unsigned epoch;
+    /* The trace: its epoch (odd while recording), wakes recorded. */
+    unsigned trace_epoch, trace_n;
+    int64_t *trace_t, *trace_late;
 } __attribute__((aligned(64)));
+
+/* Odd while a trace records; bumped by `trace` and by `samples`. */
+static unsigned trace_epoch;
 
 static struct worker *workers;
 static unsigned epoch;
@@ -129,6 +141,19 @@ static void *worker_main(void *arg)
         __atomic_store_n(&me->count, me->count + 1, __ATOMIC_RELAXED);
         if ((uint64_t)late > me->max_ns)
             __atomic_store_n(&me->max_ns, (uint64_t)late, __ATOMIC_RELAXED);
+        unsigned te = __atomic_load_n(&trace_epoch, __ATOMIC_ACQUIRE);
+        if (te & 1) {
+            if (__atomic_load_n(&me->trace_epoch, __ATOMIC_RELAXED) != te) {
+                __atomic_store_n(&me->trace_n, 0, __ATOMIC_RELAXED);
+                __atomic_store_n(&me->trace_epoch, te, __ATOMIC_RELEASE);
+            }
+            unsigned k = me->trace_n;
+            if (k < TRACE_CAP) {
+                me->trace_t[k] = ts_ns(&now);
+                me->trace_late[k] = late;
+                __atomic_store_n(&me->trace_n, k + 1, __ATOMIC_RELEASE);
+            }
+        }
         sink = work(sink);
         sink = work_unprep(sink);
         ts_add(&next, period_ns);
@@ -186,6 +211,40 @@ static void report(int n)
     printf("\n");
 }
 
+/* Start a trace (buffers allocated once, on the first; never freed, so
+   a worker late to see the end of a trace writes into live memory). */
+static int trace_start(int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct worker *w = &workers[i];
+        if (!w->trace_t) {
+            w->trace_t = calloc(TRACE_CAP, sizeof *w->trace_t);
+            w->trace_late = calloc(TRACE_CAP, sizeof *w->trace_late);
+            if (!w->trace_t || !w->trace_late)
+                return -1;
+        }
+    }
+    if (!(trace_epoch & 1))
+        __atomic_add_fetch(&trace_epoch, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* End the trace and print what each worker recorded in it. */
+static void trace_samples(int n)
+{
+    unsigned te = trace_epoch;
+    if (te & 1)
+        __atomic_add_fetch(&trace_epoch, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < n; i++) {
+        struct worker *w = &workers[i];
+        if (!(te & 1) || __atomic_load_n(&w->trace_epoch, __ATOMIC_ACQUIRE) != te)
+            continue;
+        unsigned k = __atomic_load_n(&w->trace_n, __ATOMIC_ACQUIRE);
+        for (unsigned j = 0; j < k && j < TRACE_CAP; j++)
+            printf("sample %d %lld %lld\n", i, (long long)w->trace_t[j], (long long)w->trace_late[j]);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 4 && argc != 5) {
@@ -233,6 +292,11 @@ int main(int argc, char **argv)
             __atomic_add_fetch(&epoch, 1, __ATOMIC_RELEASE);
         } else if (!strncmp(line, "report", 6)) {
             report(n);
+        } else if (!strncmp(line, "trace", 5)) {
+            if (trace_start(n))
+                printf("error cannot allocate the trace\n");
+        } else if (!strncmp(line, "samples", 7)) {
+            trace_samples(n);
         } else if (!strncmp(line, "quit", 4)) {
             return 0;
         } else {

@@ -344,11 +344,12 @@ pub fn run(cfg: &Config, work: &Work) -> Result<ApplyResult> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &k in &cfg.apply_functions {
-        progress(&format!("apply: building {k} functions, prepared and unprepared"));
-        let builds = [
-            build_route(work, k, Route::Prepared)?,
-            build_route(work, k, Route::Detour)?,
-        ];
+        progress(&format!("apply: building {k} functions"));
+        let builds = cfg
+            .apply_routes
+            .iter()
+            .map(|&route| build_route(work, k, route))
+            .collect::<Result<Vec<_>>>()?;
         for &threads in &cfg.apply_threads {
             for b in &builds {
                 progress(&format!(

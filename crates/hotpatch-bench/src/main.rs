@@ -6,9 +6,10 @@
 //! cargo run --release -p hotpatch-bench                 # full run, under 10 minutes on 2 cores
 //! cargo run --release -p hotpatch-bench -- --quick      # CI smoke, tiny sizes
 //! cargo run --release -p hotpatch-bench -- --only stall,apply --json-out bench.json
+//! cargo run --release -p hotpatch-bench -- --only timeline --svg-out docs   # docs/lateness.svg
 //! ```
 //!
-//! Sections: `stall`, `apply`, `scale`, `overhead`, `memory`, `side`. Each builds its
+//! Sections: `stall`, `apply`, `scale`, `overhead`, `memory`, `side`, `timeline`. Each builds its
 //! C subjects with gcc in a temporary directory; every process it starts is
 //! killed and reaped when the section ends, on every path.
 
@@ -19,6 +20,8 @@ mod overhead;
 mod scale;
 mod side;
 mod stall;
+mod svg;
+mod timeline;
 
 use common::{Result, Work, progress};
 use serde::Serialize;
@@ -35,6 +38,8 @@ pub struct Config {
     pub apply_functions: Vec<usize>,
     pub apply_threads: Vec<usize>,
     pub apply_runs: usize,
+    /// Which routes the `apply` section measures.
+    pub apply_routes: Vec<apply_time::Route>,
     /// The largest size, run only if it fits `apply_big_budget`.
     pub apply_big: Option<usize>,
     pub apply_big_runs: usize,
@@ -53,6 +58,12 @@ pub struct Config {
     pub side_threads: Vec<usize>,
     pub side_window: Duration,
     pub side_windows: usize,
+    /// The timeline: workers of its stall target, the window before and
+    /// after each operation, the bins of the chart.
+    pub timeline_workers: usize,
+    pub timeline_before: Duration,
+    pub timeline_after: Duration,
+    pub timeline_bin_ms: f64,
 }
 
 impl Config {
@@ -65,6 +76,7 @@ impl Config {
             apply_functions: vec![1, 10, 100, 1000],
             apply_threads: vec![1, 16, 128],
             apply_runs: 5,
+            apply_routes: vec![apply_time::Route::Prepared, apply_time::Route::Detour],
             apply_big: Some(10_000),
             apply_big_runs: 1,
             apply_big_budget: Duration::from_secs(120),
@@ -81,6 +93,10 @@ impl Config {
             side_threads: vec![16, 128],
             side_window: Duration::from_millis(2000),
             side_windows: 2,
+            timeline_workers: 16,
+            timeline_before: Duration::from_millis(100),
+            timeline_after: Duration::from_millis(150),
+            timeline_bin_ms: 1.0,
         }
     }
 
@@ -93,6 +109,7 @@ impl Config {
             apply_functions: vec![1, 10],
             apply_threads: vec![1],
             apply_runs: 1,
+            apply_routes: vec![apply_time::Route::Prepared, apply_time::Route::Detour],
             apply_big: None,
             apply_big_runs: 0,
             apply_big_budget: Duration::ZERO,
@@ -109,39 +126,88 @@ impl Config {
             side_threads: vec![16],
             side_window: Duration::from_millis(1500),
             side_windows: 1,
+            timeline_workers: 4,
+            timeline_before: Duration::from_millis(30),
+            timeline_after: Duration::from_millis(50),
+            timeline_bin_ms: 1.0,
         }
     }
 }
 
-const SECTIONS: &[&str] = &["stall", "apply", "scale", "overhead", "memory", "side"];
+const SECTIONS: &[&str] = &[
+    "stall", "apply", "scale", "overhead", "memory", "side", "timeline",
+];
 
-const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--only SECTION,...]
-  sections: stall, apply, scale, overhead, memory, side (default: all)
+const USAGE: &str = "usage: hotpatch-bench [--quick] [--json-out FILE] [--svg-out DIR] [--only SECTION,...]
+                      [--apply-functions N,...] [--apply-threads N,...] [--apply-runs N]
+                      [--apply-route prepared|detour]
+  sections: stall, apply, scale, overhead, memory, side, timeline (default: all)
+  --svg-out DIR: the timeline's chart, DIR/lateness.svg
+  --apply-functions/--apply-threads/--apply-runs/--apply-route: only these rows of
+    `apply` (e.g. `--only apply --apply-functions 1000 --apply-threads 1 --apply-route prepared`)
   Prints markdown tables on stdout (progress on stderr); figures are never asserted.";
 
 struct Args {
     quick: bool,
     json_out: Option<PathBuf>,
+    svg_out: Option<PathBuf>,
     only: Vec<String>,
+    apply_functions: Option<Vec<usize>>,
+    apply_threads: Option<Vec<usize>>,
+    apply_runs: Option<usize>,
+    apply_route: Option<apply_time::Route>,
+}
+
+/// A comma-separated list of positive counts.
+fn counts(flag: &str, list: Option<String>) -> std::result::Result<Vec<usize>, String> {
+    let list = list.ok_or(format!("{flag} needs a list of numbers"))?;
+    list.split(',')
+        .map(|n| match n.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(format!("{flag}: `{n}` is not a positive number")),
+        })
+        .collect()
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
     let mut args = Args {
         quick: false,
         json_out: None,
+        svg_out: None,
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
+        apply_functions: None,
+        apply_threads: None,
+        apply_runs: None,
+        apply_route: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => args.quick = true,
             "--json-out" => args.json_out = Some(it.next().ok_or("--json-out needs a file")?.into()),
+            "--svg-out" => args.svg_out = Some(it.next().ok_or("--svg-out needs a directory")?.into()),
             "--only" => {
                 let list = it.next().ok_or("--only needs a list of sections")?;
                 args.only = list.split(',').map(str::to_string).collect();
                 if let Some(bad) = args.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
                     return Err(format!("unknown section `{bad}`"));
                 }
+            }
+            "--apply-functions" => args.apply_functions = Some(counts(&a, it.next())?),
+            "--apply-threads" => args.apply_threads = Some(counts(&a, it.next())?),
+            "--apply-runs" => {
+                let runs = counts(&a, it.next())?;
+                match runs.as_slice() {
+                    [n] => args.apply_runs = Some(*n),
+                    _ => return Err("--apply-runs needs one number".into()),
+                }
+            }
+            "--apply-route" => {
+                args.apply_route = Some(match it.next().as_deref() {
+                    Some("prepared") => apply_time::Route::Prepared,
+                    Some("detour") => apply_time::Route::Detour,
+                    _ => return Err("--apply-route needs `prepared` or `detour`".into()),
+                })
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
@@ -264,6 +330,7 @@ struct Report {
     overhead: Option<std::result::Result<overhead::OverheadResult, String>>,
     memory: Option<std::result::Result<memory::MemoryResult, String>>,
     side: Option<std::result::Result<side::SideResult, String>>,
+    timeline: Option<std::result::Result<timeline::TimelineResult, String>>,
 }
 
 /// Run one section if selected, print its table (or its error) now.
@@ -301,11 +368,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = if args.quick {
+    let mut cfg = if args.quick {
         Config::quick()
     } else {
         Config::full()
     };
+    if let Some(f) = &args.apply_functions {
+        cfg.apply_functions = f.clone();
+        // Only the sizes asked for.
+        cfg.apply_big = None;
+    }
+    if let Some(t) = &args.apply_threads {
+        cfg.apply_threads = t.clone();
+    }
+    if let Some(r) = args.apply_runs {
+        cfg.apply_runs = r;
+    }
+    if let Some(r) = args.apply_route {
+        cfg.apply_routes = vec![r];
+    }
     let started = Instant::now();
     let work = match Work::new() {
         Ok(w) => w,
@@ -370,6 +451,22 @@ fn main() -> ExitCode {
         || side::run(&cfg, &work),
         side::render,
     );
+    let timeline = section(
+        &args,
+        "timeline",
+        &mut failures,
+        || timeline::run(&cfg, &work),
+        timeline::render,
+    );
+    if let (Some(dir), Some(Ok(t))) = (&args.svg_out, &timeline) {
+        let path = dir.join("lateness.svg");
+        let written =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, timeline::chart(t, &m.commit)));
+        match written {
+            Ok(()) => progress(&format!("wrote {}", path.display())),
+            Err(e) => failures.push(format!("timeline: cannot write {}: {e}", path.display())),
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     m.loadavg_end = loadavg();
     println!(
@@ -386,6 +483,7 @@ fn main() -> ExitCode {
         overhead,
         memory,
         side,
+        timeline,
     };
     if let Some(path) = &args.json_out {
         let text = match serde_json::to_string_pretty(&report) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// The entry's new bytes: `jmp -7`, to the `jmp rel32` at entry-5 that the
 /// bench puts in the padding (to `work_alt`, in the same image).
-const FLIP: [u8; 2] = [0xeb, 0xf9];
+pub(crate) const FLIP: [u8; 2] = [0xeb, 0xf9];
 
 #[derive(Debug, Serialize)]
 pub struct Method {
@@ -81,9 +81,9 @@ fn live_write(mem: &Mem, entry: u64, old: [u8; 2], new: [u8; 2], inward: bool) -
 
 /// How long one gdb write may take before it counts as hung.
 const GDB_LIMIT: Duration = Duration::from_secs(30);
-const GDB_HUNG: &str = "gdb hung";
+pub(crate) const GDB_HUNG: &str = "gdb hung";
 
-fn gdb_write(pid: i32, entry: u64) -> Result<()> {
+pub(crate) fn gdb_write(pid: i32, entry: u64) -> Result<()> {
     let set = format!(
         "set {{unsigned char[2]}}{entry:#x} = {{{:#x},{:#x}}}",
         FLIP[0], FLIP[1]
@@ -134,7 +134,7 @@ fn gdb_write(pid: i32, entry: u64) -> Result<()> {
 }
 
 /// gdb's version line, or `None` if gdb cannot be run.
-fn gdb_version() -> Option<String> {
+pub(crate) fn gdb_version() -> Option<String> {
     Command::new("gdb")
         .arg("--version")
         .stdin(Stdio::null())

@@ -92,3 +92,49 @@ fn a_second_patch_supersedes_three_hundred_functions_in_one_trip() {
     revert(pid, None);
     check(&mut proc, 1);
 }
+
+/// The routes and entries of many functions are written in page-sized
+/// batches: one function in the middle whose padding is not what the plan
+/// expects (another tool's byte) fails the whole apply before any byte is
+/// written, and every function keeps its original code and bytes.
+#[test]
+fn one_changed_padding_among_three_hundred_fails_the_apply_with_nothing_changed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_target(d, "gcc", "many", &target_source(), &[]);
+    let patch_2 = build_patch(d, "patch_2", &patch_source(2));
+    let mut proc = Proc::spawn(&mut Command::new(&exe));
+    proc.line("ready", |l| l == "ready");
+    let pid = proc.pid();
+    let entries: Vec<u64> = (0..N)
+        .map(|k| symbol_in_process(pid, &exe, None, &format!("f{k}")))
+        .collect();
+    let before: Vec<Vec<u8>> = entries.iter().map(|&e| code_bytes(pid, e)).collect();
+    // An int3 in f150's padding, where the long jump goes (never executed).
+    let tampered = entries[N / 2] - 6;
+    assert_eq!(read_mem(pid, tampered, 1), [0x90], "f150's padding");
+    write_mem(pid, tampered, &[0xcc]);
+    let run = hotpatch(&["apply", &pid.to_string(), patch_2.to_str().expect("path")]);
+    let error = run.failure();
+    assert!(
+        error.contains(&format!("{tampered:#x}")),
+        "the error names the changed address {tampered:#x}: {error}"
+    );
+    check(&mut proc, 1);
+    for (k, (&e, b)) in entries.iter().zip(&before).enumerate() {
+        let now = code_bytes(pid, e);
+        if k == N / 2 {
+            assert_eq!(now[..1], [0xcc], "f{k}");
+            assert_eq!(now[1..], b[1..], "f{k}");
+        } else {
+            assert_eq!(&now, b, "f{k}: bytes changed by a failed apply");
+        }
+    }
+    // With the byte back, the same patch applies and reverts.
+    write_mem(pid, tampered, &[0x90]);
+    apply(pid, &patch_2, &[]);
+    check(&mut proc, 2);
+    revert(pid, None);
+    check(&mut proc, 1);
+}

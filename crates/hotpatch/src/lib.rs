@@ -18,6 +18,7 @@ pub mod process;
 pub mod reserved;
 pub mod seccomp;
 pub mod shorten;
+pub mod spans;
 pub mod state;
 
 pub use patchability::{ImageReport, survey};

@@ -8,7 +8,7 @@
 
 use crate::arch::x86_64::entry::MAX_PADDING;
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
-use crate::image::{Image, ImageFile, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
+use crate::image::{Function, Image, ImageFile, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
 use crate::patchability::{
     Class, Entry, branch_targets, branch_targets_into, classify_detour, classify_entry, padding_only, survey,
 };
@@ -180,6 +180,9 @@ enum Source<'a> {
         sites: OnceCell<Vec<u64>>,
         /// The whole image's direct branch targets, sorted.
         targets: OnceCell<Vec<u64>>,
+        /// The functions near the names found at the start (merged
+        /// windows, and the functions in them, sorted), read in one pass.
+        near: OnceCell<(Vec<std::ops::Range<u64>>, Vec<Function>)>,
     },
 }
 
@@ -209,10 +212,60 @@ impl<'a> Planner<'a> {
                 found: RefCell::default(),
                 sites: OnceCell::new(),
                 targets: OnceCell::new(),
+                near: OnceCell::new(),
             },
         };
         planner.find_all(names)?;
+        planner.read_near()?;
         Ok(planner)
+    }
+
+    /// Read the functions near every function found so far, in one pass
+    /// over the symbol tables (not one per function).
+    fn read_near(&self) -> Result<(), PlanError> {
+        let Source::Lean {
+            file, found, near, ..
+        } = &self.source
+        else {
+            return Ok(());
+        };
+        let windows: Vec<std::ops::Range<u64>> = found
+            .borrow()
+            .values()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|m| m.kind == SymbolKind::Function)
+            .map(|m| near_window(m.address))
+            .collect();
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let functions = file
+            .functions_in_windows(&windows)
+            .map_err(|e| self.read_error(e))?;
+        let _ = near.set((crate::image::merge_windows(&windows), functions));
+        Ok(())
+    }
+
+    /// The functions whose entries lie in `window`: from what
+    /// [`Planner::read_near`] read if that covers it, else read now.
+    fn functions_in(
+        &self,
+        file: &ImageFile,
+        window: std::ops::Range<u64>,
+    ) -> Result<std::borrow::Cow<'_, [Function]>, PlanError> {
+        if let Source::Lean { near, .. } = &self.source
+            && let Some((windows, functions)) = near.get()
+            && let Some(w) = windows.get(windows.partition_point(|w| w.end < window.end))
+            && w.start <= window.start
+            && window.end <= w.end
+        {
+            let from = functions.partition_point(|f| f.address < window.start);
+            let to = functions.partition_point(|f| f.address < window.end);
+            return Ok(std::borrow::Cow::Borrowed(&functions[from..to]));
+        }
+        file.functions_in(window)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| self.read_error(e))
     }
 
     /// The image's path, for messages.
@@ -314,8 +367,7 @@ impl<'a> Planner<'a> {
         };
         // Every function whose entry could share the padding before
         // `address` or lie in the bytes a detour would overwrite.
-        let window = address.saturating_sub(MAX_PADDING)..address.saturating_add(MAX_PADDING);
-        let near = file.functions_in(window).map_err(|e| self.read_error(e))?;
+        let near = self.functions_in(file, near_window(address))?;
         let Some(f) = near.iter().find(|f| f.address == address) else {
             return Ok(None);
         };
@@ -420,6 +472,12 @@ impl<'a> Planner<'a> {
             }),
         }
     }
+}
+
+/// Every function whose entry could share the padding before `address`
+/// or lie in the bytes a detour would overwrite.
+fn near_window(address: u64) -> std::ops::Range<u64> {
+    address.saturating_sub(MAX_PADDING)..address.saturating_add(MAX_PADDING)
 }
 
 /// How one function of an image is patched.

@@ -1,6 +1,7 @@
 //! `hotpatch apply PID PATCH.so`.
 
 use super::EngineError;
+use super::batch;
 use super::stopped;
 use super::target::{self, Lock, StateRegion};
 use super::trip;
@@ -96,6 +97,21 @@ impl<'a> UndoLog<'a> {
         Ok(())
     }
 
+    /// Many writes, batched ([`batch::write_many`]): those that took are
+    /// logged, whether the batch succeeds or not.
+    fn write_many(&mut self, writes: &[Write]) -> Result<(), EngineError> {
+        match batch::write_many(self.mem, writes) {
+            Ok(()) => {
+                self.done.extend_from_slice(writes);
+                Ok(())
+            }
+            Err(f) => {
+                self.done.extend(f.done.iter().map(|&i| writes[i].clone()));
+                Err(f.error)
+            }
+        }
+    }
+
     fn undo(&mut self) {
         while let Some(w) = self.done.pop() {
             let inv = w.inverse();
@@ -159,9 +175,10 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         .collect();
     let planner = Planner::lean(&target.image, &names)?;
     let mut planned: Vec<Planned> = Vec::new();
+    let mut by_entry: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
     for r in &spec.replacements {
         let (entry, method) = planner.method(&r.target)?;
-        if let Some(other) = planned.iter().find(|p| p.entry == entry) {
+        if let Some(other) = by_entry.insert(entry, planned.len()).map(|i| &planned[i]) {
             return Err(EngineError::Failed {
                 pid,
                 what: format!("`{}` and `{}` are the same function", other.name, r.target),
@@ -596,15 +613,17 @@ fn apply_in(
         });
     };
     let recorded = region.write(&mem, state).and_then(|()| {
-        // The routes of new functions: code no thread runs yet.
-        for step in &steps {
-            if let Step::New { flip, .. } = step {
-                for w in &flip.prepare {
-                    log.write(w)?;
-                }
-            }
-        }
-        Ok(())
+        // The routes of new functions: code no thread runs yet, in one
+        // batch.
+        let routes: Vec<Write> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::New { flip, .. } => Some(flip.prepare.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        log.write_many(&routes)
     });
     if let Err(e) = recorded {
         // No entry flipped: undoing the routes is safe.
@@ -631,9 +650,16 @@ fn apply_in(
                 slot, replacement, ..
             } = step
             {
-                stored.push((*slot, mem.read_u64(*slot)?));
                 stores.push((*slot, *replacement));
             }
+        }
+        let slots: Vec<(u64, usize)> = stores.iter().map(|&(slot, _)| (slot, 8)).collect();
+        for (&(slot, _), bytes) in stores.iter().zip(batch::read_many(&mem, &slots)?) {
+            let value = <[u8; 8]>::try_from(bytes.as_slice()).map_err(|_| EngineError::Failed {
+                pid,
+                what: format!("the slot at {slot:#x} could not be read; nothing of the patch is live"),
+            })?;
+            stored.push((slot, u64::from_le_bytes(value)));
         }
         trip.store_slots(state, &stores)?;
         write_entries(pid, &mem, &flips, &mut flipped)
@@ -711,6 +737,21 @@ fn stage(
     complete_dormant_routes(state, log)?;
     let mut steps = Vec::new();
     let recorded = state.index_by_entry();
+    // The dormant routes this patch revives, read in one batch.
+    let revived: Vec<&Write> = input
+        .planned
+        .iter()
+        .filter_map(|p| recorded.get(&input.bias.wrapping_add(p.entry)))
+        .map(|&i| &state.functions[i])
+        .filter(|f| f.versions.is_empty())
+        .flat_map(|f| f.route_undo())
+        .collect();
+    let ranges: Vec<(u64, usize)> = revived.iter().map(|w| (w.address, w.expected.len())).collect();
+    let route_bytes: std::collections::HashMap<u64, Vec<u8>> = revived
+        .iter()
+        .map(|w| w.address)
+        .zip(batch::read_many(log.mem, &ranges)?)
+        .collect();
     for (p, &replacement) in input.planned.iter().zip(replacements) {
         let entry = input.bias.wrapping_add(p.entry);
         if let Some(existing) = recorded.get(&entry).map(|&i| &state.functions[i]) {
@@ -718,7 +759,7 @@ fn stage(
                 // The route must still be exactly what was written: the
                 // entry will jump into it.
                 for w in existing.route_undo() {
-                    let found = log.mem.read(w.address, w.expected.len())?;
+                    let found = route_bytes.get(&w.address).cloned().unwrap_or_default();
                     if found != w.expected {
                         return Err(EngineError::Failed {
                             pid: input.pid,
@@ -844,19 +885,26 @@ fn stage(
 /// thread runs a route while its entry is original. Writes holding
 /// anything else are left for the dormant-route check to refuse.
 fn complete_dormant_routes(state: &State, log: &mut UndoLog<'_>) -> Result<(), EngineError> {
-    for f in state.functions.iter().filter(|f| f.versions.is_empty()) {
-        for w in f.route_undo() {
-            if log.mem.read(w.address, w.new.len())? == w.new {
-                tracing::debug!(
-                    name = f.name,
-                    at = w.address,
-                    "completing a dormant route a killed tool left"
-                );
-                log.write(&w.inverse())?;
-            }
+    let routes: Vec<(&str, &Write)> = state
+        .functions
+        .iter()
+        .filter(|f| f.versions.is_empty())
+        .flat_map(|f| f.route_undo().iter().map(move |w| (f.name.as_str(), w)))
+        .collect();
+    let ranges: Vec<(u64, usize)> = routes.iter().map(|(_, w)| (w.address, w.new.len())).collect();
+    let found = batch::read_many(log.mem, &ranges)?;
+    let mut writes = Vec::new();
+    for ((name, w), bytes) in routes.iter().zip(found) {
+        if bytes == w.new {
+            tracing::debug!(
+                name,
+                at = w.address,
+                "completing a dormant route a killed tool left"
+            );
+            writes.push(w.inverse());
         }
     }
-    Ok(())
+    log.write_many(&writes)
 }
 
 /// Where the original code of the function at `entry` is: its route's, if
@@ -872,11 +920,13 @@ fn original_of(steps: &[Step], state: &State, entry: u64) -> Option<u64> {
 }
 
 /// Write entry flips: the live-safe ones byte by byte with threads running
-/// (each proven harmless in every intermediate state), all the others in
-/// one stop of every thread, none able to resume inside the bytes (its
-/// rip, or a return address or signal context on its stack). Pushes onto
-/// `done` the index of each flip completed; a flip that fails is undone
-/// before the error returns. Returns each flip's mode, in order.
+/// (each proven harmless in every intermediate state; all entries' first
+/// bytes in one batch, then all second bytes, see [`batch::flip_live`]),
+/// all the others in one stop of every thread, none able to resume inside
+/// the bytes (its rip, or a return address or signal context on its
+/// stack). Pushes onto `done` the index of each flip completed; the live
+/// ones are all or none (undone before the error returns). Returns each
+/// flip's mode, in order.
 pub(super) fn write_entries(
     pid: i32,
     mem: &Mem,
@@ -897,9 +947,10 @@ pub(super) fn write_entries(
             done.push(i);
         }
     }
-    for (i, flip) in flips.iter().enumerate().filter(|(_, f)| f.live_safe) {
-        stopped::write_all_or_none(mem, &flip.writes)?;
-        done.push(i);
-    }
+    // The live ones together, each entry still in its proven byte order.
+    let live: Vec<usize> = (0..flips.len()).filter(|&i| flips[i].live_safe).collect();
+    let refs: Vec<&EntryFlip> = live.iter().map(|&i| &flips[i]).collect();
+    batch::flip_live(mem, &refs)?;
+    done.extend(live);
     Ok(modes)
 }

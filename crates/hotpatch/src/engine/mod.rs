@@ -24,7 +24,9 @@
 //!   and only when no thread can resume inside the bytes (its rip, a return
 //!   address or a signal context on its stack); the tool retries a bounded
 //!   number of times, then gives up naming the thread. Then the prepared
-//!   entries flip live, one function after another (a few µs each): for
+//!   entries flip live, all together one byte position at a time (every
+//!   entry's first write in one batch of page-sized writes, then every
+//!   second: each entry still passes only through its proven states): for
 //!   that window some functions of the patch are new and some old. A
 //!   failure in this phase reverts the functions already flipped. A tool
 //!   killed in this phase leaves each function either old or new (each
@@ -52,6 +54,7 @@
 //!   a function's versions still name.
 
 mod apply;
+mod batch;
 mod error;
 mod revert;
 pub mod stopped;

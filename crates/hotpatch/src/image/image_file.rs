@@ -17,6 +17,7 @@ use object::elf;
 use object::read::ReadCache;
 use object::read::elf::{FileHeader, SectionHeader, SectionTable, Sym};
 use object::{Endianness, ReadRef};
+use std::cell::OnceCell;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -34,7 +35,14 @@ pub struct ImageFile {
     cache: ReadCache<std::fs::File>,
     len: u64,
     facts: Facts,
+    /// The file in [`BLOCK`]-sized blocks, each read whole the first time
+    /// [`ImageFile::bytes_at`] asks for bytes in it: the entries and
+    /// padding of many functions near each other cost one read.
+    blocks: Vec<OnceCell<Box<[u8]>>>,
 }
+
+/// The size of a block of [`ImageFile::bytes_at`]'s cache.
+const BLOCK: u64 = 64 * 1024;
 
 impl std::fmt::Debug for Facts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,12 +64,14 @@ impl ImageFile {
         })?;
         let cache = ReadCache::new(dup);
         let facts = Facts::read(&path, &cache, meta.len())?;
+        let blocks = (0..meta.len().div_ceil(BLOCK)).map(|_| OnceCell::new()).collect();
         Ok(ImageFile {
             path,
             file,
             cache,
             len: meta.len(),
             facts,
+            blocks,
         })
     }
 
@@ -103,9 +113,33 @@ impl ImageFile {
             .segments
             .iter()
             .find(|s| address >= s.vaddr && end <= s.vaddr.saturating_add(s.filesz))?;
-        (&self.cache)
-            .read_bytes_at(seg.offset + (address - seg.vaddr), len)
-            .ok()
+        let offset = seg.offset + (address - seg.vaddr);
+        match self.block_bytes(offset, len) {
+            Some(bytes) => Some(bytes),
+            None => (&self.cache).read_bytes_at(offset, len).ok(),
+        }
+    }
+
+    /// `len` bytes at file `offset` if they lie in one block (read now if
+    /// it was not yet).
+    fn block_bytes(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let index = offset / BLOCK;
+        if len == 0 || (offset + len - 1) / BLOCK != index {
+            return None;
+        }
+        let cell = self.blocks.get(usize::try_from(index).ok()?)?;
+        let block = match cell.get() {
+            Some(b) => b,
+            None => {
+                let start = index * BLOCK;
+                let mut data = vec![0; BLOCK.min(self.len - start) as usize];
+                self.file.read_exact_at(&mut data, start).ok()?;
+                let _ = cell.set(data.into_boxed_slice());
+                cell.get()?
+            }
+        };
+        let at = (offset - index * BLOCK) as usize;
+        block.get(at..at + len as usize)
     }
 
     /// Fill `buf` with the file bytes at `address`, read directly (not
@@ -185,6 +219,24 @@ impl ImageFile {
         let (endian, sections) = self.sections()?;
         let mut functions = symbol::read_functions(endian, &self.cache, &sections, |a| window.contains(&a))
             .map_err(|e| self.corrupt(e))?;
+        functions.retain(|f| in_code(&self.facts.segments, f.address));
+        Ok(functions)
+    }
+
+    /// [`ImageFile::functions_in`] for several windows at once, in one pass
+    /// over the symbol tables: the functions whose entries lie in any of
+    /// `windows`, sorted by address.
+    pub fn functions_in_windows(
+        &self,
+        windows: &[std::ops::Range<u64>],
+    ) -> Result<Vec<Function>, ImageError> {
+        let merged = merge_windows(windows);
+        let (endian, sections) = self.sections()?;
+        let mut functions = symbol::read_functions(endian, &self.cache, &sections, |a| {
+            let i = merged.partition_point(|w| w.end <= a);
+            merged.get(i).is_some_and(|w| w.contains(&a))
+        })
+        .map_err(|e| self.corrupt(e))?;
         functions.retain(|f| in_code(&self.facts.segments, f.address));
         Ok(functions)
     }
@@ -294,6 +346,24 @@ impl ImageFile {
     }
 }
 
+/// `windows` sorted and merged where they overlap or touch.
+pub fn merge_windows(windows: &[std::ops::Range<u64>]) -> Vec<std::ops::Range<u64>> {
+    let mut sorted: Vec<std::ops::Range<u64>> = windows.iter().filter(|w| w.start < w.end).cloned().collect();
+    sorted.sort_by_key(|w| w.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(sorted.len());
+    for w in sorted {
+        match out.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => out.push(w),
+        }
+    }
+    out
+}
+
+/// Up to this many queries, [`scan_table`] asks each query about each
+/// symbol; above, it indexes the symbols the queries may match first.
+const FEW_QUERIES: usize = 8;
+
 /// Where a query's name may be in a string table: the offsets at which a
 /// name equal to it starts, and the stretches of names that contain a piece
 /// without which no name demangles to it.
@@ -308,7 +378,8 @@ struct Candidates {
 impl Candidates {
     /// `known_equal`: the caller has the symbols equal to `name` (from
     /// `.gnu.hash`), so the strings are not searched for them.
-    fn of(strings: &[u8], name: &str, known_equal: bool) -> Candidates {
+    /// `escapes`: the table's [`escapes`], found once for every query.
+    fn of(strings: &[u8], name: &str, known_equal: bool, escapes: &[(usize, usize)]) -> Candidates {
         // A lossy name (U+FFFD) may come from invalid bytes, which no
         // search for the name's own bytes finds: such a query reads all.
         if name.contains('\u{fffd}') || name.contains('\0') {
@@ -317,13 +388,6 @@ impl Candidates {
                 contain: None,
             };
         }
-        let mut pattern = name.as_bytes().to_vec();
-        pattern.push(0);
-        let equal = if known_equal {
-            Vec::new()
-        } else {
-            memchr::memmem::find_iter(strings, &pattern).collect()
-        };
         // Demangled Rust names: the last path component, when it is a plain
         // identifier, appears verbatim in the mangled name (legacy and v0
         // copy ASCII identifiers, v0 back-references point at earlier
@@ -331,17 +395,31 @@ impl Candidates {
         // identifier character: other escapes make it no plain identifier).
         let last = name.rsplit("::").next().unwrap_or(name);
         let plain = !last.is_empty() && last.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        let contain = plain.then(|| {
-            let mut found = Vec::new();
-            for needle in [last.as_bytes(), b"$u"] {
-                for p in memchr::memmem::find_iter(strings, needle) {
-                    if needle == b"$u" && !escapes_identifier_char(&strings[p..]) {
-                        continue;
-                    }
-                    let start = memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1);
-                    found.push((start, p));
-                }
+        let occurrences: Option<Vec<usize>> =
+            plain.then(|| memchr::memmem::find_iter(strings, last.as_bytes()).collect());
+        let equal = match &occurrences {
+            _ if known_equal => Vec::new(),
+            // The name is its last component: its equal names are the
+            // occurrences followed by the NUL ending a name (the search
+            // finds occurrences that do not overlap: only for a name that
+            // cannot overlap itself are they all).
+            Some(found) if last.len() == name.len() && !overlaps_itself(name.as_bytes()) => found
+                .iter()
+                .copied()
+                .filter(|&p| strings.get(p + name.len()) == Some(&0))
+                .collect(),
+            _ => {
+                let mut pattern = name.as_bytes().to_vec();
+                pattern.push(0);
+                memchr::memmem::find_iter(strings, &pattern).collect()
             }
+        };
+        let contain = occurrences.map(|found| {
+            let mut found: Vec<(usize, usize)> = found
+                .into_iter()
+                .map(|p| (memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1), p))
+                .collect();
+            found.extend_from_slice(escapes);
             found.sort_unstable_by_key(|&(_, p)| p);
             found
         });
@@ -351,7 +429,8 @@ impl Candidates {
         }
     }
 
-    /// Whether the name at `offset` may answer the query.
+    /// Whether the name at `offset` may answer the query (what
+    /// [`offsets_that_may_match`] computes for all offsets at once).
     fn may_match(&self, offset: usize, known_equal: bool) -> bool {
         let equal = match &self.equal {
             None => return true,
@@ -370,6 +449,44 @@ impl Candidates {
                     .is_some_and(|&(start, _)| start <= offset),
             }
     }
+}
+
+/// The positions in `offsets` (sorted name offsets) of the names that
+/// [`Candidates::may_match`] accepts without a known equal, for candidates
+/// with both lists: the offsets equal to a name, and those whose name
+/// contains an occurrence. A name at `o` contains the occurrence at `p`,
+/// the first at or after `o`, iff that occurrence's name starts at or
+/// before `o`. Positions may repeat.
+fn offsets_that_may_match(equal: &[usize], contain: &[(usize, usize)], offsets: &[usize]) -> Vec<usize> {
+    let mut out: Vec<usize> = equal
+        .iter()
+        .filter_map(|o| offsets.binary_search(o).ok())
+        .collect();
+    for (k, &(start, p)) in contain.iter().enumerate() {
+        let low = match k {
+            0 => start,
+            _ => start.max(contain[k - 1].1 + 1),
+        };
+        let from = offsets.partition_point(|&o| o < low);
+        let to = offsets.partition_point(|&o| o <= p);
+        out.extend(from..to.max(from));
+    }
+    out
+}
+
+/// Whether two occurrences of `text` can overlap: some proper prefix is
+/// also a suffix.
+fn overlaps_itself(text: &[u8]) -> bool {
+    (1..text.len()).any(|k| text[..k] == text[text.len() - k..])
+}
+
+/// The legacy Rust escapes `$uXX$` of an identifier character in
+/// `strings`: (start of the name, offset) of each, by offset.
+fn escapes(strings: &[u8]) -> Vec<(usize, usize)> {
+    memchr::memmem::find_iter(strings, b"$u")
+        .filter(|&p| escapes_identifier_char(&strings[p..]))
+        .map(|p| (memchr::memrchr(0, &strings[..p]).map_or(0, |z| z + 1), p))
+        .collect()
 }
 
 /// Whether `text` starts with a legacy Rust escape `$uXX$` that
@@ -422,16 +539,65 @@ fn scan_table(
     equal: &[Option<Vec<usize>>],
     hits: &mut [Vec<SymbolMatch>],
 ) {
+    let escapes = escapes(strings);
     let candidates: Vec<Option<Candidates>> = queries
         .iter()
         .zip(equal)
         .map(|(q, e)| {
             q.address
                 .is_none()
-                .then(|| Candidates::of(strings, q.name, e.is_some()))
+                .then(|| Candidates::of(strings, q.name, e.is_some(), &escapes))
         })
         .collect();
+    // Which queries may match each symbol. For many queries, found from
+    // the candidates once (not every query tried on every symbol): a name
+    // offset's queries, a symbol index's (from `.gnu.hash`), an address's,
+    // and those that may match any name. For a few, each query is asked
+    // (no index over a big table for one name).
+    let indexed = queries.len() > FEW_QUERIES;
+    let considered = |sym: &Sym64| {
+        matches!(
+            sym.st_type(),
+            elf::STT_FUNC | elf::STT_GNU_IFUNC | elf::STT_OBJECT | elf::STT_TLS
+        ) && sym.st_shndx(endian) != elf::SHN_UNDEF
+    };
+    let mut offsets: Vec<usize> = symbols
+        .iter()
+        .filter(|s| indexed && considered(s))
+        .map(|s| s.st_name(endian) as usize)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    let mut by_offset: Vec<Vec<usize>> = vec![Vec::new(); offsets.len()];
+    let mut by_index: std::collections::HashMap<usize, Vec<usize>> = std::collections::HashMap::new();
+    let mut by_address: std::collections::HashMap<u64, Vec<usize>> = std::collections::HashMap::new();
+    let mut always: Vec<usize> = Vec::new();
+    for (qi, ((q, c), e)) in queries.iter().zip(&candidates).zip(equal).enumerate() {
+        if !indexed {
+            break;
+        }
+        match (q.address, c) {
+            (Some(Some(address)), _) => by_address.entry(address).or_default().push(qi),
+            (Some(None), _) => {}
+            (
+                None,
+                Some(Candidates {
+                    equal: Some(equal_at),
+                    contain: Some(contain),
+                }),
+            ) => {
+                for &i in e.iter().flatten() {
+                    by_index.entry(i).or_default().push(qi);
+                }
+                for pos in offsets_that_may_match(equal_at, contain, &offsets) {
+                    by_offset[pos].push(qi);
+                }
+            }
+            (None, _) => always.push(qi),
+        }
+    }
     let mut file: Option<String> = None;
+    let mut maybe: Vec<usize> = Vec::new();
     for (index, sym) in symbols.iter().enumerate() {
         let kind = match sym.st_type() {
             elf::STT_FILE => {
@@ -446,19 +612,37 @@ fn scan_table(
             continue;
         }
         let offset = sym.st_name(endian) as usize;
-        let mut name: Option<Option<String>> = None;
-        for (((q, c), e), out) in queries.iter().zip(&candidates).zip(equal).zip(hits.iter_mut()) {
-            let maybe = match (q.address, c) {
-                (Some(address), _) => address == Some(sym.st_value(endian)),
-                (None, Some(c)) => {
-                    let known_equal = e.as_ref().is_some_and(|e| e.binary_search(&index).is_ok());
-                    c.may_match(offset, known_equal)
-                }
-                (None, None) => true,
-            };
-            if !maybe {
-                continue;
+        maybe.clear();
+        if indexed {
+            maybe.extend_from_slice(&always);
+            if let Ok(pos) = offsets.binary_search(&offset) {
+                maybe.extend_from_slice(&by_offset[pos]);
             }
+            maybe.extend(by_index.get(&index).into_iter().flatten());
+            maybe.extend(by_address.get(&sym.st_value(endian)).into_iter().flatten());
+        } else {
+            for (qi, ((q, c), e)) in queries.iter().zip(&candidates).zip(equal).enumerate() {
+                let may = match (q.address, c) {
+                    (Some(address), _) => address == Some(sym.st_value(endian)),
+                    (None, Some(c)) => c.may_match(
+                        offset,
+                        e.as_ref().is_some_and(|e| e.binary_search(&index).is_ok()),
+                    ),
+                    (None, None) => true,
+                };
+                if may {
+                    maybe.push(qi);
+                }
+            }
+        }
+        if maybe.is_empty() {
+            continue;
+        }
+        maybe.sort_unstable();
+        maybe.dedup();
+        let mut name: Option<Option<String>> = None;
+        for &qi in &maybe {
+            let (q, out) = (&queries[qi], &mut hits[qi]);
             let Some(n) = name.get_or_insert_with(|| name_at(strings, offset)).as_deref() else {
                 break;
             };
@@ -477,6 +661,73 @@ fn scan_table(
             if q.file_matches(&m) {
                 out.push(m);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names_that_overlap_themselves() {
+        assert!(overlaps_itself(b"aa") && overlaps_itself(b"abcab"));
+        assert!(!overlaps_itself(b"f_1") && !overlaps_itself(b"a") && !overlaps_itself(b"ab"));
+        // An equal name inside an occurrence the search skips over.
+        let strings = b"\0aaa\0";
+        let c = Candidates::of(strings, "aa", false, &[]);
+        assert_eq!(c.equal, Some(vec![2]));
+    }
+
+    #[test]
+    fn windows_merge() {
+        assert_eq!(
+            merge_windows(&[10..20, 0..5, 15..30, 30..31, 40..40]),
+            vec![0..5, 10..31]
+        );
+    }
+
+    proptest! {
+        /// The offsets found at once are exactly those `may_match` accepts
+        /// one by one, for tables of names made of a few pieces.
+        #[test]
+        fn offsets_at_once_agree_with_may_match(
+            names in proptest::collection::vec(
+                proptest::collection::vec(prop_oneof![
+                    Just("f_1"), Just("f_12"), Just("_"), Just("$u61$"), Just("ab"), Just("::"), Just("x"),
+                ], 1..4).prop_map(|p| p.concat()),
+                1..30,
+            ),
+            query in prop_oneof![Just("f_1"), Just("f_12"), Just("ab"), Just("x::f_1"), Just("a"), Just("_")],
+            tail_starts in proptest::collection::vec(0usize..8, 0..10),
+        ) {
+            let mut strings = vec![0u8];
+            let mut offsets = Vec::new();
+            for n in &names {
+                offsets.push(strings.len());
+                strings.extend_from_slice(n.as_bytes());
+                strings.push(0);
+            }
+            // Names that share a tail: offsets inside other names.
+            for (i, &t) in tail_starts.iter().enumerate() {
+                let o = offsets[i % offsets.len()];
+                let end = o + strings[o..].iter().position(|&b| b == 0).unwrap_or(0);
+                if o + t < end {
+                    offsets.push(o + t);
+                }
+            }
+            offsets.sort_unstable();
+            offsets.dedup();
+            let c = Candidates::of(&strings, query, false, &escapes(&strings));
+            let (Some(equal), Some(contain)) = (&c.equal, &c.contain) else {
+                return Ok(());
+            };
+            let mut at_once = offsets_that_may_match(equal, contain, &offsets);
+            at_once.sort_unstable();
+            at_once.dedup();
+            let one_by_one: Vec<usize> = (0..offsets.len()).filter(|&i| c.may_match(offsets[i], false)).collect();
+            prop_assert_eq!(at_once, one_by_one);
         }
     }
 }

@@ -9,7 +9,7 @@ use object::elf;
 use object::read::elf::{FileHeader, Sym};
 
 /// What a symbol names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SymbolKind {
     Function,

@@ -16,7 +16,7 @@ pub(crate) mod symbol;
 
 pub use dynsym::{DynSym, DynSymbols};
 pub use error::ImageError;
-pub use image_file::ImageFile;
+pub use image_file::{ImageFile, merge_windows};
 pub use lookup::{LookupError, SymbolIndex, SymbolKind, SymbolMatch, find_symbol};
 pub use symbol::{Binding, CloneKind, Function, FunctionKind, SymbolName, SymbolSource};
 

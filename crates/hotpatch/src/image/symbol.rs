@@ -171,6 +171,12 @@ pub(super) fn read_functions<'d, R: object::ReadRef<'d>>(
         let table = sections
             .symbols(endian, data, sh_type)
             .map_err(|e| format!("{}: {}", if dynamic { ".dynsym" } else { ".symtab" }, e))?;
+        // The whole string table at once where it can be read (one read
+        // for a file read in pieces, not one per name).
+        let strings: Option<&[u8]> = sections
+            .section(table.string_section())
+            .ok()
+            .and_then(|s| object::read::elf::SectionHeader::data(s, endian, data).ok());
         for sym in table.iter() {
             let ifunc = match sym.st_type() {
                 elf::STT_FUNC => false,
@@ -188,8 +194,21 @@ pub(super) fn read_functions<'d, R: object::ReadRef<'d>>(
                 elf::STB_WEAK => Binding::Weak,
                 _ => Binding::Local,
             };
-            let Ok(name) = table.symbol_name(endian, sym) else {
-                continue;
+            let name = match strings {
+                Some(strings) => {
+                    let at = sym.st_name(endian) as usize;
+                    match strings
+                        .get(at..)
+                        .and_then(|rest| Some(&rest[..memchr::memchr(0, rest)?]))
+                    {
+                        Some(n) => n,
+                        None => continue,
+                    }
+                }
+                None => match table.symbol_name(endian, sym) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                },
             };
             if name.is_empty() {
                 continue;

@@ -174,8 +174,14 @@ fn validate(image: &Image, records: Vec<Record>) -> Result<PatchSpec, PatchError
         .into_iter()
         .filter(|s| s.global)
         .collect();
-    let exported_of =
-        |name: &str, kind: SymbolKind| exported.iter().find(|s| s.name == name && s.kind == kind);
+    // The first of each name and kind, as a search in table order finds it.
+    let mut by_name: std::collections::HashMap<(&str, SymbolKind), &image::SymbolMatch> =
+        std::collections::HashMap::with_capacity(exported.len());
+    for s in &exported {
+        by_name.entry((s.name.as_str(), s.kind)).or_insert(s);
+    }
+    let exported_of = |name: &str, kind: SymbolKind| by_name.get(&(name, kind)).copied();
+    let mut replaced: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut spec = PatchSpec {
         path: path.clone(),
         build_id: image.build_id_hex(),
@@ -206,7 +212,7 @@ fn validate(image: &Image, records: Vec<Record>) -> Result<PatchSpec, PatchError
                         "replacement `{replacement}` (for `{target}`) is not an exported function of the patch"
                     )));
                 };
-                if spec.replacements.iter().any(|r| r.target == target) {
+                if !replaced.insert(target.clone()) {
                     return Err(invalid(format!("`{target}` is replaced twice")));
                 }
                 spec.replacements.push(Replacement {
@@ -238,8 +244,9 @@ fn validate(image: &Image, records: Vec<Record>) -> Result<PatchSpec, PatchError
     if spec.replacements.is_empty() {
         return Err(invalid("the patch replaces no function".to_string()));
     }
-    for (i, r) in spec.references.iter().enumerate() {
-        if spec.references[..i].iter().any(|o| o.pointer == r.pointer) {
+    let mut filled = std::collections::HashSet::new();
+    for r in &spec.references {
+        if !filled.insert(r.pointer.as_str()) {
             return Err(invalid(format!("pointer `{}` is filled twice", r.pointer)));
         }
     }
