@@ -434,8 +434,9 @@ impl<'a> Planner<'a> {
         // A range that cannot be read now (the file changed since its
         // headers were read) sends the caller to the whole-image path,
         // which reports the error.
+        let code = file.code_reader();
         Ok(branch_targets_into(&ranges, &starts, window, |address, buf| {
-            file.read_code(address, buf)
+            code.read(address, buf)
         }))
     }
 

@@ -15,6 +15,7 @@ const TARGET: &str = r#"
 #include <stdio.h>
 #include <unistd.h>
 #include <stdint.h>
+#include <sys/mman.h>
 
 /* spin: 5 nops then jump back: a thread runs through the nops forever. */
 extern char spin[], spin_end[];
@@ -44,6 +45,15 @@ int main(void) {
     char line[16];
     while (fgets(line, sizeof line, stdin)) {
         if (line[0] == 'w') { write(fds[1], "x", 1); }
+        if (line[0] == 'n') {
+            /* Another blocker, on a stack mapped only now. */
+            size_t size = 1 << 20;
+            void *stack = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setstack(&attr, stack, size);
+            pthread_create(&t, &attr, blocker, 0);
+        }
         printf("alive\n");
         fflush(stdout);
     }
@@ -117,8 +127,12 @@ fn waits_until_no_thread_is_inside_then_writes() {
 /// (push rbx (1) + mov rax,rdi (3) + call *rax (2): strictly inside
 /// [holder, holder+8)), with nothing written. The refusal's message.
 fn refused_over_holder(pid: i32, holder: u64) -> String {
+    refused_over_holder_with(pid, holder, &Process::open(pid).unwrap().maps().unwrap())
+}
+
+/// [`refused_over_holder`], with `maps` read by the caller.
+fn refused_over_holder_with(pid: i32, holder: u64, maps: &[hotpatch::process::MapEntry]) -> String {
     let mem = Mem::open(pid).unwrap();
-    let maps = Process::open(pid).unwrap().maps().unwrap();
     let before = mem.read(holder, 8).unwrap();
     let w = Write {
         address: holder,
@@ -129,7 +143,7 @@ fn refused_over_holder(pid: i32, holder: u64) -> String {
         start: holder,
         len: 8,
     };
-    let msg = write_stopped(pid, &mem, &maps, &[w], &[overwrite])
+    let msg = write_stopped(pid, &mem, maps, &[w], &[overwrite])
         .unwrap_err()
         .to_string();
     assert!(
@@ -179,6 +193,44 @@ fn refuses_while_a_thread_running_a_program_holds_a_return_address_inside() {
     run.go(phase).unwrap();
     run.finish().0.unwrap();
     // Unblock it: the thread returns through the untouched bytes.
+    assert_eq!(t.ask("w"), "alive");
+    assert_eq!(t.ask("ping"), "alive");
+}
+
+/// The maps given to the stop were read before the thread holding the
+/// return address existed: its stack is in none of them. The stop must
+/// still search that stack (it reads the maps again) and refuse.
+#[test]
+fn refuses_when_the_holding_thread_is_newer_than_the_maps() {
+    use hotpatch::process::threads::{SyscallState, threads};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut t, _, holder) = Target::start(dir.path());
+    let pid = t.pid();
+    let in_read = |pid| {
+        threads(pid)
+            .unwrap()
+            .iter()
+            .filter(|th| matches!(th.syscall, SyscallState::InSyscall { nr: 0, .. }))
+            .count()
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // The first blocker returns through `holder` and ends.
+    assert_eq!(t.ask("w"), "alive");
+    wait_for("the first blocker ends", &|| threads(pid).unwrap().len() == 2);
+    let maps = Process::open(pid).unwrap().maps().unwrap();
+    // A new blocker, on a stack the maps above do not show.
+    assert_eq!(t.ask("n"), "alive");
+    wait_for("the new blocker waits in read", &|| {
+        threads(pid).unwrap().len() == 3 && in_read(pid) == 2
+    });
+    let msg = refused_over_holder_with(pid, holder, &maps);
+    assert!(msg.contains("stack"), "{msg}");
     assert_eq!(t.ask("w"), "alive");
     assert_eq!(t.ask("ping"), "alive");
 }

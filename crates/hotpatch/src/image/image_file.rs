@@ -44,6 +44,33 @@ pub struct ImageFile {
 /// The size of a block of [`ImageFile::bytes_at`]'s cache.
 const BLOCK: u64 = 64 * 1024;
 
+/// Reads the code of an [`ImageFile`] with `pread` (shareable between
+/// threads, unlike the file's read cache).
+#[derive(Debug, Clone, Copy)]
+pub struct CodeReader<'a> {
+    file: &'a std::fs::File,
+    segments: &'a [Segment],
+}
+
+impl CodeReader<'_> {
+    /// See [`ImageFile::read_code`].
+    pub fn read(&self, address: u64, buf: &mut [u8]) -> bool {
+        let Some(end) = address.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        let Some(seg) = self
+            .segments
+            .iter()
+            .find(|s| address >= s.vaddr && end <= s.vaddr.saturating_add(s.filesz))
+        else {
+            return false;
+        };
+        self.file
+            .read_exact_at(buf, seg.offset + (address - seg.vaddr))
+            .is_ok()
+    }
+}
+
 impl std::fmt::Debug for Facts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Facts")
@@ -146,20 +173,15 @@ impl ImageFile {
     /// kept): for scans of all the code. False if they are not all in one
     /// segment's file image or cannot be read.
     pub fn read_code(&self, address: u64, buf: &mut [u8]) -> bool {
-        let Some(end) = address.checked_add(buf.len() as u64) else {
-            return false;
-        };
-        let Some(seg) = self
-            .facts
-            .segments
-            .iter()
-            .find(|s| address >= s.vaddr && end <= s.vaddr.saturating_add(s.filesz))
-        else {
-            return false;
-        };
-        self.file
-            .read_exact_at(buf, seg.offset + (address - seg.vaddr))
-            .is_ok()
+        self.code_reader().read(address, buf)
+    }
+
+    /// [`ImageFile::read_code`] for several threads at once.
+    pub fn code_reader(&self) -> CodeReader<'_> {
+        CodeReader {
+            file: &self.file,
+            segments: &self.facts.segments,
+        }
     }
 
     /// See [`super::Image::code_end`].

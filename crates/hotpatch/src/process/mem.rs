@@ -10,6 +10,9 @@ use crate::image::hex;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+/// The most ranges one `process_vm_readv` takes (`UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
 /// An open `/proc/PID/mem`.
 #[derive(Debug)]
 pub struct Mem {
@@ -85,6 +88,77 @@ impl Mem {
         let mut buf = vec![0; len];
         self.read_into(addr, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Fill each of `bufs` from its address in `addrs`, many ranges per
+    /// system call (`process_vm_readv`, at most [`IOV_MAX`] ranges each):
+    /// one result per range. A range that call cannot read whole (it ends
+    /// a call's transfer) is read again alone through `/proc/PID/mem`, for
+    /// its data or its own error; the ranges after it go on in the next
+    /// call. Where `process_vm_readv` is refused, every range is read
+    /// through `/proc/PID/mem`.
+    pub fn read_many(&self, addrs: &[u64], bufs: &mut [&mut [u8]]) -> Vec<Result<(), ProcessError>> {
+        use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+        use std::io::IoSliceMut;
+        let mut out: Vec<Result<(), ProcessError>> = Vec::with_capacity(bufs.len());
+        let n = addrs.len().min(bufs.len());
+        let mut batched = true;
+        while out.len() < n {
+            let first = out.len();
+            let last = n.min(first + IOV_MAX);
+            if !batched {
+                let r = self.read_into(addrs[first], bufs[first]);
+                out.push(r);
+                continue;
+            }
+            if let Some(i) = (first..last).find(|&i| addrs[i].checked_add(bufs[i].len() as u64).is_none()) {
+                // A wrapping range is that range's own error.
+                for j in first..=i {
+                    let r = self.read_into(addrs[j], bufs[j]);
+                    out.push(r);
+                }
+                continue;
+            }
+            let remote: Vec<RemoteIoVec> = (first..last)
+                .map(|i| RemoteIoVec {
+                    base: addrs[i] as usize,
+                    len: bufs[i].len(),
+                })
+                .collect();
+            let lens: Vec<usize> = bufs[first..last].iter().map(|b| b.len()).collect();
+            let mut local: Vec<IoSliceMut> =
+                bufs[first..last].iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let done = process_vm_readv(nix::unistd::Pid::from_raw(self.pid), &mut local, &remote);
+            drop(local);
+            let got = match done {
+                Ok(got) => got,
+                // The first range faults: nothing read.
+                Err(nix::errno::Errno::EFAULT) => 0,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!(
+                        pid = self.pid,
+                        "process_vm_readv: {e}; reading through /proc/PID/mem"
+                    );
+                    batched = false;
+                    continue;
+                }
+            };
+            let mut left = got;
+            for (k, len) in lens.iter().enumerate() {
+                if left >= *len {
+                    left -= len;
+                    out.push(Ok(()));
+                } else {
+                    // This range ended the transfer: alone, for its error.
+                    let i = first + k;
+                    let r = self.read_into(addrs[i], bufs[i]);
+                    out.push(r);
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// A little-endian `u64` at `addr`.
@@ -233,6 +307,36 @@ mod tests {
         assert!(mem.read(u64::MAX - 1, 4).is_err());
         assert!(mem.write(u64::MAX - 1, &[0; 4]).is_err());
         drop(buf);
+    }
+
+    /// Many ranges per call, each with its own result: an unmapped or a
+    /// wrapping range in the middle fails alone, the ranges after it are
+    /// still read, over more than one call's worth of ranges.
+    #[test]
+    fn reads_many_ranges_each_with_its_result() {
+        let data: Vec<u8> = (0..IOV_MAX as u32 * 3).map(|i| (i * 7 + 1) as u8).collect();
+        let base = data.as_ptr() as u64;
+        let mem = Mem::open(std::process::id() as i32).unwrap();
+        let mut addrs: Vec<u64> = (0..IOV_MAX as u64 + 300).map(|i| base + i).collect();
+        let mut lens: Vec<usize> = (0..addrs.len()).map(|i| 1 + i % 9).collect();
+        let bad = [5, 700, IOV_MAX - 1, IOV_MAX + 10];
+        addrs[bad[0]] = 8;
+        addrs[bad[1]] = u64::MAX - 1;
+        addrs[bad[2]] = 16;
+        lens[bad[3]] = 0;
+        let mut store: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0xee; l]).collect();
+        let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let results = mem.read_many(&addrs, &mut bufs);
+        assert_eq!(results.len(), addrs.len());
+        for (i, r) in results.iter().enumerate() {
+            if bad[..3].contains(&i) {
+                assert!(r.is_err(), "range {i} must fail");
+            } else {
+                assert!(r.is_ok(), "range {i}: {r:?}");
+                let at = (addrs[i] - base) as usize;
+                assert_eq!(store[i], data[at..at + lens[i]], "range {i}");
+            }
+        }
     }
 
     #[test]

@@ -75,6 +75,16 @@ impl Traced {
         self.pid
     }
 
+    /// In a ptrace stop now.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Still traced by us (not detached, not exited).
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
     fn err(&self, op: &'static str, source: Errno) -> ProcessError {
         if source == Errno::ESRCH && !super::threads::thread_exists(self.pid, self.tid) {
             return ProcessError::Exited {
@@ -111,14 +121,41 @@ impl Traced {
     fn wait_stop(&mut self, timeout: Duration) -> Result<(), ProcessError> {
         let start = Instant::now();
         let mut backoff = Backoff::new(WAIT_NAP_MAX);
-        let pid = Pid::from_raw(self.tid);
         loop {
+            if self.poll_stop()? {
+                return Ok(());
+            }
+            if start.elapsed() >= timeout {
+                return Err(ProcessError::Timeout {
+                    pid: self.pid,
+                    tid: self.tid,
+                    what: "waiting for the thread to stop".into(),
+                    after: timeout,
+                });
+            }
+            backoff.pause();
+        }
+    }
+
+    /// Whether the stop asked for by [`Traced::request_stop`] has been
+    /// reached, without waiting (`waitpid` of this thread, `WNOHANG`): one
+    /// system call when nothing else happened. Signals that arrive
+    /// meanwhile are delivered, not swallowed; a group stop (SIGSTOP) is
+    /// reported as an error and left in place; a thread that exited is
+    /// reaped and reported as [`ProcessError::Exited`].
+    pub fn poll_stop(&mut self) -> Result<bool, ProcessError> {
+        if self.stopped {
+            return Ok(true);
+        }
+        let pid = Pid::from_raw(self.tid);
+        // Bounded: a flood of signals must not keep the caller here.
+        for _ in 0..64 {
             let status = waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
             match status {
                 Ok(WaitStatus::PtraceEvent(_, Signal::SIGTRAP, PTRACE_EVENT_STOP)) => {
                     self.stopped = true;
                     self.stop_pending = false;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Ok(WaitStatus::PtraceEvent(_, sig, PTRACE_EVENT_STOP)) => {
                     // Group stop: the process is being stopped by `sig`.
@@ -144,7 +181,8 @@ impl Traced {
                         during: "while being interrupted".into(),
                     });
                 }
-                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                Ok(WaitStatus::StillAlive) => return Ok(false),
+                Err(Errno::EINTR) => {}
                 Ok(other) => {
                     // PTRACE_EVENT_* we never asked for, syscall stops: resume.
                     tracing::debug!(tid = self.tid, ?other, "unexpected ptrace stop");
@@ -152,16 +190,8 @@ impl Traced {
                 }
                 Err(e) => return Err(self.err("wait", e)),
             }
-            if start.elapsed() >= timeout {
-                return Err(ProcessError::Timeout {
-                    pid: self.pid,
-                    tid: self.tid,
-                    what: "waiting for the thread to stop".into(),
-                    after: timeout,
-                });
-            }
-            backoff.pause();
         }
+        Ok(false)
     }
 
     /// `PTRACE_SINGLESTEP` the stopped thread by one instruction, the

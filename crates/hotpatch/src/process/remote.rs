@@ -94,7 +94,7 @@ use target_libc::*;
 
 pub use bootstrap::find_cave;
 pub use load::{ContentLoad, LoadedLibrary, unique_fd_path};
-pub use region::{REGION_NAME, free_spots, regions, remove_regions, saved_context, xsave_size};
+pub use region::{CallFrames, REGION_NAME, free_spots, regions, remove_regions, xsave_size};
 pub use running::{BUDGET, ProgramData, Running};
 pub use target_libc::TargetLibc;
 

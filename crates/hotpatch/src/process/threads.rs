@@ -119,6 +119,26 @@ pub fn parse_stat_state(text: &str) -> Option<char> {
     after.split_whitespace().next()?.chars().next()
 }
 
+/// Parse the thread count (`num_threads`, field 20) of the text of
+/// `/proc/PID/stat`.
+pub fn parse_stat_threads(text: &str) -> Option<usize> {
+    let after = &text[text.rfind(')')? + 1..];
+    // Fields 3 (state) … 20 (num_threads) follow the `comm`.
+    after.split_whitespace().nth(17)?.parse().ok()
+}
+
+/// How many threads process `pid` has (its `/proc/PID/stat`: one small
+/// read, no listing). Threads that exited but are not reaped yet count.
+pub fn count(pid: i32) -> Result<usize, ProcessError> {
+    let path = PathBuf::from(format!("/proc/{pid}/stat"));
+    let text = std::fs::read_to_string(&path).map_err(|e| ProcessError::from_io(pid, path.clone(), e))?;
+    parse_stat_threads(&text).ok_or_else(|| ProcessError::Io {
+        pid,
+        path,
+        error: std::io::Error::new(std::io::ErrorKind::InvalidData, "no num_threads field"),
+    })
+}
+
 /// Parse the text of `/proc/PID/task/TID/syscall`.
 pub fn parse_syscall(text: &str) -> SyscallState {
     let text = text.trim();
@@ -309,6 +329,15 @@ mod tests {
         assert_eq!(parse_stat_state("123 (a b) c) S 1 2 3"), Some('S'));
         assert_eq!(parse_stat_state("1 (x) t 0"), Some('t'));
         assert_eq!(parse_stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn parses_stat_thread_count() {
+        let stat = "4242 (a) b) c) S 1 4242 4242 0 -1 4194560 123 0 0 0 5 6 0 0 20 0 17 0 999 1 2";
+        assert_eq!(parse_stat_threads(stat), Some(17));
+        assert_eq!(parse_stat_threads("1 (x) S 0 1"), None);
+        assert_eq!(parse_stat_threads("garbage"), None);
+        assert!(count(std::process::id() as i32).unwrap() >= 1);
     }
 
     #[test]

@@ -286,18 +286,34 @@ pub fn free_spots(maps: &[MapEntry], size: u64, placement: Placement) -> Vec<u64
     spots
 }
 
-/// The context a thread will go back to if it is running a remote call or
-/// a program now (its `rsp` inside a call region of `maps`): the resume
-/// `rip` the call left on the thread's own stack and that stack's `rsp`.
-/// A stop of every thread must look there too: the thread's registers
-/// show the stub's, not the code it returns to.
-pub fn saved_context(mem: &Mem, maps: &[MapEntry], rsp: u64) -> Option<(u64, u64)> {
-    let xsave = xsave_size();
-    let layout = region_bases(maps, xsave)
-        .into_iter()
-        .map(|b| Layout::new(b, xsave))
-        .find(|l| (l.base..l.end()).contains(&rsp))?;
-    let ret_rsp = mem.read_u64(layout.frame() + frame::RET_RSP).ok()?;
-    let rip = mem.read_u64(ret_rsp).ok()?;
-    Some((rip, ret_rsp.wrapping_add(stub::RED_ZONE + 8)))
+/// The call regions of a process, found once in its maps, for a stop of
+/// every thread to look up each thread's saved context (see
+/// [`CallFrames::saved_context`]) without going over the maps again.
+#[derive(Debug, Clone)]
+pub struct CallFrames {
+    layouts: Vec<Layout>,
+}
+
+impl CallFrames {
+    pub fn new(maps: &[MapEntry]) -> CallFrames {
+        let xsave = xsave_size();
+        CallFrames {
+            layouts: region_bases(maps, xsave)
+                .into_iter()
+                .map(|b| Layout::new(b, xsave))
+                .collect(),
+        }
+    }
+
+    /// The context a thread will go back to if it is running a remote
+    /// call or a program now (its `rsp` inside a call region): the resume
+    /// `rip` the call left on the thread's own stack and that stack's
+    /// `rsp`. A stop of every thread must look there too: the thread's
+    /// registers show the stub's, not the code it returns to.
+    pub fn saved_context(&self, mem: &Mem, rsp: u64) -> Option<(u64, u64)> {
+        let layout = self.layouts.iter().find(|l| (l.base..l.end()).contains(&rsp))?;
+        let ret_rsp = mem.read_u64(layout.frame() + frame::RET_RSP).ok()?;
+        let rip = mem.read_u64(ret_rsp).ok()?;
+        Some((rip, ret_rsp.wrapping_add(stub::RED_ZONE + 8)))
+    }
 }
