@@ -177,6 +177,12 @@ fn spawn() -> std::io::Result<OwnedFd> {
         guard(theirs.as_raw_fd(), ours.as_raw_fd());
     }
     drop(theirs);
+    // At the tool's real-time priority (it was born without it: reset on
+    // fork), so that neither its start nor its work when the tool dies
+    // waits for a CPU behind the target's busy threads. Best effort.
+    let fifo = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sets the policy of our own child; `fifo` lives on this frame.
+    unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &fifo) };
     // Until the guardian has closed the copies of the tool's descriptors
     // it was born with, it holds the tool's locks too: wait for its word
     // (a tool that let go of a process's lock meanwhile would leave the
