@@ -880,7 +880,8 @@ impl Remote {
         );
         self.scope = choice.scope;
         let tid = match hijacked {
-            Ok(tid) => tid,
+            // A loan the program did not take is given back now.
+            Ok((tid, _loan)) => tid,
             Err(e) => {
                 if committed {
                     // A thread may run the stub with this frame: no other

@@ -143,6 +143,8 @@ pub(super) fn run_cave(
     probe: &dyn Fn() -> Option<u64>,
 ) -> Result<Option<u64>, ProcessError> {
     let pid = mem.pid();
+    // A thread slow to stop is lent a priority until it left the cave.
+    choice.lend = true;
     let t0 = Instant::now();
     let maps = crate::process::Process::open(pid)?.maps()?;
     let cave = find_cave(pid, mem, &maps, stub::CAVE_MAX)?;
@@ -207,8 +209,10 @@ pub(super) fn run_cave(
             })
         },
     );
-    let tid = match result {
-        Ok(tid) => tid,
+    // A priority lent early is held until the thread is out of the cave
+    // (given back when this returns, whatever the way).
+    let (tid, _loan) = match result {
+        Ok(took) => took,
         Err(e) => {
             // If the cave was written, it stays written: whether the thread
             // was already sent into it (SETREGS done, DETACH failed) is not

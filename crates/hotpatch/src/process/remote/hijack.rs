@@ -15,8 +15,10 @@ pub(super) struct Choice {
     pub(super) scope: Scope,
     /// What the session is for (the calls a look at every thread judges).
     pub(super) op: Operation,
-    /// The call lends its thread a real-time priority (a program that
-    /// gives it back itself): a thread slow to stop may be lent one early.
+    /// A thread slow to stop may be lent a real-time priority early
+    /// ([`priority::EarlyLoan`]): taken over by a program that gives it
+    /// back itself ([`Hijack::lend_priority`]), else returned to the
+    /// caller, who holds it until its call is done.
     pub(super) lend: bool,
 }
 
@@ -84,7 +86,7 @@ pub(super) fn hijack(
     maps: Option<&[MapEntry]>,
     committed: &mut bool,
     plan: &mut Plan<'_>,
-) -> Result<i32, ProcessError> {
+) -> Result<(i32, Option<priority::EarlyLoan>), ProcessError> {
     let mut excluded: Vec<i32> = Vec::new();
     // Threads left out as not plain while only the main thread was judged.
     let mut unfit: Vec<i32> = Vec::new();
@@ -212,7 +214,7 @@ pub(super) fn hijack(
             all = ?t0.elapsed(),
             "hijacked"
         );
-        return Ok(t.tid);
+        return Ok((t.tid, loan));
     }
     Err(last_err.unwrap_or_else(|| ProcessError::NoUsableThread {
         pid,
