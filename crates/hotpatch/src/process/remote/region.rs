@@ -140,6 +140,9 @@ pub(super) fn adopt(
     let start = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(1));
     let mut cancelled = false;
+    // A thread on its way out of the stub, lent a priority to get there
+    // (given back when this returns).
+    let mut loan = None;
     loop {
         let done = mem.read_u32(frame_at + frame::DONE)?;
         if done == 1 || owner == 0 || !threads::thread_exists(pid, owner as i32) {
@@ -153,10 +156,17 @@ pub(super) fn adopt(
             }
         }
         let wait = match owner_in_region(pid, owner as i32, layout) {
-            // A cancelled program is on its way out (it may be runnable
-            // and waiting for a CPU, just after giving back a lent
-            // priority): it gets longer.
+            // A cancelled or ended program is on its way out (it may be
+            // runnable and waiting for a CPU, just after giving back a
+            // lent priority: 10–40 ms among 8 busy threads on 2 cores):
+            // it gets longer.
             _ if cancelled => ADOPT_WAIT_CANCELLED,
+            None if running::program_ended(mem, layout.scratch()) => {
+                if loan.is_none() {
+                    loan = super::priority::EarlyLoan::make(pid, owner as i32);
+                }
+                ADOPT_WAIT_CANCELLED
+            }
             Some(true) => ADOPT_WAIT,
             None => ADOPT_WAIT_RUNNING,
             Some(false) => Duration::ZERO,
@@ -172,6 +182,7 @@ pub(super) fn adopt(
         }
         backoff.pause();
     }
+    drop(loan);
     if fresh {
         // Nothing ever ran there: the stub is written before any call.
         mem.write_expecting(layout.code(), &code, &stub.bytes)?;

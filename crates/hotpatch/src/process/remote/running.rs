@@ -281,17 +281,26 @@ impl<'r> Running<'r> {
 /// rendezvous: then `GO` gets [`program::CANCEL`] so that it returns now.
 /// Only for a region whose lock the caller holds (no tool drives it).
 pub(super) fn cancel_waiting(mem: &crate::process::Mem, data_at: u64) -> bool {
-    let Ok(block) = mem.read(data_at, data::RESULTS as usize) else {
-        return false;
-    };
+    match last_status(mem, data_at) {
+        Some(s) if !s.ended && s.phase > 0 => mem.write_u32(data_at + data::GO, program::CANCEL).is_ok(),
+        _ => false,
+    }
+}
+
+/// The status of the last program run in the data block at `data_at`, if
+/// one ran there.
+fn last_status(mem: &crate::process::Mem, data_at: u64) -> Option<Status> {
+    let block = mem.read(data_at, data::RESULTS as usize).ok()?;
     let magic = block
         .get(..8)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes);
-    match Status::parse(&block) {
-        Some(s) if magic == Some(program::MAGIC) && !s.ended && s.phase > 0 => {
-            mem.write_u32(data_at + data::GO, program::CANCEL).is_ok()
-        }
-        _ => false,
-    }
+    Status::parse(&block).filter(|_| magic == Some(program::MAGIC))
+}
+
+/// Whether the last program of the data block at `data_at` has ended: its
+/// thread has only the stub's way out left (it gave back a lent priority
+/// just before, and may wait for a CPU among busy threads to take it).
+pub(super) fn program_ended(mem: &crate::process::Mem, data_at: u64) -> bool {
+    last_status(mem, data_at).is_some_and(|s| s.ended)
 }
