@@ -204,6 +204,11 @@ pub(super) fn hijack(
             {
                 l.settle();
             }
+        } else if choice.lend && loan.is_none() {
+            // A call with no program to give a priority back (a cave
+            // call): lent now, held by the caller until the call is done,
+            // so that its few system calls do not wait for a CPU either.
+            loan = priority::EarlyLoan::make(pid, t.tid);
         }
         traced.detach()?;
         tracing::trace!(
