@@ -37,9 +37,35 @@ impl DynSymbols {
         })
     }
 
+    /// Like [`DynSymbols::read`], knowing only the symbols named in
+    /// `names` (the others are not found): the file's headers, `.dynsym`,
+    /// its strings and `.gnu.version` are read (`pread`, ~100 KiB of libc's
+    /// 2 MiB), and only those names are indexed.
+    pub fn read_names(path: &std::path::Path, names: &[&str]) -> Result<DynSymbols, super::ImageError> {
+        let (file, _) = super::file::open_regular(path)?;
+        let cache = object::read::ReadCache::new(file);
+        let mut ident = [0u8; 16];
+        ident.copy_from_slice(object::ReadRef::read_bytes_at(&cache, 0, 16).map_err(|()| {
+            super::ImageError::Corrupt {
+                path: path.to_path_buf(),
+                what: "shorter than an ELF header".into(),
+            }
+        })?);
+        super::error::check_ident(path, &ident)?;
+        Self::parse_from(&cache, Some(names)).map_err(|what| super::ImageError::Corrupt {
+            path: path.to_path_buf(),
+            what,
+        })
+    }
+
     pub fn parse(data: &[u8]) -> Result<DynSymbols, String> {
+        Self::parse_from(data, None)
+    }
+
+    /// The symbols of the ELF file `data`, every one or those in `names`.
+    fn parse_from<'d, R: object::ReadRef<'d>>(data: R, names: Option<&[&str]>) -> Result<DynSymbols, String> {
         use object::elf;
-        use object::read::elf::{FileHeader, ProgramHeader, Sym};
+        use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
         let e = |e: object::read::Error| e.to_string();
         let header = elf::FileHeader64::<object::Endianness>::parse(data).map_err(e)?;
         let endian = header.endian().map_err(e)?;
@@ -57,6 +83,13 @@ impl DynSymbols {
         let sections = header.sections(endian, data).map_err(e)?;
         let symtab = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(e)?;
         let versions = sections.versions(endian, data).map_err(e)?;
+        // The names in one read (through a read cache, each name would be
+        // a read of its own).
+        let names_bytes: &[u8] = match sections.section(symtab.string_section()) {
+            Ok(section) => section.data(endian, data).map_err(e)?,
+            Err(_) => &[],
+        };
+        let strings = object::read::StringTable::new(names_bytes, 0, names_bytes.len() as u64);
         let mut by_name = std::collections::HashMap::new();
         let mut ambiguous = std::collections::HashSet::new();
         for (index, sym) in symtab.enumerate() {
@@ -71,12 +104,15 @@ impl DynSymbols {
             {
                 continue;
             }
-            let Ok(name) = sym.name(endian, symtab.strings()) else {
+            let Ok(name) = sym.name(endian, strings) else {
                 continue;
             };
             let Ok(name) = std::str::from_utf8(name) else {
                 continue;
             };
+            if names.is_some_and(|wanted| !wanted.contains(&name)) {
+                continue;
+            }
             let entry = DynSym {
                 value: sym.st_value(endian),
                 st_type: sym.st_type(),
@@ -118,5 +154,56 @@ impl DynSymbols {
         let s = self.lookup(name)?;
         let plain = matches!(s.st_type, elf::STT_FUNC | elf::STT_OBJECT | elf::STT_NOTYPE);
         (plain && !s.absolute).then(|| s.value.wrapping_add(l_addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The C library of this machine, if it is where Debian puts it.
+    fn libc() -> Option<std::path::PathBuf> {
+        let p = std::path::PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6");
+        p.exists().then_some(p)
+    }
+
+    #[test]
+    fn reading_some_names_finds_what_reading_all_finds() {
+        let Some(path) = libc() else {
+            eprintln!("no /lib/x86_64-linux-gnu/libc.so.6 here: nothing to compare");
+            return;
+        };
+        let all = DynSymbols::read(&path).expect("libc");
+        // Defined once, several versions (dlopen: GLIBC_2.34 and a
+        // compat one), absent.
+        let names = [
+            "dlopen",
+            "dlsym",
+            "__errno_location",
+            "memcpy",
+            "no_such_symbol_here",
+        ];
+        let some = DynSymbols::read_names(&path, &names).expect("libc");
+        for n in names {
+            assert_eq!(some.lookup(n), all.lookup(n), "{n}");
+            assert_eq!(some.dlsym_address(0x1000, n), all.dlsym_address(0x1000, n), "{n}");
+        }
+        assert!(some.lookup("dlopen").is_some());
+        assert!(
+            some.lookup("strlen").is_none(),
+            "a name not asked for is not known"
+        );
+        assert_eq!((some.link_base, some.dynamic), (all.link_base, all.dynamic));
+    }
+
+    #[test]
+    fn reading_names_of_a_non_elf_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("not-elf");
+        std::fs::write(&p, b"#!/bin/sh\necho hello\n").expect("write");
+        assert!(DynSymbols::read_names(&p, &["dlopen"]).is_err());
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"\x7fEL").expect("write");
+        assert!(DynSymbols::read_names(&short, &["dlopen"]).is_err());
     }
 }

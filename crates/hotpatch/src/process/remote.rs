@@ -244,12 +244,13 @@ impl Session {
         let known = match recorded {
             Some(info) => info,
             None => {
-                let found = TargetLibc::find(pid, &maps).ok();
+                // Only the functions the record holds: any other is read
+                // from the whole file if a session ever asks for it.
+                let found = TargetLibc::find_names(pid, &maps, &LibcInfo::names()).ok();
                 let info = LibcInfo::of(found.as_ref());
                 if let Err(e) = info.write(&mem, &layout) {
                     tracing::debug!(pid, error = %e, "could not record libc in the call region");
                 }
-                let _ = libc.set(found);
                 info
             }
         };

@@ -15,6 +15,17 @@ impl TargetLibc {
     /// Find the C library mapped by `pid` (glibc `libc.so.6`, or musl's
     /// `ld-musl-*.so.1`) and read its dynamic symbols from the file.
     pub fn find(pid: i32, maps: &[MapEntry]) -> Result<TargetLibc, ProcessError> {
+        Self::find_with(pid, maps, None)
+    }
+
+    /// Like [`TargetLibc::find`], knowing only the functions named in
+    /// `names` ([`DynSymbols::read_names`]: 0.3 ms instead of 2.5 ms for
+    /// libc's whole file under load).
+    pub fn find_names(pid: i32, maps: &[MapEntry], names: &[&str]) -> Result<TargetLibc, ProcessError> {
+        Self::find_with(pid, maps, Some(names))
+    }
+
+    fn find_with(pid: i32, maps: &[MapEntry], names: Option<&[&str]>) -> Result<TargetLibc, ProcessError> {
         let images = crate::process::maps::images(maps, pid);
         let libc = images
             .iter()
@@ -24,7 +35,11 @@ impl TargetLibc {
                 name: "libc".into(),
                 image: "the process's mappings (statically linked?)".into(),
             })?;
-        let symbols = DynSymbols::read(&libc.open_path).map_err(|e| ProcessError::Image {
+        let symbols = match names {
+            Some(names) => DynSymbols::read_names(&libc.open_path, names),
+            None => DynSymbols::read(&libc.open_path),
+        }
+        .map_err(|e| ProcessError::Image {
             pid,
             path: libc.open_path.clone(),
             error: Box::new(e),
@@ -56,6 +71,11 @@ pub(super) struct LibcInfo {
 
 impl LibcInfo {
     const MAGIC: &'static [u8; 8] = b"HPLIBC01";
+    /// The functions a record holds: those the tool calls.
+    pub(super) fn names() -> Vec<&'static str> {
+        crate::reserved::CALLED.iter().map(|c| c.name).collect()
+    }
+
     pub(super) fn of(libc: Option<&TargetLibc>) -> LibcInfo {
         let Some(libc) = libc else {
             return LibcInfo::default();
