@@ -290,7 +290,8 @@ pub struct Facts {
     pub thread_count: usize,
 }
 
-fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key:` in a `/proc/.../status` text, trimmed.
+pub(crate) fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))

@@ -221,10 +221,7 @@ fn sched_setattr(tid: i32, attr: &SchedAttr) -> Result<(), std::io::Error> {
 /// `sched_setattr` would keep the loan for good).
 fn unfiltered(pid: i32, tid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
-    let seccomp = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .map(str::trim);
+    let seccomp = super::preflight::field(&status, "Seccomp");
     if seccomp != Some("0") {
         tracing::debug!(tid, ?seccomp, "no priority lent to a thread under seccomp");
         return false;
