@@ -1,6 +1,7 @@
 //! The `hotpatch` command: a thin layer over the `hotpatch` library.
 
 mod audit;
+mod build;
 mod check;
 mod demo;
 mod doctor;
@@ -69,18 +70,27 @@ enum Command {
     /// ran, whatever they found (`verdict` in --json).
     #[command(after_help = EXIT_CODES)]
     Doctor(doctor::Args),
+    /// Build a patch library from a source fix: two builds, compared
+    /// function by function, the changed code bound to the running binary.
+    #[command(after_help = EXIT_CODES)]
+    Build(build::Args),
     /// Build the bundled example server, start it, and show what hotpatch sees.
     #[command(after_help = EXIT_CODES)]
     Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
+    // Started as the builder's compiler wrapper (`cc`, `gcc`, … in its PATH)?
+    if let Some(code) = hotpatch_build::wrapper::main_if_wrapping() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HOTPATCH_LOG"))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Build(args) => build::run(args),
         Command::Check(args) => check::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Demo(args) => demo::run(args),

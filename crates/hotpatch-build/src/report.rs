@@ -1,0 +1,229 @@
+//! What a build selected and why: for people and for `--json`.
+
+use crate::Options;
+use crate::binary::{Proof, query};
+use crate::compare::Changes;
+use crate::emit::{Binding, Emitted};
+use crate::select::{Reason, Refusal, Selection};
+use crate::tree::{Linked, Pair};
+use crate::unit::{Class, Unit};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Target {
+    /// How the records name the image (its file name, or its soname).
+    pub image: String,
+    pub path: String,
+    pub build_id: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UnitReport {
+    pub source: Option<String>,
+    pub object: String,
+    pub changed: Vec<String>,
+    pub new_functions: Vec<String>,
+    pub removed_functions: Vec<String>,
+    pub changed_data: Vec<String>,
+    pub new_data: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FunctionReport {
+    /// The binary's name for it.
+    pub name: String,
+    /// Replaced in the running binary, or only carried for those that are.
+    pub replaced: bool,
+    pub reasons: BTreeSet<Reason>,
+}
+
+/// The build's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub target: Target,
+    /// The original rebuild against the binary.
+    pub proof: Proof,
+    pub units: Vec<UnitReport>,
+    pub functions: Vec<FunctionReport>,
+    /// Other code and data the patch carries (compiler clones, functions the
+    /// binary has no copy of, new data, changed constants).
+    pub carried: Vec<String>,
+    pub bindings: Vec<Binding>,
+    pub refusals: Vec<Refusal>,
+    pub records: Vec<String>,
+    pub output: Option<String>,
+    pub linked: Option<Linked>,
+}
+
+impl Report {
+    pub fn new(
+        options: &Options,
+        image: &hotpatch::Image,
+        pairs: &[Pair],
+        fixed: &[Unit],
+        changes: &[Changes],
+        selection: &Selection,
+        proof: Proof,
+    ) -> Report {
+        let file_name = options
+            .binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let units = pairs
+            .iter()
+            .zip(fixed)
+            .zip(changes)
+            .filter(|(_, c)| **c != Changes::default())
+            .map(|((p, u), c)| UnitReport {
+                source: u.source.clone(),
+                object: p.key.clone(),
+                changed: c.changed.clone(),
+                new_functions: c.new_functions.clone(),
+                removed_functions: c.removed_functions.clone(),
+                changed_data: c
+                    .changed_data
+                    .iter()
+                    .map(|d| format!("{} ({})", d.name, d.what))
+                    .collect(),
+                new_data: c.new_data.iter().map(|d| d.0.clone()).collect(),
+            })
+            .collect();
+        let functions = selection
+            .chosen
+            .iter()
+            .map(|c| FunctionReport {
+                name: query(fixed[c.unit].source.as_deref(), &c.name, c.global),
+                replaced: c.replaced,
+                reasons: c.reasons.clone(),
+            })
+            .collect();
+        let mut carried: Vec<String> = selection
+            .new_data
+            .iter()
+            .map(|(u, n, class, size)| {
+                format!(
+                    "{} (new {} data, {size} bytes, starts at its initial value)",
+                    query(fixed[*u].source.as_deref(), n, false),
+                    if *class == Class::Const {
+                        "constant"
+                    } else {
+                        "writable"
+                    }
+                )
+            })
+            .collect();
+        carried.extend(selection.constants.iter().map(|(u, n)| {
+            format!(
+                "{} (changed constant)",
+                query(fixed[*u].source.as_deref(), n, false)
+            )
+        }));
+        Report {
+            target: Target {
+                image: image.soname().map(str::to_string).unwrap_or(file_name),
+                path: options.binary.display().to_string(),
+                build_id: image.build_id_hex(),
+            },
+            proof,
+            units,
+            functions,
+            carried,
+            bindings: Vec::new(),
+            refusals: selection.refusals.clone(),
+            records: Vec::new(),
+            output: None,
+            linked: None,
+        }
+    }
+
+    pub fn finish(&mut self, emitted: &Emitted, records: &[String], linked: Linked) {
+        self.carried.extend(
+            emitted
+                .carried
+                .iter()
+                .map(|c| format!("{c} (copied: not reachable by name in the binary)")),
+        );
+        self.bindings = emitted.bindings.iter().cloned().collect();
+        self.records = records.to_vec();
+        self.linked = Some(linked);
+    }
+
+    /// The report for people.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "target {} (build-id {}): the original rebuild matches it ({} functions compared, {} not in its symbol table)",
+            self.target.path,
+            self.target.build_id.as_deref().unwrap_or("none"),
+            self.proof.matched,
+            self.proof.absent
+        );
+        for u in &self.units {
+            let _ = writeln!(s, "unit {} ({})", u.source.as_deref().unwrap_or("?"), u.object);
+            for (what, list) in [
+                ("changed", &u.changed),
+                ("new", &u.new_functions),
+                ("removed", &u.removed_functions),
+                ("changed data", &u.changed_data),
+                ("new data", &u.new_data),
+            ] {
+                if !list.is_empty() {
+                    let _ = writeln!(s, "  {what}: {}", list.join(", "));
+                }
+            }
+        }
+        for f in &self.functions {
+            let why: Vec<String> = f
+                .reasons
+                .iter()
+                .map(|r| match r {
+                    Reason::Changed => "its code changed".to_string(),
+                    Reason::Refers(x) => {
+                        format!("it refers to changed `{x}`, which cannot be replaced by name")
+                    }
+                    Reason::ReadsChangedConstant(x) => format!("it reads changed constant `{x}`"),
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "{} {}: {}",
+                if f.replaced { "replace" } else { "carry  " },
+                f.name,
+                why.join("; ")
+            );
+        }
+        for c in &self.carried {
+            let _ = writeln!(s, "carry   {c}");
+        }
+        if !self.bindings.is_empty() {
+            let names: Vec<&str> = self
+                .bindings
+                .iter()
+                .map(|b| b.symbol.as_str())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let _ = writeln!(s, "bound to the running binary: {}", names.join(", "));
+        }
+        for r in &self.refusals {
+            let _ = writeln!(
+                s,
+                "refused {}: {}",
+                query(r.source.as_deref(), &r.symbol, r.source.is_none()),
+                r.reason
+            );
+        }
+        if let (Some(out), Some(l)) = (&self.output, &self.linked) {
+            let _ = writeln!(
+                s,
+                "wrote {out} ({} bytes, {} records)",
+                l.bytes,
+                self.records.len()
+            );
+        }
+        s
+    }
+}
