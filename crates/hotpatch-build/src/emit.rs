@@ -379,6 +379,13 @@ pub fn emit(
             }
         }
         // Apply the actions.
+        let locals: HashSet<String> = b
+            .symbols
+            .iter()
+            .filter(|s| s.st_bind() == elf::STB_LOCAL)
+            .map(|s| String::from_utf8_lossy(s.name.as_slice()).into_owned())
+            .collect();
+        let global_of = |name: &str| !locals.contains(name);
         let mut slots: BTreeMap<String, SymbolId> = BTreeMap::new();
         let mut slot_section: Option<SectionId> = None;
         let mut site_count = 0usize;
@@ -387,8 +394,7 @@ pub fn emit(
                 Dest::Binary { query, thread_local } => (query, thread_local),
                 Dest::Refused(reason) => {
                     out.refusals.push(Refusal {
-                        source: unit.source.clone(),
-                        symbol: name,
+                        symbol: crate::binary::query(unit.source.as_deref(), &name, global_of(&name)),
                         reason,
                     });
                     continue;
@@ -397,8 +403,7 @@ pub fn emit(
             };
             if thread_local || is_tls(r_type) {
                 out.refusals.push(Refusal {
-                    source: unit.source.clone(),
-                    symbol: name,
+                    symbol: crate::binary::query(unit.source.as_deref(), &name, global_of(&name)),
                     reason: "the fixed code uses a thread-local of the program; a patch cannot reach another image's thread-locals".into(),
                 });
                 continue;
@@ -485,8 +490,7 @@ pub fn emit(
                     };
                     if addend != 0 && r_type == elf::R_X86_64_GOT64 {
                         out.refusals.push(Refusal {
-                            source: unit.source.clone(),
-                            symbol: name,
+                            symbol: crate::binary::query(unit.source.as_deref(), &name, global_of(&name)),
                             reason: format!("a GOT reference with addend {addend}"),
                         });
                         continue;
@@ -503,8 +507,7 @@ pub fn emit(
                     set_relocation(&mut b, rel, i, Some(slot), new_type, kept_addend);
                 }
                 other => out.refusals.push(Refusal {
-                    source: unit.source.clone(),
-                    symbol: name,
+                    symbol: crate::binary::query(unit.source.as_deref(), &name, global_of(&name)),
                     reason: format!(
                         "the fixed code refers to it with relocation type {other}, which cannot reach the running binary from a patch library (was the unit compiled with -mcmodel=large?)"
                     ),

@@ -200,10 +200,14 @@ fn units_of_the_binary(
     path: &Path,
 ) -> Result<(Vec<tree::Pair>, Vec<unit::Unit>, Vec<unit::Unit>, binary::Proof), BuildError> {
     let mut candidates = Vec::new();
+    // Of units the binary has nothing of, the differences, in case no
+    // unit is the binary's at all.
+    let mut unmatched = Vec::new();
     for p in all {
-        let orig = read_unit(&p.orig.object)?;
+        let orig = read_unit(&p.orig.kept)?;
         let proof = running.prove(&[&orig]);
         if proof.matched == 0 {
+            unmatched.extend(proof.mismatches.iter().map(|m| format!("`{}` {}", m.function, m.what)));
             continue;
         }
         candidates.push((p, orig, proof));
@@ -235,9 +239,12 @@ fn units_of_the_binary(
         total.absent += proof.absent;
         pairs.push((*p).clone());
         origs.push(orig.clone());
-        fixeds.push(read_unit(&p.fixed.object)?);
+        fixeds.push(read_unit(&p.fixed.kept)?);
     }
     if !mismatches.is_empty() || pairs.is_empty() {
+        if mismatches.is_empty() && pairs.is_empty() {
+            mismatches = unmatched;
+        }
         if mismatches.is_empty() {
             mismatches.push(format!(
                 "none of the {} compiled units has a function in its symbol table (stripped, or another program?)",
@@ -256,12 +263,7 @@ fn refused(refusals: &[select::Refusal], report: Report) -> BuildError {
     BuildError::Refused(
         refusals
             .iter()
-            .map(|r| {
-                (
-                    binary::query(r.source.as_deref(), &r.symbol, r.source.is_none()),
-                    r.reason.clone(),
-                )
-            })
+            .map(|r| (r.symbol.clone(), r.reason.clone()))
             .collect(),
         Box::new(report),
     )

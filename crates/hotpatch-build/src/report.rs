@@ -209,12 +209,7 @@ impl Report {
             let _ = writeln!(s, "bound to the running binary: {}", names.join(", "));
         }
         for r in &self.refusals {
-            let _ = writeln!(
-                s,
-                "refused {}: {}",
-                query(r.source.as_deref(), &r.symbol, r.source.is_none()),
-                r.reason
-            );
+            let _ = writeln!(s, "refused {}: {}", r.symbol, r.reason);
         }
         if let (Some(out), Some(l)) = (&self.output, &self.linked) {
             let _ = writeln!(

@@ -59,7 +59,7 @@ pub struct Chosen {
 /// What a function swap cannot do.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Refusal {
-    pub source: Option<String>,
+    /// As the running binary names it (`file.c:name` for a static).
     pub symbol: String,
     pub reason: String,
 }
@@ -85,7 +85,6 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
     let mut selection = Selection::default();
     let mut queue: VecDeque<(usize, String, Reason)> = VecDeque::new();
     for (u, pair) in units.iter().enumerate() {
-        let source = pair.fixed.source.clone();
         for name in &pair.changes.changed {
             queue.push_back((u, name.clone(), Reason::Changed));
         }
@@ -98,13 +97,11 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
                     }
                 }
                 Class::ThreadLocal => selection.refusals.push(Refusal {
-                    source: source.clone(),
-                    symbol: d.name.clone(),
+                    symbol: pair.fixed.shown(&d.name),
                     reason: format!("changed thread-local ({}): every thread holds its own copy already", d.what),
                 }),
                 _ => selection.refusals.push(Refusal {
-                    source: source.clone(),
-                    symbol: d.name.clone(),
+                    symbol: pair.fixed.shown(&d.name),
                     reason: format!(
                         "changed data ({}): the running program holds this variable already, and a function swap cannot change its layout or value",
                         d.what
@@ -115,8 +112,7 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
         for (name, class, size) in &pair.changes.new_data {
             if *class == Class::ThreadLocal {
                 selection.refusals.push(Refusal {
-                    source: source.clone(),
-                    symbol: name.clone(),
+                    symbol: pair.fixed.shown(name),
                     reason: "new thread-local: threads that already run have no copy of it".into(),
                 });
             } else {
@@ -140,8 +136,7 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
         let source = pair.fixed.source.as_deref();
         if pair.orig.constructors.contains(&name) || pair.fixed.constructors.contains(&name) {
             selection.refusals.push(Refusal {
-                source: source.map(str::to_string),
-                symbol: name.clone(),
+                symbol: pair.fixed.shown(&name),
                 reason: "a constructor: it ran once when the program started and will not run again".into(),
             });
         }
@@ -153,8 +148,7 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
                 Some(Ok(())) => true,
                 Some(Err(why)) => {
                     selection.refusals.push(Refusal {
-                        source: source.map(str::to_string),
-                        symbol: name.clone(),
+                        symbol: pair.fixed.shown(&name),
                         reason: format!("changed, but the running binary cannot patch it: {why}"),
                     });
                     true

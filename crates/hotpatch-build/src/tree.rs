@@ -198,7 +198,7 @@ impl Scratch {
         }
         let mut compiles = wrapper::read_log(&log).map_err(TreeError::Units)?;
         // Probes of a configure script: their sources are gone.
-        compiles.retain(|c| c.cwd.join(&c.source).is_file() && c.object.is_file());
+        compiles.retain(|c| c.cwd.join(&c.source).is_file() && c.kept.is_file());
         if compiles.is_empty() {
             return Err(TreeError::NothingCompiled { which });
         }

@@ -21,6 +21,23 @@ pub struct Unit {
     pub constructors: BTreeSet<String>,
 }
 
+impl Unit {
+    /// Whether the unit's function or data `name` is global (a name it does
+    /// not define counts as global: it is someone else's).
+    pub fn is_global(&self, name: &str) -> bool {
+        self.functions
+            .iter()
+            .chain(&self.data)
+            .find(|i| i.name == name)
+            .is_none_or(|i| i.global)
+    }
+
+    /// How the running binary names `name` of this unit.
+    pub fn shown(&self, name: &str) -> String {
+        crate::binary::query(self.source.as_deref(), name, self.is_global(name))
+    }
+}
+
 /// What kind of memory an item lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// The log the wrapper appends to (JSON lines); set by the builder.
 pub const LOG_ENV: &str = "HOTPATCH_BUILD_LOG";
-/// Where kept objects of compile-and-link lines go.
+/// Where the wrapper keeps a copy of every object it compiles.
 pub const KEEP_ENV: &str = "HOTPATCH_BUILD_KEEP";
 /// The `PATH` without the wrapper directory, to find the real compiler.
 pub const PATH_ENV: &str = "HOTPATCH_BUILD_PATH";
@@ -33,8 +33,11 @@ pub struct Compile {
     pub common: Vec<String>,
     /// As given (relative to `cwd` or absolute).
     pub source: String,
-    /// The object file, absolute.
+    /// The object file the build wrote, absolute.
     pub object: PathBuf,
+    /// A copy of it taken right after the compile (a build may move,
+    /// rename or delete its objects: zlib's Makefile renames them to `.lo`).
+    pub kept: PathBuf,
 }
 
 /// Options that take the next argument as their value.
@@ -196,6 +199,9 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
         if code != 0 {
             return Ok(code);
         }
+        let keep = std::env::var_os(KEEP_ENV)
+            .map(PathBuf::from)
+            .ok_or("no directory for kept objects")?;
         for source in &line.sources {
             let object = match (&line.output, line.sources.len()) {
                 (Some(o), 1) => cwd.join(o),
@@ -206,12 +212,15 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
                         .unwrap_or_default(),
                 ),
             };
+            let kept = keep.join(kept_name(&object));
+            std::fs::copy(&object, &kept).map_err(|e| format!("keeping {}: {e}", object.display()))?;
             compiles.push(Compile {
                 compiler: compiler.clone(),
                 cwd: cwd.clone(),
                 common: line.common.clone(),
                 source: source.clone(),
                 object,
+                kept,
             });
         }
     } else {
@@ -223,6 +232,7 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
         for source in &line.sources {
             let absolute = cwd.join(source);
             let object = keep.join(format!("{}.o", kept_name(&absolute)));
+            let kept = object.clone();
             let mut compile = line.common.clone();
             compile.extend(SECTION_FLAGS.iter().map(|s| s.to_string()));
             compile.extend([
@@ -241,6 +251,7 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
                 common: line.common.clone(),
                 source: source.clone(),
                 object,
+                kept,
             });
         }
         let code = run(&compiler, &with_sections)?;
@@ -263,8 +274,8 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
     Ok(0)
 }
 
-/// A file name for the kept object of `source` that is the same in both
-/// trees: its path below the tree, with `/` spelled `__`.
+/// A file name for the kept object of `source` (or of an object) that is
+/// the same in both trees: its path below the tree, with `/` spelled `__`.
 fn kept_name(source: &Path) -> String {
     let text = source.display().to_string();
     let below = ["/orig/", "/fixed/", "/patch/"]

@@ -1,0 +1,4 @@
+long add(int x);
+long total_now(void);
+long per_thread_add(void);
+long zero(void);
