@@ -86,6 +86,23 @@ fn build(dir: &Path) -> std::path::PathBuf {
     )
 }
 
+/// The patch, with its GOT exported as `__hotpatch_got`.
+fn build_rel64_patch(dir: &Path, name: &str, source: &str) -> std::path::PathBuf {
+    build_sources(
+        dir,
+        "gcc",
+        &format!("{name}.so"),
+        &[(&format!("{name}.c"), source)],
+        &[
+            "-O2",
+            "-shared",
+            "-fPIC",
+            &include_arg(),
+            "-Wl,--defsym,__hotpatch_got=ADDR(.got.plt)",
+        ],
+    )
+}
+
 fn read_u64(pid: i32, at: u64) -> u64 {
     u64::from_le_bytes(read_mem(pid, at, 8).try_into().expect("8 bytes"))
 }
@@ -95,7 +112,7 @@ fn patched_code_reaches_the_target_statics_through_rel64_sites() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = build(dir.path());
-    let patch = build_patch(dir.path(), "rel64_patch", PATCH);
+    let patch = build_rel64_patch(dir.path(), "rel64_patch", PATCH);
     let mut target = Rel64Target::start(&exe, 3);
     let pid = target.pid();
 
@@ -115,6 +132,8 @@ fn patched_code_reaches_the_target_statics_through_rel64_sites() {
         let anchor = symbol_in_loaded_patch(pid, &patch, "anchor");
         let site_counter = symbol_in_loaded_patch(pid, &patch, "site_counter");
         let site_helper = symbol_in_loaded_patch(pid, &patch, "site_helper");
+        let site_text = symbol_in_loaded_patch(pid, &patch, "site_text");
+        let got = symbol_in_loaded_patch(pid, &patch, "__hotpatch_got");
         assert_eq!(
             read_u64(pid, site_counter),
             counter.wrapping_add_signed(COUNTER_ADDEND).wrapping_sub(anchor),
@@ -124,6 +143,25 @@ fn patched_code_reaches_the_target_statics_through_rel64_sites() {
             read_u64(pid, site_helper),
             helper_at.wrapping_sub(anchor),
             "round {round}: site_helper"
+        );
+        // The site in code, relative to the GOT: in an executable
+        // mapping of the patch.
+        assert_eq!(
+            read_u64(pid, site_text),
+            counter.wrapping_add_signed(COUNTER_ADDEND).wrapping_sub(got),
+            "round {round}: site_text"
+        );
+        assert!(
+            maps(pid).lines().any(|l| {
+                let (range, rest) = l.split_once(' ').unwrap_or_default();
+                let (start, end) = range.split_once('-').unwrap_or_default();
+                let (start, end) = (
+                    u64::from_str_radix(start, 16).unwrap_or(0),
+                    u64::from_str_radix(end, 16).unwrap_or(0),
+                );
+                (start..end).contains(&site_text) && rest.starts_with("r-x")
+            }),
+            "site_text {site_text:#x} is not in code"
         );
         // The `ref` with an addend.
         assert_eq!(
@@ -171,7 +209,7 @@ fn a_site_not_zero_or_a_missing_symbol_is_refused() {
     let pid = target.pid();
     let code = work_code(pid, &exe);
 
-    let not_zero = build_patch(
+    let not_zero = build_rel64_patch(
         dir.path(),
         "rel64_not_zero",
         &PATCH.replace(
@@ -179,7 +217,7 @@ fn a_site_not_zero_or_a_missing_symbol_is_refused() {
             "long site_counter = 0x1234, site_helper;",
         ),
     );
-    let missing = build_patch(
+    let missing = build_rel64_patch(
         dir.path(),
         "rel64_missing",
         &PATCH.replace(
