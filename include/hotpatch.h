@@ -47,6 +47,37 @@
 #define HOTPATCH_ORIG(symbol, pointer) HOTPATCH__RECORD("orig " HOTPATCH__STR(symbol) " " HOTPATCH__STR(pointer))
 #define HOTPATCH_ORIG_NAMED(symbol, pointer) HOTPATCH__RECORD("orig " symbol " " HOTPATCH__STR(pointer))
 
+/*
+ * Records for tools (written by `hotpatch build`; C authors use the macros
+ * above). The syntax and rules are in crates/hotpatch/src/patchfile/mod.rs:
+ *
+ *   hotpatch-v1 ref TARGET-SYMBOL POINTER ADDEND
+ *       POINTER <- address of TARGET-SYMBOL + ADDEND.
+ *   hotpatch-v1 rel64 TARGET-SYMBOL SITE ADDEND BASE
+ *       the 8 bytes at SITE <- address of TARGET-SYMBOL + ADDEND - address
+ *       of BASE (64-bit, wrapping, little-endian), written before anything
+ *       of the patch runs. For -mcmodel=large code whose S@GOTOFF/S@PLTOFF
+ *       constants name a target symbol S: BASE is the patch's GOT.
+ *
+ * ADDEND: decimal or 0x hex, optionally signed ("0", "-4", "0x10"), in the
+ * range of a signed 64-bit integer.
+ * SITE: a symbol in the patch's .dynsym (global or weak, defined once, not
+ * absolute), STT_OBJECT or STT_NOTYPE, of size 8 or 0, whose 8 bytes lie in
+ * one PT_LOAD segment; it may be in code. Its 8 bytes must be zero in the
+ * file, else the apply is refused and nothing is written.
+ * BASE: a symbol in the patch's .dynsym (same rules), STT_FUNC, STT_OBJECT
+ * or STT_NOTYPE, any size. GNU ld exports the GOT with
+ * -Wl,--defsym,__hotpatch_got=ADDR(.got.plt) (a --defsym equal to
+ * _GLOBAL_OFFSET_TABLE_ itself comes out local, not exported: refused).
+ * No two records may fill overlapping bytes.
+ *
+ * HOTPATCH_REL64 writes the record from C, for tests of tools; `addend` is
+ * a literal number (it is turned into text, not evaluated).
+ */
+#define HOTPATCH_REL64(symbol, site, addend, base)                                        \
+    HOTPATCH__RECORD("rel64 " HOTPATCH__STR(symbol) " " HOTPATCH__STR(site) " "           \
+                     HOTPATCH__STR(addend) " " HOTPATCH__STR(base))
+
 /* Declare `type *name` pointing at target variable `name`:  *name += 1; */
 #define HOTPATCH_POINTER(type, name)                                                      \
     __attribute__((visibility("default"))) type *HOTPATCH__CAT(hotpatch_ref_, name);      \

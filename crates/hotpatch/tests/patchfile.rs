@@ -234,3 +234,155 @@ replace!(compute_fee, compute_fee_fixed);
         ]
     );
 }
+
+/// A patch with `rel64` records (see the module docs of `patchfile`).
+const REL64_PATCH: &str = r#"
+#include "hotpatch.h"
+long site_counter, site_helper;
+void *anchor(void) { return 0; }
+long *p_counter;
+__asm__(".data\n.globl label_site\nlabel_site: .quad 0\n.text");
+int work_fixed(int x) { return x + (int)site_counter + (int)site_helper; }
+HOTPATCH_REPLACE(work, work_fixed);
+HOTPATCH_REL64(counter, site_counter, -8, anchor);
+HOTPATCH_REL64(prog.c:helper, site_helper, 0x10, __hotpatch_got);
+HOTPATCH_REL64(0x4010, label_site, 0, site_helper);
+HOTPATCH__RECORD("ref counter p_counter 8");
+"#;
+
+#[test]
+fn reads_rel64_records_and_a_ref_addend() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = cc(
+        dir.path(),
+        "fix.so",
+        &[("fix.c", REL64_PATCH)],
+        &["-shared", "-fPIC", "-Wl,--defsym,__hotpatch_got=ADDR(.got.plt)"],
+    );
+    let spec = PatchSpec::read(&so, &CommandLineRecords::default()).unwrap();
+    let nm = String::from_utf8(Command::new("nm").arg("-D").arg(&so).output().unwrap().stdout).unwrap();
+    let addr_of = |name: &str| {
+        nm.lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .and_then(|l| u64::from_str_radix(l.split(' ').next().unwrap(), 16).ok())
+            .unwrap()
+    };
+    // (In any order: gcc emits the records backwards.)
+    let mut rel: Vec<_> = spec
+        .rel64
+        .iter()
+        .map(|r| {
+            (
+                r.site.as_str(),
+                r.symbol.as_str(),
+                r.site_address,
+                r.addend,
+                r.base.as_str(),
+            )
+        })
+        .collect();
+    rel.sort();
+    assert_eq!(
+        rel,
+        vec![
+            ("label_site", "0x4010", addr_of("label_site"), 0, "site_helper"),
+            ("site_counter", "counter", addr_of("site_counter"), -8, "anchor"),
+            (
+                "site_helper",
+                "prog.c:helper",
+                addr_of("site_helper"),
+                16,
+                "__hotpatch_got"
+            ),
+        ]
+    );
+    assert_eq!(spec.references.len(), 1);
+    assert_eq!(
+        (spec.references[0].pointer.as_str(), spec.references[0].addend),
+        ("p_counter", 8)
+    );
+}
+
+#[test]
+fn bad_rel64_records_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = "#include \"hotpatch.h\"\nlong site_a, site_b; int small; static long hidden_site; long *hidden_use(void) { return &hidden_site; }\nvoid *anchor(void) { return 0; }\nint work_fixed(int x) { return x; }\nHOTPATCH_REPLACE(work, work_fixed);\n__thread long tls_base;\n";
+    for (i, (records, flags, needles)) in [
+        (
+            "HOTPATCH_REL64(counter, hidden_site, 0, anchor);",
+            "",
+            vec!["site `hidden_site`", "not an exported symbol"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, anchor, 0, anchor);",
+            "",
+            vec!["site `anchor`", "STT_OBJECT or STT_NOTYPE", "STT_FUNC"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, small, 0, anchor);",
+            "",
+            vec!["site `small`", "4 bytes"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, site_a, 0, nope);",
+            "",
+            vec!["base `nope`", "not an exported symbol"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, site_a, 0, tls_base);",
+            "",
+            vec!["base `tls_base`", "STT_TLS"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, site_a, 0, __hotpatch_got);",
+            "-Wl,--defsym,__hotpatch_got=_GLOBAL_OFFSET_TABLE_",
+            vec!["base `__hotpatch_got`", "not an exported symbol"],
+        ),
+        (
+            "HOTPATCH_REL64(counter, site_a, 0, anchor); HOTPATCH__RECORD(\"ref helper site_a\");",
+            "",
+            vec![
+                "`site_a` (`ref helper`)",
+                "`site_a` (`rel64 counter`)",
+                "fill the same bytes",
+            ],
+        ),
+        (
+            "HOTPATCH_REL64(counter, site_b, 0, anchor); HOTPATCH_REL64(helper, site_b, 8, anchor);",
+            "",
+            vec![
+                "`site_b` (`rel64 counter`)",
+                "`site_b` (`rel64 helper`)",
+                "fill the same bytes",
+            ],
+        ),
+        (
+            "HOTPATCH__RECORD(\"rel64 counter site_a 0x anchor\");",
+            "",
+            vec!["not a number"],
+        ),
+        (
+            "HOTPATCH__RECORD(\"rel64 counter site_a 0\");",
+            "",
+            vec!["wrong number of fields"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("bad{i}.so");
+        let source = format!("{common}{records}\n");
+        let mut all = vec!["-shared", "-fPIC"];
+        if !flags.is_empty() {
+            all.push(flags);
+        }
+        let so = cc(dir.path(), &name, &[(&format!("bad{i}.c"), &source)], &all);
+        let e = PatchSpec::read(&so, &CommandLineRecords::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name), "{records}: {e}");
+        for needle in needles {
+            assert!(e.contains(needle), "{records}: `{needle}` not in: {e}");
+        }
+    }
+}

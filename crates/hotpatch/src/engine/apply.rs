@@ -6,7 +6,7 @@ use super::stopped;
 use super::target::{self, Lock, StateRegion};
 use super::trip;
 use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
-use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind};
+use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind, Rel64};
 use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
 use crate::policy::{Approved, Policy};
 use crate::process::{Mem, Placement, Process, Remote};
@@ -68,6 +68,19 @@ struct Planned {
     entry: u64,
     method: Method,
     replacement_symbol: String,
+}
+
+/// 8 bytes of the patch to fill before anything of it runs: a `ref` or
+/// `orig` pointer, or a `rel64` site.
+struct Fill {
+    /// The patch's symbol at the 8 bytes.
+    at: String,
+    value: PointerValue,
+    /// Added to the value.
+    addend: i64,
+    /// `rel64`: the record (for messages) and the patch's symbol whose
+    /// address is subtracted. The 8 bytes must be zero before.
+    rel64: Option<(String, String)>,
 }
 
 /// What a pointer of the patch gets.
@@ -172,6 +185,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         .iter()
         .map(|r| r.target.as_str())
         .chain(spec.references.iter().map(|r| r.symbol.as_str()))
+        .chain(spec.rel64.iter().map(|r| r.symbol.as_str()))
         .collect();
     let planner = Planner::lean(&target.image, &names)?;
     let mut planned: Vec<Planned> = Vec::new();
@@ -210,7 +224,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             functions: hazards.join(", "),
         });
     }
-    let mut pointers: Vec<(String, PointerValue)> = Vec::new();
+    let mut pointers: Vec<Fill> = Vec::new();
     for r in &spec.references {
         let value = match r.kind {
             RefKind::Symbol => {
@@ -229,7 +243,21 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
                 }
             }
         };
-        pointers.push((r.pointer.clone(), value));
+        pointers.push(Fill {
+            at: r.pointer.clone(),
+            value,
+            addend: r.addend,
+            rel64: None,
+        });
+    }
+    // The same lookup as `ref`'s.
+    for r in &spec.rel64 {
+        pointers.push(Fill {
+            at: r.site.clone(),
+            value: PointerValue::Address(target.bias.wrapping_add(planner.symbol(&r.symbol)?.address)),
+            addend: r.addend,
+            rel64: Some((r.symbol.clone(), r.base.clone())),
+        });
     }
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
 
@@ -287,7 +315,7 @@ struct ApplyInput<'a> {
     image_name: &'a str,
     bias: u64,
     planned: &'a [Planned],
-    pointers: &'a [(String, PointerValue)],
+    pointers: &'a [Fill],
     file: &'a PatchFile,
     build_id: Option<String>,
     sha256: String,
@@ -507,10 +535,18 @@ fn apply_in(
 
     // Load: pointers filled, scratch allocated, every step planned. Nothing
     // in the target's code or slots is written yet.
+    // The pointers and sites, the `rel64` bases, the replacements (as
+    // `stage` takes them).
     let names: Vec<&str> = input
         .pointers
         .iter()
-        .map(|(pointer, _)| pointer.as_str())
+        .map(|f| f.at.as_str())
+        .chain(
+            input
+                .pointers
+                .iter()
+                .filter_map(|f| f.rel64.as_ref().map(|(_, base)| base.as_str())),
+        )
         .chain(input.planned.iter().map(|p| p.replacement_symbol.as_str()))
         .collect();
     let addresses = match trip.file_addresses(handle, &names) {
@@ -727,12 +763,38 @@ fn stage(
     addresses: &[u64],
     log: &mut UndoLog<'_>,
 ) -> Result<Vec<Step>, EngineError> {
-    let (pointer_at, replacements) = addresses.split_at(input.pointers.len().min(addresses.len()));
-    if replacements.len() != input.planned.len() {
+    let bases = input.pointers.iter().filter(|f| f.rel64.is_some()).count();
+    if addresses.len() != input.pointers.len() + bases + input.planned.len() {
         return Err(EngineError::Failed {
             pid: input.pid,
-            what: "dlsym gave fewer addresses than names".into(),
+            what: "dlsym gave a different number of addresses than names asked".into(),
         });
+    }
+    let (pointer_at, rest) = addresses.split_at(input.pointers.len());
+    let (base_at, replacements) = rest.split_at(bases);
+    // `rel64` sites hold zeros until filled: checked before anything is
+    // written.
+    let sites: Vec<(&Fill, u64)> = input
+        .pointers
+        .iter()
+        .zip(pointer_at)
+        .filter(|(f, _)| f.rel64.is_some())
+        .map(|(f, &at)| (f, at))
+        .collect();
+    let ranges: Vec<(u64, usize)> = sites.iter().map(|&(_, at)| (at, 8)).collect();
+    for ((fill, at), found) in sites.iter().zip(batch::read_many(log.mem, &ranges)?) {
+        if found != [0; 8] {
+            let symbol = fill.rel64.as_ref().map_or("", |(symbol, _)| symbol.as_str());
+            return Err(EngineError::Failed {
+                pid: input.pid,
+                what: format!(
+                    "`rel64 {symbol}`: the site `{}` at {at:#x} in the loaded patch: expected {} (8 zero bytes), found {} (a site its build did not leave zero); nothing written, the patch is unloaded",
+                    fill.at,
+                    crate::image::hex(&[0; 8]),
+                    crate::image::hex(&found)
+                ),
+            });
+        }
     }
     complete_dormant_routes(state, log)?;
     let mut steps = Vec::new();
@@ -840,8 +902,9 @@ fn stage(
     }
     // The patch's pointers, now that every original is known. Nothing of
     // the patch runs yet.
-    for ((_, value), &at) in input.pointers.iter().zip(pointer_at) {
-        let value = match value {
+    let mut bases = base_at.iter();
+    for (fill, &at) in input.pointers.iter().zip(pointer_at) {
+        let value = match &fill.value {
             PointerValue::Address(address) => *address,
             PointerValue::Original {
                 name,
@@ -856,12 +919,27 @@ fn stage(
                     ),
                 })?,
         };
-        let current = log.mem.read(at, 8)?;
-        log.write(&Write {
-            address: at,
-            expected: current,
-            new: value.to_le_bytes().to_vec(),
-        })?;
+        let write = match &fill.rel64 {
+            None => Write {
+                address: at,
+                expected: log.mem.read(at, 8)?,
+                new: value.wrapping_add_signed(fill.addend).to_le_bytes().to_vec(),
+            },
+            Some((symbol, base)) => {
+                let base_address = bases.next().copied().ok_or_else(|| EngineError::Failed {
+                    pid: input.pid,
+                    what: format!("`rel64 {symbol}`: no address for the base `{base}`"),
+                })?;
+                Write {
+                    address: at,
+                    expected: vec![0; 8],
+                    new: Rel64::value(value, fill.addend, base_address)
+                        .to_le_bytes()
+                        .to_vec(),
+                }
+            }
+        };
+        log.write(&write)?;
     }
     // The routine that changes live slots, mapped now so that a later
     // failure cannot come from mapping it.

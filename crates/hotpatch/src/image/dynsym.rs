@@ -9,6 +9,7 @@ const PAGE: u64 = 0x1000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DynSym {
     pub value: u64,
+    pub size: u64,
     pub st_type: u8,
     /// `SHN_ABS`: the value is not relocated.
     pub absolute: bool,
@@ -115,6 +116,7 @@ impl DynSymbols {
             }
             let entry = DynSym {
                 value: sym.st_value(endian),
+                size: sym.st_size(endian),
                 st_type: sym.st_type(),
                 absolute: shndx == elf::SHN_ABS,
             };
