@@ -5,7 +5,7 @@ use crate::select::Running;
 use crate::unit::{Unit, relaxed_span};
 use hotpatch::Image;
 use hotpatch::image::{SymbolKind, SymbolMatch};
-use hotpatch::plan::Planner;
+use hotpatch::plan::{Method, Planner};
 
 /// The binary, with its planner (the same verdicts as `hotpatch apply`).
 pub struct Binary<'a> {
@@ -127,11 +127,19 @@ impl<'a> Binary<'a> {
 }
 
 impl Running for Binary<'_> {
-    fn function(&self, source: Option<&str>, name: &str, global: bool) -> Option<Result<(), String>> {
+    fn function(&self, source: Option<&str>, name: &str, global: bool) -> Option<Result<usize, String>> {
         let (sym, q) = self.resolve(source, name, global)?;
         if sym.kind != SymbolKind::Function {
             return None;
         }
-        Some(self.planner.method(&q).map(|_| ()).map_err(|e| e.to_string()))
+        Some(
+            self.planner
+                .method(&q)
+                .map(|(_, method)| match method {
+                    Method::Prepared(_) => 0,
+                    Method::Detour { direct_calls, .. } => direct_calls,
+                })
+                .map_err(|e| e.to_string()),
+        )
     }
 }

@@ -207,7 +207,12 @@ fn units_of_the_binary(
         let orig = read_unit(&p.orig.kept)?;
         let proof = running.prove(&[&orig]);
         if proof.matched == 0 {
-            unmatched.extend(proof.mismatches.iter().map(|m| format!("`{}` {}", m.function, m.what)));
+            unmatched.extend(
+                proof
+                    .mismatches
+                    .iter()
+                    .map(|m| format!("`{}` {}", m.function, m.what)),
+            );
             continue;
         }
         candidates.push((p, orig, proof));

@@ -185,6 +185,9 @@ impl Report {
                         format!("it refers to changed `{x}`, which cannot be replaced by name")
                     }
                     Reason::ReadsChangedConstant(x) => format!("it reads changed constant `{x}`"),
+                    Reason::CallsDirectly(x) => format!(
+                        "it calls replaced `{x}` directly in a binary built without padding (apply needs --allow-direct-calls for `{x}`: only calls already in progress in the old caller reach it that way)"
+                    ),
                 })
                 .collect();
             let _ = writeln!(

@@ -21,8 +21,11 @@ use std::collections::{BTreeSet, VecDeque};
 /// The running binary, as the selection needs it.
 pub trait Running {
     /// `None`: no such function in the binary; `Some(Err(why))`: there, but
-    /// it cannot be patched.
-    fn function(&self, source: Option<&str>, name: &str, global: bool) -> Option<Result<(), String>>;
+    /// it cannot be patched; `Some(Ok(n))`: it can, and code of the binary
+    /// calls it directly `n` times although it was built without padding
+    /// (gcc's interprocedural register allocation may then let a caller
+    /// rely on registers the function happens not to touch).
+    fn function(&self, source: Option<&str>, name: &str, global: bool) -> Option<Result<usize, String>>;
 }
 
 /// One translation unit's two builds.
@@ -42,6 +45,12 @@ pub enum Reason {
     Refers(String),
     /// It reads a changed constant.
     ReadsChangedConstant(String),
+    /// It calls a replaced function of its unit directly, in a binary built
+    /// without padding: replaced together, the new caller calls the new
+    /// callee with the register use the patch compile agreed on, and only
+    /// calls already in progress in the old caller reach the replacement
+    /// through the old direct call.
+    CallsDirectly(String),
 }
 
 /// A function of the fixed build that the patch holds.
@@ -145,7 +154,13 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
             false
         } else {
             match running.function(source, &name, item.global) {
-                Some(Ok(())) => true,
+                Some(Ok(0)) => true,
+                Some(Ok(_direct_calls)) => {
+                    for caller in direct_callers(pair.orig, &name) {
+                        queue.push_back((u, caller, Reason::CallsDirectly(name.clone())));
+                    }
+                    true
+                }
                 Some(Err(why)) => {
                     selection.refusals.push(Refusal {
                         symbol: pair.fixed.shown(&name),
@@ -187,6 +202,21 @@ fn referrers(unit: &Unit, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The functions of `unit` that call or jump to `name` directly.
+fn direct_callers(unit: &Unit, name: &str) -> Vec<String> {
+    unit.functions
+        .iter()
+        .filter(|f| {
+            f.name != name
+                && f.refs.iter().any(|r| {
+                    r.target == Target::Symbol(name.to_string())
+                        && matches!(r.r_type, object::elf::R_X86_64_PLT32 | object::elf::R_X86_64_PC32)
+                })
+        })
+        .map(|f| f.name.clone())
+        .collect()
+}
+
 /// The functions of every unit that can refer to `name` of unit `u`.
 fn all_referrers(units: &[UnitPair<'_>], u: usize, name: &str, global: bool) -> Vec<(usize, String)> {
     units
@@ -203,9 +233,9 @@ mod tests {
     use crate::compare::compare;
     use crate::unit::{Item, Ref};
 
-    struct Binary(Vec<(&'static str, Result<(), String>)>);
+    struct Binary(Vec<(&'static str, Result<usize, String>)>);
     impl Running for Binary {
-        fn function(&self, _: Option<&str>, name: &str, _: bool) -> Option<Result<(), String>> {
+        fn function(&self, _: Option<&str>, name: &str, _: bool) -> Option<Result<usize, String>> {
             self.0.iter().find(|(n, _)| *n == name).map(|(_, r)| r.clone())
         }
     }
@@ -254,7 +284,7 @@ mod tests {
         };
         let mut fixed = orig.clone();
         fixed.functions[0].bytes = vec![9];
-        let s = run(orig, fixed, Binary(vec![("parse_all", Ok(())), ("top", Ok(()))]));
+        let s = run(orig, fixed, Binary(vec![("parse_all", Ok(0)), ("top", Ok(0))]));
         let got: Vec<(&str, bool)> = s.chosen.iter().map(|c| (c.name.as_str(), c.replaced)).collect();
         assert_eq!(got, vec![("parse.isra.0", false), ("parse_all", true)]);
         assert_eq!(
@@ -279,7 +309,7 @@ mod tests {
         let mut fixed = orig.clone();
         fixed.functions[0].bytes = vec![2];
         fixed.data[0].bytes = vec![6];
-        let s = run(orig, fixed, Binary(vec![("init", Ok(()))]));
+        let s = run(orig, fixed, Binary(vec![("init", Ok(0))]));
         let refused: Vec<&str> = s.refusals.iter().map(|r| r.symbol.as_str()).collect();
         assert_eq!(refused, vec!["limit", "init"]);
         assert!(s.refusals[1].reason.contains("constructor"));
@@ -298,7 +328,7 @@ mod tests {
         };
         let mut fixed = orig.clone();
         fixed.data[0].bytes = vec![6];
-        let s = run(orig, fixed, Binary(vec![("lookup", Ok(())), ("other", Ok(()))]));
+        let s = run(orig, fixed, Binary(vec![("lookup", Ok(0)), ("other", Ok(0))]));
         assert_eq!(s.constants, vec![(0, "table".to_string())]);
         let got: Vec<&str> = s.chosen.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(got, vec!["lookup"]);
@@ -319,5 +349,64 @@ mod tests {
         );
         assert_eq!(s.refusals.len(), 1);
         assert!(s.refusals[0].reason.contains("too small"), "{:?}", s.refusals);
+    }
+}
+
+#[cfg(test)]
+mod direct_call_tests {
+    use super::*;
+    use crate::compare::compare;
+    use crate::unit::{Item, Ref};
+
+    struct Unprepared;
+    impl Running for Unprepared {
+        fn function(&self, _: Option<&str>, name: &str, _: bool) -> Option<Result<usize, String>> {
+            Some(Ok(if name == "stored" { 1 } else { 0 }))
+        }
+    }
+
+    #[test]
+    fn the_direct_callers_of_an_unprepared_replaced_function_are_replaced_too() {
+        let call = |to: &str, r_type| Ref {
+            offset: 1,
+            r_type,
+            target: Target::Symbol(to.into()),
+            addend: -4,
+        };
+        let f = |name: &str, byte: u8, refs: Vec<Ref>| Item {
+            name: name.into(),
+            global: name != "stored",
+            section: format!(".text.{name}"),
+            class: Class::Code,
+            size: 1,
+            bytes: vec![byte],
+            refs,
+        };
+        let orig = Unit {
+            functions: vec![
+                f("stored", 1, vec![]),
+                f("deflate", 2, vec![call("stored", object::elf::R_X86_64_PLT32)]),
+                // Takes its address only: not a direct call.
+                f("params", 3, vec![call("stored", object::elf::R_X86_64_64)]),
+            ],
+            ..Unit::default()
+        };
+        let mut fixed = orig.clone();
+        fixed.functions[0].bytes = vec![9];
+        let changes = compare(&orig, &fixed);
+        let s = select(
+            &[UnitPair {
+                orig: &orig,
+                fixed: &fixed,
+                changes: &changes,
+            }],
+            &Unprepared,
+        );
+        let got: Vec<(&str, bool)> = s.chosen.iter().map(|c| (c.name.as_str(), c.replaced)).collect();
+        assert_eq!(got, vec![("stored", true), ("deflate", true)]);
+        assert_eq!(
+            s.find(0, "deflate").map(|c| c.reasons.clone()),
+            Some(BTreeSet::from([Reason::CallsDirectly("stored".into())]))
+        );
     }
 }

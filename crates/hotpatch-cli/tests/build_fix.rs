@@ -37,7 +37,11 @@ fn project(dir: &Path, make_args: &[&str]) -> PathBuf {
         .current_dir(&src)
         .output()
         .expect("run make");
-    assert!(out.status.success(), "make: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     src
 }
 
@@ -50,7 +54,13 @@ fn fix(dir: &Path, file: &str, from: &str, to: &str) -> PathBuf {
     std::fs::write(&a, old).expect("write old");
     std::fs::write(&b, new).expect("write new");
     let out = Command::new("diff")
-        .args(["-u", "--label", &format!("a/{file}"), "--label", &format!("b/{file}")])
+        .args([
+            "-u",
+            "--label",
+            &format!("a/{file}"),
+            "--label",
+            &format!("b/{file}"),
+        ])
         .arg(&a)
         .arg(&b)
         .output()
@@ -112,7 +122,11 @@ fn total(p: &mut Proc) -> i64 {
 fn names(report: &Value, key: &str, field: &str) -> Vec<String> {
     report[key]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v[field].as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v[field].as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -129,7 +143,12 @@ fn a_fix_to_an_inlined_static_replaces_its_caller_and_binds_the_programs_statics
     assert_eq!(names(&report, "functions", "name"), vec!["add"], "{report:#}");
     assert_eq!(report["functions"][0]["replaced"], true);
     let bound = names(&report, "bindings", "symbol");
-    for statik in ["counter.c:lock", "counter.c:total", "counter.c:calls", "counter.c:weigh"] {
+    for statik in [
+        "counter.c:lock",
+        "counter.c:total",
+        "counter.c:calls",
+        "counter.c:weigh",
+    ] {
         assert!(bound.iter().any(|b| b == statik), "{statik} not bound: {bound:?}");
     }
 
@@ -157,12 +176,21 @@ fn a_fix_to_a_static_that_is_not_inlined_replaces_it_by_file_and_name() {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let src = project(dir.path(), &[]);
-    let diff = fix(dir.path(), "counter.c", "return x + (weighed < 0);", "return x + 1 + (weighed < 0);");
+    let diff = fix(
+        dir.path(),
+        "counter.c",
+        "return x + (weighed < 0);",
+        "return x + 1 + (weighed < 0);",
+    );
     let patch = dir.path().join("fix.so");
     let run = build(&src, &diff, &patch);
     assert_eq!(run.code(), 0, "{}", run.stderr);
     let report = run.json();
-    assert_eq!(names(&report, "functions", "name"), vec!["counter.c:weigh"], "{report:#}");
+    assert_eq!(
+        names(&report, "functions", "name"),
+        vec!["counter.c:weigh"],
+        "{report:#}"
+    );
     let bound = names(&report, "bindings", "symbol");
     assert!(bound.iter().any(|b| b == "counter.c:weighed.0"), "{bound:?}");
 
@@ -178,12 +206,20 @@ fn a_fix_to_a_static_that_is_not_inlined_replaces_it_by_file_and_name() {
 fn a_changed_initial_value_of_a_static_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = project(dir.path(), &[]);
-    let diff = fix(dir.path(), "counter.c", "static long total;", "static long total = 5;");
+    let diff = fix(
+        dir.path(),
+        "counter.c",
+        "static long total;",
+        "static long total = 5;",
+    );
     let patch = dir.path().join("fix.so");
     let run = build(&src, &diff, &patch);
     assert_eq!(run.code(), 1, "{}", run.stdout);
     let err = error_lines(&run.stderr);
-    assert!(err.contains("counter.c:total") && err.contains("changed data"), "{err}");
+    assert!(
+        err.contains("counter.c:total") && err.contains("changed data"),
+        "{err}"
+    );
     assert!(!patch.exists());
 }
 
@@ -205,11 +241,17 @@ fn a_diff_that_does_not_apply_is_an_error_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = project(dir.path(), &[]);
     let diff = fix(dir.path(), "counter.c", "return x * 2;", "return x * 3;");
-    let text = std::fs::read_to_string(&diff).expect("diff").replace("x * 2", "x * 7");
+    let text = std::fs::read_to_string(&diff)
+        .expect("diff")
+        .replace("x * 2", "x * 7");
     std::fs::write(&diff, text).expect("diff");
     let run = build(&src, &diff, &dir.path().join("fix.so"));
     assert_eq!(run.code(), 1);
-    assert!(error_lines(&run.stderr).contains("does not apply"), "{}", run.stderr);
+    assert!(
+        error_lines(&run.stderr).contains("does not apply"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// Poll `f` until it gives a value (bounded).
@@ -234,18 +276,33 @@ fn refused(make_args: &[&str], from: &str, to: &str, symbol: &str, why: &str) {
     let run = build_with(&src, &diff, &patch, make_args);
     assert_eq!(run.code(), 1, "{}", run.stdout);
     let err = error_lines(&run.stderr);
-    assert!(err.contains(symbol) && err.contains(why), "expected {symbol}: {why}, got {err}");
+    assert!(
+        err.contains(symbol) && err.contains(why),
+        "expected {symbol}: {why}, got {err}"
+    );
     assert!(!patch.exists());
 }
 
 #[test]
 fn a_changed_initial_value_of_a_static_local_is_refused() {
-    refused(&[], "static long weighed;", "static long weighed = 1;", "counter.c:weighed.0", "changed data");
+    refused(
+        &[],
+        "static long weighed;",
+        "static long weighed = 1;",
+        "counter.c:weighed.0",
+        "changed data",
+    );
 }
 
 #[test]
 fn a_changed_thread_local_is_refused() {
-    refused(&[], "static __thread long per_thread;", "static __thread long per_thread = 7;", "counter.c:per_thread", "changed thread-local");
+    refused(
+        &[],
+        "static __thread long per_thread;",
+        "static __thread long per_thread = 7;",
+        "counter.c:per_thread",
+        "changed thread-local",
+    );
 }
 
 #[test]
@@ -261,11 +318,23 @@ fn a_new_thread_local_is_refused() {
 
 #[test]
 fn a_changed_constructor_is_refused() {
-    refused(&[], "started = 1;", "started = 2;", "counter.c:start", "a constructor");
+    refused(
+        &[],
+        "started = 1;",
+        "started = 2;",
+        "counter.c:start",
+        "a constructor",
+    );
 }
 
 #[test]
 fn a_changed_function_too_small_to_patch_is_refused() {
     // Without padding, `zero` is 3 bytes: no room for a jump.
-    refused(&["CFLAGS=-O2 -g"], "return 0;", "return 1;", "- zero:", "cannot patch it");
+    refused(
+        &["CFLAGS=-O2 -g"],
+        "return 0;",
+        "return 1;",
+        "- zero:",
+        "cannot patch it",
+    );
 }

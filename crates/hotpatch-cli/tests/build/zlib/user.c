@@ -12,6 +12,10 @@
  *                                   eff308a, ignored after)
  *   stored  -> "stored ok=B"        level-0 deflate of 200 KiB in small pieces
  *                                   (deflate_stored), round-tripped
+ *   corpus  -> "corpus H"           a hash of the compressed bytes of a fixed
+ *                                   corpus at every level, strategy and format
+ *                                   (the test compares it with the fixed
+ *                                   release's)
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -112,6 +116,57 @@ static int stored(void)
     return done;
 }
 
+/* FNV-1a over the deflate output of every (level, strategy, format) of a
+ * corpus that mixes text, runs and noise, fed in uneven pieces. */
+static unsigned long long corpus(void)
+{
+    size_t n = 96 * 1024;
+    unsigned char *mixed = malloc(n), *noise = malloc(n), *out = malloc(2 * n + 1024);
+    unsigned seed = 7;
+    for (size_t i = 0; i < n; i++) {
+        size_t block = i / 4096;
+        mixed[i] = block % 3 == 0   ? (unsigned char)"the quick brown fox "[i % 20]
+                   : block % 3 == 1 ? (unsigned char)(i / 500)
+                                    : (unsigned char)rand_r(&seed);
+        noise[i] = (unsigned char)rand_r(&seed);
+    }
+    static const int strategies[] = {Z_DEFAULT_STRATEGY, Z_FILTERED, Z_HUFFMAN_ONLY, Z_RLE, Z_FIXED};
+    static const int windows[] = {-15, 15, 31, 9};
+    unsigned long long h = 1469598103934665603ULL;
+    for (int input = 0; input < 2; input++)
+    for (int level = 0; level <= 9; level++)
+        for (int st = 0; st < 5; st++)
+            for (int w = 0; w < 4; w++) {
+                z_stream s;
+                memset(&s, 0, sizeof s);
+                if (deflateInit2(&s, level, Z_DEFLATED, windows[w], 8, strategies[st]) != Z_OK) {
+                    h = (h ^ 0xff) * 1099511628211ULL;
+                    continue;
+                }
+                unsigned char *in = input ? noise : mixed;
+                s.next_out = out;
+                s.avail_out = (uInt)(2 * n + 1024);
+                size_t at = 0, piece = 1;
+                while (at < n) {
+                    size_t take = piece < n - at ? piece : n - at;
+                    s.next_in = in + at;
+                    s.avail_in = (uInt)take;
+                    deflate(&s, (piece % 7 == 0) ? Z_SYNC_FLUSH : Z_NO_FLUSH);
+                    at += take;
+                    piece = piece * 3 + 1 > 20000 ? 1 : piece * 3 + 1;
+                }
+                int rc = deflate(&s, Z_FINISH);
+                h = (h ^ (unsigned)rc) * 1099511628211ULL;
+                for (uLong i = 0; i < s.total_out; i++)
+                    h = (h ^ out[i]) * 1099511628211ULL;
+                h = (h ^ (unsigned)deflateEnd(&s)) * 1099511628211ULL;
+            }
+    free(mixed);
+    free(noise);
+    free(out);
+    return h;
+}
+
 int main(void)
 {
     pthread_t t[4];
@@ -135,6 +190,8 @@ int main(void)
             waitpid(child, &status, 0);
             printf("extra exit=%d signal=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1,
                    WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+        } else if (!strncmp(line, "corpus", 6)) {
+            printf("corpus %llx\n", corpus());
         } else if (!strncmp(line, "stored", 6)) {
             printf("stored ok=%d\n", stored());
         }
