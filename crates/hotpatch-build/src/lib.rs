@@ -25,6 +25,7 @@
 pub mod binary;
 pub mod compare;
 pub mod emit;
+pub mod inlining;
 pub mod report;
 pub mod select;
 pub mod tree;
@@ -117,6 +118,7 @@ pub fn build(options: &Options) -> Result<Built, BuildError> {
         .collect();
     let selection = select::select(&unit_pairs, &running);
     let mut report = Report::new(options, &image, &pairs, &fixed_units, &changes, &selection, proof);
+    explain(&mut report, options, &pairs, &fixed_units, &selection);
     if !selection.refusals.is_empty() {
         return Err(refused(&selection.refusals, report));
     }
@@ -262,6 +264,57 @@ fn units_of_the_binary(
         });
     }
     Ok((pairs, origs, fixeds, total))
+}
+
+/// Say for each chosen function whether the fix edits its own lines and
+/// which edited functions were inlined into it (from the fixed build's
+/// DWARF; nothing is said without it).
+fn explain(
+    report: &mut Report,
+    options: &Options,
+    pairs: &[tree::Pair],
+    fixed: &[unit::Unit],
+    selection: &select::Selection,
+) {
+    let Ok(diff) = std::fs::read_to_string(&options.diff) else {
+        return;
+    };
+    let lines = inlining::changed_lines(&diff, options.strip);
+    let wanted: std::collections::BTreeSet<usize> = selection.chosen.iter().map(|c| c.unit).collect();
+    for u in wanted {
+        let Some(source) = fixed[u].source.as_deref() else {
+            continue;
+        };
+        let edited_lines = lines
+            .iter()
+            .find(|(path, _)| same_file(path, source))
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default();
+        let Some(info) = std::fs::read(&pairs[u].fixed.kept)
+            .ok()
+            .and_then(|d| inlining::read(&d))
+        else {
+            continue;
+        };
+        let edited = info.edited(&edited_lines);
+        for (c, f) in selection.chosen.iter().zip(report.functions.iter_mut()) {
+            if c.unit != u {
+                continue;
+            }
+            f.source_edited = Some(edited.contains(&c.name));
+            f.inlines_edited = info
+                .inlined
+                .get(&c.name)
+                .map(|inl| inl.intersection(&edited).cloned().collect())
+                .unwrap_or_default();
+        }
+    }
+}
+
+/// Whether a diff's path and a unit's source name the same file.
+fn same_file(a: &str, b: &str) -> bool {
+    let (long, short) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    long == short || long.ends_with(&format!("/{short}"))
 }
 
 fn refused(refusals: &[select::Refusal], report: Report) -> BuildError {

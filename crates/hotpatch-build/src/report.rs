@@ -36,6 +36,11 @@ pub struct FunctionReport {
     /// Replaced in the running binary, or only carried for those that are.
     pub replaced: bool,
     pub reasons: BTreeSet<Reason>,
+    /// Whether the fix edits this function's own lines (`None`: no debug
+    /// info to tell).
+    pub source_edited: Option<bool>,
+    /// Functions the fix edits that the compiler inlined into this one.
+    pub inlines_edited: Vec<String>,
 }
 
 /// The build's report.
@@ -97,6 +102,8 @@ impl Report {
                 name: query(fixed[c.unit].source.as_deref(), &c.name, c.global),
                 replaced: c.replaced,
                 reasons: c.reasons.clone(),
+                source_edited: None,
+                inlines_edited: Vec::new(),
             })
             .collect();
         let mut carried: Vec<String> = selection
@@ -180,7 +187,20 @@ impl Report {
                 .reasons
                 .iter()
                 .map(|r| match r {
-                    Reason::Changed => "its code changed".to_string(),
+                    Reason::Changed => {
+                        let mut why = "its code changed".to_string();
+                        let mut how = Vec::new();
+                        if f.source_edited == Some(true) {
+                            how.push("the fix edits it".to_string());
+                        }
+                        for inner in &f.inlines_edited {
+                            how.push(format!("edited `{inner}` is inlined into it"));
+                        }
+                        if !how.is_empty() {
+                            why = format!("{why} ({})", how.join("; "));
+                        }
+                        why
+                    }
                     Reason::Refers(x) => {
                         format!("it refers to changed `{x}`, which cannot be replaced by name")
                     }

@@ -142,6 +142,12 @@ fn a_fix_to_an_inlined_static_replaces_its_caller_and_binds_the_programs_statics
     let report = run.json();
     assert_eq!(names(&report, "functions", "name"), vec!["add"], "{report:#}");
     assert_eq!(report["functions"][0]["replaced"], true);
+    // The fix edits `scale`; the compiler inlined it into `add`.
+    assert_eq!(
+        report["functions"][0]["inlines_edited"],
+        serde_json::json!(["scale"])
+    );
+    assert_eq!(report["functions"][0]["source_edited"], false);
     let bound = names(&report, "bindings", "symbol");
     for statik in [
         "counter.c:lock",
