@@ -198,7 +198,28 @@ pub fn emit(
             source_name: source_name.clone(),
             what,
         };
-        let mut b = Builder::read(unit.object.as_slice()).map_err(|e| err(e.to_string()))?;
+        let plain = ungrouped(&unit.object).map_err(|e| err(e.to_string()))?;
+        let mut b = Builder::read(plain.as_slice()).map_err(|e| err(e.to_string()))?;
+        for s in b.sections.iter_mut() {
+            if s.sh_type == elf::SHT_PROGBITS
+                && (s.name.as_slice() == b".group" || s.name.as_slice() == b".llvm_addrsig")
+            {
+                s.delete = true;
+            }
+        }
+        // clang names sections in the symbol string table; the writer wants
+        // a table of its own.
+        if !b
+            .sections
+            .iter()
+            .any(|s| matches!(s.data, SectionData::SectionString))
+        {
+            let s = b.sections.add();
+            s.name = b".shstrtab".to_vec().into();
+            s.sh_type = elf::SHT_STRTAB;
+            s.sh_addralign = 1;
+            s.data = SectionData::SectionString;
+        }
         let chosen: Vec<&crate::select::Chosen> =
             selection.chosen.iter().filter(|c| c.unit == unit.index).collect();
         let chosen_names: HashSet<&str> = chosen.iter().map(|c| c.name.as_str()).collect();
@@ -378,6 +399,30 @@ pub fn emit(
                 }
             }
         }
+        // Sections left out that refer to the binary: the linker must drop
+        // them, since their references are not bound. (Others may stay,
+        // e.g. a personality pointer the unwind tables keep.)
+        let unbound: HashSet<usize> = b
+            .sections
+            .iter()
+            .filter(|s| !kept.contains(&s.id().index()) && s.is_alloc())
+            .filter(|s| {
+                relocations_of
+                    .get(&s.id().index())
+                    .is_some_and(|&rel| match &b.sections.get(rel).data {
+                        SectionData::Relocation(list) => list.iter().any(|r| {
+                            r.symbol.is_some_and(|sym| {
+                                matches!(
+                                    dest_of(sym, r.r_addend, r.r_type).0,
+                                    Dest::Binary { .. } | Dest::Refused(_)
+                                )
+                            })
+                        }),
+                        _ => false,
+                    })
+            })
+            .map(|s| s.id().index())
+            .collect();
         // Apply the actions.
         let locals: HashSet<String> = b
             .symbols
@@ -566,7 +611,7 @@ pub fn emit(
         let dropped: BTreeSet<String> = b
             .sections
             .iter()
-            .filter(|s| !s.delete && s.is_alloc() && !kept.contains(&s.id().index()))
+            .filter(|s| !s.delete && unbound.contains(&s.id().index()))
             .filter(|s| match &s.data {
                 SectionData::Data(d) => !d.is_empty(),
                 SectionData::UninitializedData(n) => *n > 0,
@@ -582,6 +627,49 @@ pub fn emit(
         let mut bytes = Vec::new();
         b.write(&mut bytes).map_err(|e| err(e.to_string()))?;
         out.objects.push(bytes);
+    }
+    Ok(out)
+}
+
+/// LLVM's address-significance table (clang's default), which the object
+/// rewriter does not read.
+const SHT_LLVM_ADDRSIG: u32 = 0x6fff_4c03;
+
+/// The object with its COMDAT groups dissolved (C++ inline functions,
+/// templates) and clang's address-significance table marked for removal:
+/// a patch needs neither (its copies of inline code are its own, never
+/// merged with another object's). Both become plain data, deleted by name
+/// once read.
+pub fn ungrouped(object: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = object.to_vec();
+    let u16_at = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| u16::from_le_bytes([x[0], x[1]]));
+    let u64_at = |b: &[u8], at: usize| {
+        b.get(at..at + 8)
+            .and_then(|x| <[u8; 8]>::try_from(x).ok())
+            .map(u64::from_le_bytes)
+    };
+    if out.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err("not a little-endian ELF64 object".into());
+    }
+    let shoff = u64_at(&out, 0x28).ok_or("truncated header")? as usize;
+    let shentsize = usize::from(u16_at(&out, 0x3a).ok_or("truncated header")?);
+    let shnum = usize::from(u16_at(&out, 0x3c).ok_or("truncated header")?);
+    if shentsize < 64 {
+        return Err(format!("section header size {shentsize}"));
+    }
+    for i in 0..shnum {
+        let at = shoff + i * shentsize;
+        let header = out
+            .get_mut(at..at + 64)
+            .ok_or_else(|| format!("section header {i} is past the end"))?;
+        let sh_type = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if sh_type == elf::SHT_GROUP || sh_type == SHT_LLVM_ADDRSIG {
+            header[4..8].copy_from_slice(&elf::SHT_PROGBITS.to_le_bytes());
+        }
+        let mut flags = [0u8; 8];
+        flags.copy_from_slice(&header[8..16]);
+        let flags = u64::from_le_bytes(flags) & !u64::from(elf::SHF_GROUP);
+        header[8..16].copy_from_slice(&flags.to_le_bytes());
     }
     Ok(out)
 }

@@ -135,7 +135,12 @@ pub fn read(data: &[u8]) -> Option<Inlining> {
             let mut at = offset;
             for _ in 0..4 {
                 let entry = unit.entry(at).ok()?;
-                if let Some(v) = entry.attr_value(gimli::DW_AT_name) {
+                // The symbol's name: C++'s mangled one where there is one.
+                if let Some(v) = entry
+                    .attr_value(gimli::DW_AT_linkage_name)
+                    .or_else(|| entry.attr_value(gimli::DW_AT_MIPS_linkage_name))
+                    .or_else(|| entry.attr_value(gimli::DW_AT_name))
+                {
                     return dwarf
                         .attr_string(&unit, v)
                         .ok()

@@ -132,12 +132,22 @@ fn names(report: &Value, key: &str, field: &str) -> Vec<String> {
 
 #[test]
 fn a_fix_to_an_inlined_static_replaces_its_caller_and_binds_the_programs_statics() {
+    inlined_static("cc");
+}
+
+#[test]
+fn the_same_with_clang() {
+    inlined_static("clang");
+}
+
+fn inlined_static(cc: &str) {
     let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = project(dir.path(), &[]);
+    let compiler = format!("CC={cc}");
+    let src = project(dir.path(), &[&compiler]);
     let diff = fix(dir.path(), "counter.c", "return x * 2;", "return x * 3;");
     let patch = dir.path().join("fix.so");
-    let run = build(&src, &diff, &patch);
+    let run = build_with(&src, &diff, &patch, &[&compiler]);
     assert_eq!(run.code(), 0, "{}", run.stderr);
     let report = run.json();
     assert_eq!(names(&report, "functions", "name"), vec!["add"], "{report:#}");
@@ -343,4 +353,75 @@ fn a_changed_function_too_small_to_patch_is_refused() {
         "- zero:",
         "cannot patch it",
     );
+}
+
+#[test]
+fn a_cpp_fix_to_a_member_function_with_an_inlined_helper() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir src");
+    for (name, text) in [
+        ("Makefile", include_str!("build/cpp/Makefile")),
+        ("counter.h", include_str!("build/cpp/counter.h")),
+        ("counter.cc", include_str!("build/cpp/counter.cc")),
+        ("main.cc", include_str!("build/cpp/main.cc")),
+    ] {
+        std::fs::write(src.join(name), text).expect("write project");
+    }
+    let out = Command::new("make")
+        .arg("-s")
+        .current_dir(&src)
+        .output()
+        .expect("make");
+    assert!(
+        out.status.success(),
+        "make: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old = include_str!("build/cpp/counter.cc");
+    std::fs::write(dir.path().join("old"), old).expect("old");
+    std::fs::write(
+        dir.path().join("new"),
+        old.replacen("return x * 2;", "return x * 3;", 1),
+    )
+    .expect("new");
+    let out = Command::new("diff")
+        .args([
+            "-u",
+            "--label",
+            "a/counter.cc",
+            "--label",
+            "b/counter.cc",
+            "old",
+            "new",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("diff");
+    let diff = dir.path().join("fix.diff");
+    std::fs::write(&diff, out.stdout).expect("diff");
+    let patch = dir.path().join("fix.so");
+    let run = build(&src, &diff, &patch);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let report = run.json();
+    assert_eq!(
+        names(&report, "functions", "name")[0],
+        "_ZN7Counter3addEi",
+        "{report:#}"
+    );
+    assert_eq!(
+        report["functions"][0]["inlines_edited"],
+        serde_json::json!(["scale"])
+    );
+
+    let mut p = start(&src);
+    assert_eq!(step(&mut p), 2);
+    apply(p.pid(), &patch, &[]);
+    assert_eq!(step(&mut p), 3);
+    p.send("label");
+    let label = p.line("label", |l| l.starts_with("counter:"));
+    assert!(label["counter:".len()..].parse::<i64>().is_ok(), "{label}");
+    revert(p.pid(), None);
+    assert_eq!(step(&mut p), 2);
 }
