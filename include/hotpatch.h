@@ -35,10 +35,14 @@
  *                   symbols), when several files define one;
  *   "0xADDRESS"     the symbol at that address as in the file, before
  *                   relocation;
- *   "name.cold", "_ZN3foo3barEv", "ns::f"   any other symbol name (no
- *                   spaces), mangled or as demangled.
+ *   "name.cold", "_ZN3foo3barEv", "krate::m::f"   any other symbol name
+ *                   (no spaces): mangled, or a Rust path as demangled.
  *   HOTPATCH_REF_NAMED("server.c:fees_charged", p_fees);
-
+ *
+ * Reach target variables through pointers (HOTPATCH_POINTER, HOTPATCH_REF),
+ * never by defining them again: a variable defined here is this library's
+ * own copy. `hotpatch apply` warns about each variable this library defines
+ * with the name of a target variable.
  */
 #ifndef HOTPATCH_H
 #define HOTPATCH_H

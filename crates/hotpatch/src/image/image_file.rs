@@ -320,6 +320,20 @@ impl ImageFile {
         &self,
         queries: &[&str],
     ) -> Result<Vec<Result<SymbolMatch, LookupError>>, ImageError> {
+        let hits = self.symbols_named(queries)?;
+        let image = self.path.display().to_string();
+        Ok(queries
+            .iter()
+            .zip(hits)
+            .map(|(q, h)| pick(&image, q, h.iter().collect()))
+            .collect())
+    }
+
+    /// Every defined function and variable symbol each of `queries`
+    /// names (as [`Self::find_symbols`] finds them, before one is picked),
+    /// in table order, `.symtab` first: a symbol in both tables is there
+    /// twice.
+    pub fn symbols_named(&self, queries: &[&str]) -> Result<Vec<Vec<SymbolMatch>>, ImageError> {
         let (endian, sections) = self.sections()?;
         let parsed: Vec<Query<'_>> = queries.iter().map(|q| Query::parse(q)).collect();
         let mut hits: Vec<Vec<SymbolMatch>> = vec![Vec::new(); queries.len()];
@@ -359,12 +373,7 @@ impl ImageFile {
                 .collect();
             scan_table(endian, table.symbols(), strings, &parsed, &equal, &mut hits);
         }
-        let image = self.path.display().to_string();
-        Ok(queries
-            .iter()
-            .zip(hits)
-            .map(|(q, h)| pick(&image, q, h.iter().collect()))
-            .collect())
+        Ok(hits)
     }
 }
 
