@@ -42,7 +42,9 @@
  * Reach target variables through pointers (HOTPATCH_POINTER, HOTPATCH_REF),
  * never by defining them again: a variable defined here is this library's
  * own copy. `hotpatch apply` warns about each variable this library defines
- * with the name of a target variable.
+ * with the name of a target variable. A target name that names nothing is
+ * refused with near names, other forms of it (mangled / demangled), compiler
+ * clones, or the callers it was inlined into.
  */
 #ifndef HOTPATCH_H
 #define HOTPATCH_H
