@@ -2,7 +2,8 @@
 //! `include/hotpatch.h`, and target symbols found by name.
 
 use hotpatch::Image;
-use hotpatch::image::{LookupError, SymbolKind, find_symbol};
+use hotpatch::image::{ImageFile, LookupError, SymbolKind, find_symbol};
+use hotpatch::patchfile::copies;
 use hotpatch::patchfile::{CommandLineRecords, PatchError, PatchSpec, RefKind};
 use hotpatch_testkit::build::{build_sources, compile, include_arg};
 use std::path::{Path, PathBuf};
@@ -233,6 +234,15 @@ replace!(compute_fee, compute_fee_fixed);
             (RefKind::Original, "compute_fee", "ORIG"),
         ]
     );
+    // Its own copy of std's statics is no copy of a Rust target's (this
+    // test, built with the same std): nothing to warn about.
+    let patch = Image::open(dir.path().join("libfix.so")).unwrap();
+    let variables = copies::variables(&patch, &spec);
+    let me = std::fs::read_link("/proc/self/exe").unwrap();
+    let target = ImageFile::open(&me, &me).unwrap();
+    let names: Vec<&str> = variables.iter().map(|v| v.name.as_str()).collect();
+    let hits = target.symbols_named(&names).unwrap();
+    assert_eq!(copies::copies(&patch, &variables, &hits), Vec::new());
 }
 
 /// Target names are written into the records as spelled, never

@@ -51,20 +51,61 @@ pub const TOOLCHAIN_NAMES: &[&str] = &[
 ];
 
 /// Name prefixes of symbols that are not the author's variables: the
-/// header's records, and the C++ objects of vague linkage (vtables,
-/// VTTs, typeinfo and its names, guard variables), which every unit that
-/// needs them emits again.
-pub const NOT_VARIABLE_PREFIXES: &[&str] = &["hotpatch__record_", "_ZTV", "_ZTT", "_ZTI", "_ZTS", "_ZGV"];
+/// header's records, the C++ objects of vague linkage (vtables, VTTs,
+/// typeinfo and its names, guard variables), which every unit that needs
+/// them emits again, and what the compilers add for unwinding.
+pub const NOT_VARIABLE_PREFIXES: &[&str] = &[
+    "hotpatch__record_",
+    "_ZTV",
+    "_ZTT",
+    "_ZTI",
+    "_ZTS",
+    "_ZGV",
+    // The personality routine's pointer (C++, Rust), rustc's linkage shims.
+    "DW.ref.",
+    "_rust_extern_with_linkage_",
+];
+
+/// Rust's standard crates and the crates they are built from: a Rust
+/// patch links its own copy of what it uses of them, statics included,
+/// whatever the target has (and a target built with the same toolchain
+/// has the same names). Nothing a patch author can point elsewhere.
+pub const RUST_STANDARD_CRATES: &[&str] = &[
+    "std",
+    "core",
+    "alloc",
+    "panic_unwind",
+    "panic_abort",
+    "unwind",
+    "std_detect",
+    "compiler_builtins",
+    "rustc_demangle",
+    "addr2line",
+    "gimli",
+    "object",
+    "miniz_oxide",
+    "adler2",
+    "hashbrown",
+    "memchr",
+    "libc",
+    "cfg_if",
+];
 
 /// Whether `name` is the toolchain's or the header's (see
-/// [`TOOLCHAIN_NAMES`], [`NOT_VARIABLE_PREFIXES`]), including crtstuff's
-/// local `completed.N`.
+/// [`TOOLCHAIN_NAMES`], [`NOT_VARIABLE_PREFIXES`],
+/// [`RUST_STANDARD_CRATES`]), including crtstuff's local `completed.N`.
 pub fn is_toolchain_name(name: &str) -> bool {
     TOOLCHAIN_NAMES.contains(&name)
         || NOT_VARIABLE_PREFIXES.iter().any(|p| name.starts_with(p))
         || name
             .strip_prefix("completed.")
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        || crate::image::symbol::demangle(name).is_some_and(|d| {
+            let path = d.trim_start_matches('<');
+            RUST_STANDARD_CRATES
+                .iter()
+                .any(|c| path.strip_prefix(c).is_some_and(|rest| rest.starts_with("::")))
+        })
 }
 
 /// A data symbol the patch defines.
@@ -408,6 +449,13 @@ mod tests {
             "hotpatch__record_3",
             "_ZTV3Foo",
             "_ZGVZ1fvE1x",
+            // Rust's standard crates' statics (legacy and v0 manglings).
+            "_ZN3std2io5stdio6STDOUT17h0123456789abcdefE",
+            "_ZN4core3fmt3num3imp7DEC_LUT17h0123456789abcdefE",
+            "_RNvNtNtCs1234_3std2io5stdio6STDOUT",
+            "_RNvNtCsiGO2KWI1TB6_12panic_unwind3imp6CANARY",
+            "DW.ref.__gxx_personality_v0",
+            "_rust_extern_with_linkage_e28293b1aa0f68bd___dso_handle",
         ] {
             assert!(is_toolchain_name(n), "{n}");
         }
@@ -418,6 +466,7 @@ mod tests {
             "completed.x",
             "done.0",
             "_ZN3foo7counterE",
+            "_ZN7stdlike7COUNTER17h0123456789abcdefE",
         ] {
             assert!(!is_toolchain_name(n), "{n}");
         }
