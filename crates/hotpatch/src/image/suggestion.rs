@@ -7,7 +7,8 @@
 //!   demangled (`ns::f`, looked up mangled: `_ZN2ns1fEv`) or mangled
 //!   wrongly, a Rust name with another hash or the other mangling (legacy
 //!   `_ZN…17h<hash>E` and v0 `_R…`), and Rust's two path forms of an
-//!   inherent method, `<a::B>::f` (v0) and `a::B::f` (legacy);
+//!   inherent method, `<a::B>::f` (v0) and `a::B::f` (legacy); for
+//!   `file.c:name`, the name itself when some other file has it;
 //! - compiler clones of it (`f.constprop.0`, `f.isra.0`, `f.part.0`), all
 //!   the image has when the compiler copied or split `f` away;
 //! - near names, by edit distance;
@@ -49,7 +50,8 @@ impl std::fmt::Display for Suggested {
 /// What a name not found may have meant. Empty: nothing to say.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Hint {
-    /// The same function or variable, named in another form.
+    /// The same function or variable, named in another form; for
+    /// `file.c:name`, `name` where it is not that file's static.
     pub other_forms: Vec<Suggested>,
     /// Compiler clones of a function of that name.
     pub clones: Vec<String>,
@@ -228,10 +230,10 @@ pub fn distance_within(a: &str, b: &str, max: usize) -> Option<usize> {
 /// allowed) for `query`, a name [`super::lookup`] found nothing for
 /// (`file.c:name` is ranked by its name). The inlined part is left empty.
 pub fn rank<'n>(query: &str, names: impl IntoIterator<Item = &'n str>) -> Hint {
-    let query = match query.rsplit_once(':') {
-        Some((file, n)) if !file.ends_with(':') && !n.is_empty() && !query.contains("::") => n,
-        _ => query,
-    };
+    let plain = plain_name(query);
+    // `file.c:name` where `name` is there, in other files or exported.
+    let qualified = plain.len() < query.len();
+    let query = plain;
     let wanted = key(query);
     // Only names that contain the key's last identifier can have that key
     // (both manglings copy identifiers as they are): the rest is not
@@ -246,7 +248,13 @@ pub fn rank<'n>(query: &str, names: impl IntoIterator<Item = &'n str>) -> Hint {
     let mut hint = Hint::default();
     let mut near: Vec<(usize, &str)> = Vec::new();
     for raw in names {
-        if raw == query || !seen.insert(raw) {
+        if !seen.insert(raw) {
+            continue;
+        }
+        if raw == query {
+            if qualified {
+                hint.other_forms.push(Suggested::of(raw));
+            }
             continue;
         }
         let mangled = raw.starts_with("_Z") || raw.starts_with("_R");
@@ -294,12 +302,16 @@ pub fn hint<'n, 'd>(
     section: impl Fn(&str) -> Option<&'d [u8]>,
 ) -> Hint {
     let mut hint = rank(query, names);
-    let plain = match query.rsplit_once(':') {
+    hint.inlined_into = super::inlined::inlined_everywhere(section, plain_name(query));
+    hint
+}
+
+/// The name of `file.c:name`; other queries as they are.
+fn plain_name(query: &str) -> &str {
+    match query.rsplit_once(':') {
         Some((file, n)) if !file.ends_with(':') && !n.is_empty() && !query.contains("::") => n,
         _ => query,
-    };
-    hint.inlined_into = super::inlined::inlined_everywhere(section, plain);
-    hint
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +456,10 @@ mod tests {
             names(&rank("server.c:countr", ["counter", "count", "x"]).near),
             ["count", "counter"]
         );
+        // The name is there, but not in that file (or not a static).
+        let hint = rank("other.c:counter", ["counter", "counters"]);
+        assert_eq!(names(&hint.other_forms), ["counter"]);
+        assert_eq!(names(&hint.near), ["counters"]);
     }
 
     #[test]
