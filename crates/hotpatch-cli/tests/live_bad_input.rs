@@ -395,19 +395,21 @@ fn a_patch_dlopen_refuses_leaves_the_target_as_it_was() {
 }
 
 /// A target for the suggestions of a name not found: `everywhere` is
-/// inlined into both its callers (gcc -O2 -g), `ns::f` is C++.
+/// inlined into both its callers (gcc -O2 -g), `scaled` exists only as
+/// `scaled.constprop.0` (every call passes 7), `ns::f` is C++.
 const NAMES_C: &str = r#"
 #include <stdio.h>
 static int everywhere(int x) { return x * 3 + 1; }
 int __attribute__((noinline)) compute_fee(int x) { return everywhere(x) + 1; }
 int __attribute__((noinline)) report(int x) { return everywhere(x + 1) * 2; }
+static int __attribute__((noinline)) scaled(int x, int factor) { return x * factor + 1; }
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("ready\n");
     char line[64];
     while (fgets(line, sizeof line, stdin))
-        printf("%d\n", compute_fee(line[0]) + report(line[1]));
+        printf("%d\n", compute_fee(line[0]) + report(line[1]) + scaled(line[2], 7) + scaled(line[3], 7));
     return 0;
 }
 "#;
@@ -431,7 +433,8 @@ int main()
 /// `apply` naming a target function that does not exist is refused (the
 /// target untouched), and the message says what may have been meant:
 /// near names, the function's callers when the debug info says it was
-/// inlined everywhere, and a C++ function's mangled name.
+/// inlined everywhere, its compiler clones, and a C++ function's mangled
+/// name.
 #[test]
 fn missing_names_get_suggestions() {
     let _serial = serial();
@@ -469,6 +472,13 @@ fn missing_names_get_suggestions() {
     let msg = refused("inlined", "HOTPATCH_REPLACE(everywhere, fixed)");
     assert!(
         msg.contains("named `everywhere`; debug info says it was inlined everywhere: patch its callers (`compute_fee`, `report`)"),
+        "{msg}"
+    );
+    let msg = refused("cloned", "HOTPATCH_REPLACE(scaled, fixed)");
+    assert!(
+        msg.contains(
+            "named `scaled`; only compiler clones of it (each a function of its own): `scaled.constprop.0`"
+        ),
         "{msg}"
     );
     // A pointer to it is refused the same way.

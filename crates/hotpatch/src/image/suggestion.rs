@@ -450,6 +450,24 @@ mod tests {
         assert_eq!(names(&rank(legacy_of_v0, [v0]).other_forms), [v0]);
     }
 
+    /// This test binary's own names (legacy mangling, with hashes): a
+    /// method named in v0's path form, and with a stale hash.
+    #[test]
+    fn rust_forms_in_a_real_binary() {
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        let image = crate::image::Image::open(&me).unwrap();
+        let symbols = crate::image::lookup::symbols(&image);
+        let all = || symbols.iter().map(|s| s.name.as_str());
+        let method = all()
+            .find(|n| demangle(n).as_deref() == Some("hotpatch::image::image_file::ImageFile::symbol_names"))
+            .expect("ImageFile::symbol_names in this binary");
+        let hint = rank("<hotpatch::image::image_file::ImageFile>::symbol_names", all());
+        assert_eq!(names(&hint.other_forms), [method]);
+        let stale = format!("{}0000000000000000E", &method[..method.len() - 17]);
+        assert_ne!(stale, method);
+        assert_eq!(names(&rank(&stale, all()).other_forms), [method]);
+    }
+
     #[test]
     fn file_qualified_queries_rank_their_name() {
         assert_eq!(
