@@ -17,8 +17,9 @@
  * Target names are symbol names of the target image (.symtab or .dynsym,
  * static functions and variables included).
  *
- * Names and macros. A *target* name (the first argument of REPLACE, REF,
- * ORIG, POINTER, ORIGINAL, FUNCTION) is recorded exactly as written, never
+ * Names and macros. A *target* name (the first argument of REPLACE, REF and
+ * ORIG, the `name` of POINTER, VAR, ORIGINAL and FUNCTION) is recorded (and
+ * pasted into the declared variable's name) exactly as written, never
  * macro-expanded: with `#define counter my_counter` in scope (a header the
  * fixed source shares, or gcc's own `linux` and `unix`, both 1),
  * HOTPATCH_POINTER(long, counter) still looks up `counter` and declares
@@ -35,8 +36,8 @@
  *                   symbols), when several files define one;
  *   "0xADDRESS"     the symbol at that address as in the file, before
  *                   relocation;
- *   "name.cold", "_ZN3foo3barEv", "krate::m::f"   any other symbol name
- *                   (no spaces): mangled, or a Rust path as demangled.
+ *   "f.constprop.0", "_ZN3foo3barEv", "krate::m::f"   any other symbol
+ *                   name (no spaces): mangled, or a Rust path as demangled.
  *   HOTPATCH_REF_NAMED("server.c:fees_charged", p_fees);
  *
  * Reach target variables through pointers (HOTPATCH_POINTER, HOTPATCH_REF),
