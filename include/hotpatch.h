@@ -15,9 +15,37 @@
  *   HOTPATCH_REPLACE(compute_fee, compute_fee_fixed);
  *
  * Target names are symbol names of the target image (.symtab or .dynsym,
- * static functions and variables included). Where a name is ambiguous, use
- * the _NAMED forms with "file.c:name" or "0xADDRESS" (the address as in the
- * file, before relocation).
+ * static functions and variables included).
+ *
+ * Names and macros. A *target* name (the first argument of REPLACE, REF and
+ * ORIG, the `name` of POINTER, VAR, ORIGINAL and FUNCTION) is recorded (and
+ * pasted into the declared variable's name) exactly as written, never
+ * macro-expanded: with `#define counter my_counter` in scope (a header the
+ * fixed source shares, or gcc's own `linux` and `unix`, both 1),
+ * HOTPATCH_POINTER(long, counter) still looks up `counter` and declares
+ * `hotpatch_ref_counter`. Write the name the target's symbol table holds;
+ * if the target's source renamed it through a macro, write the renamed one.
+ * A *patch-side* name (the replacement of REPLACE, the pointer of REF and
+ * ORIG) IS expanded, because it must name the symbol the compiler emits:
+ * with `#define fixed fixed_v2`, `long fixed(long)` defines `fixed_v2`, and
+ * HOTPATCH_REPLACE(f, fixed) records `fixed_v2`.
+ *
+ * The _NAMED forms take the target as a string literal, for names C cannot
+ * spell or that are ambiguous:
+ *   "file.c:name"   the static `name` defined in file.c (from .symtab's FILE
+ *                   symbols), when several files define one;
+ *   "0xADDRESS"     the symbol at that address as in the file, before
+ *                   relocation;
+ *   "f.constprop.0", "_ZN3foo3barEv", "krate::m::f"   any other symbol
+ *                   name (no spaces): mangled, or a Rust path as demangled.
+ *   HOTPATCH_REF_NAMED("server.c:fees_charged", p_fees);
+ *
+ * Reach target variables through pointers (HOTPATCH_POINTER, HOTPATCH_REF),
+ * never by defining them again: a variable defined here is this library's
+ * own copy. `hotpatch apply` warns about each variable this library defines
+ * with the name of a target variable. A target name that names nothing is
+ * refused with near names, other forms of it (mangled / demangled), compiler
+ * clones, or the callers it was inlined into.
  */
 #ifndef HOTPATCH_H
 #define HOTPATCH_H
@@ -34,17 +62,17 @@
 #define HOTPATCH_TARGET(image, build_id) HOTPATCH__RECORD("target " image " " build_id)
 
 /* Every call to `target` goes to `replacement` (a function of this library). */
-#define HOTPATCH_REPLACE(target, replacement) HOTPATCH__RECORD("replace " HOTPATCH__STR(target) " " HOTPATCH__STR(replacement))
+#define HOTPATCH_REPLACE(target, replacement) HOTPATCH__RECORD("replace " #target " " HOTPATCH__STR(replacement))
 #define HOTPATCH_REPLACE_NAMED(target, replacement) HOTPATCH__RECORD("replace " target " " HOTPATCH__STR(replacement))
 
 /* Store the address of target symbol `symbol` (function or variable, exported or
  * static) into this library's pointer variable `pointer` before anything runs. */
-#define HOTPATCH_REF(symbol, pointer) HOTPATCH__RECORD("ref " HOTPATCH__STR(symbol) " " HOTPATCH__STR(pointer))
+#define HOTPATCH_REF(symbol, pointer) HOTPATCH__RECORD("ref " #symbol " " HOTPATCH__STR(pointer))
 #define HOTPATCH_REF_NAMED(symbol, pointer) HOTPATCH__RECORD("ref " symbol " " HOTPATCH__STR(pointer))
 
 /* Store the address of the *original* code of target function `symbol`,
  * callable even while (and after) this patch replaces it. */
-#define HOTPATCH_ORIG(symbol, pointer) HOTPATCH__RECORD("orig " HOTPATCH__STR(symbol) " " HOTPATCH__STR(pointer))
+#define HOTPATCH_ORIG(symbol, pointer) HOTPATCH__RECORD("orig " #symbol " " HOTPATCH__STR(pointer))
 #define HOTPATCH_ORIG_NAMED(symbol, pointer) HOTPATCH__RECORD("orig " symbol " " HOTPATCH__STR(pointer))
 
 /*
@@ -75,24 +103,33 @@
  * a literal number (it is turned into text, not evaluated).
  */
 #define HOTPATCH_REL64(symbol, site, addend, base)                                        \
-    HOTPATCH__RECORD("rel64 " HOTPATCH__STR(symbol) " " HOTPATCH__STR(site) " "           \
+    HOTPATCH__RECORD("rel64 " #symbol " " HOTPATCH__STR(site) " "                        \
                      HOTPATCH__STR(addend) " " HOTPATCH__STR(base))
 
-/* Declare `type *name` pointing at target variable `name`:  *name += 1; */
+/* The declaring macros below paste `name` with ## and stringify it with #
+ * in their own bodies: an argument next to ## or # is never expanded, so
+ * the record names the target `name` as written and the declared variable
+ * is `hotpatch_ref_name` / `orig_name` / `call_name` whatever `name` is
+ * #defined to. (Passing `name` on to another macro would expand it first.)
+ * The declared variable is stringified through HOTPATCH__STR, like any
+ * patch-side name, so the record and the declaration agree. */
+
+/* Declare `type *hotpatch_ref_name` pointing at target variable `name`:
+ * HOTPATCH_VAR(name) += 1; */
 #define HOTPATCH_POINTER(type, name)                                                      \
-    __attribute__((visibility("default"))) type *HOTPATCH__CAT(hotpatch_ref_, name);      \
-    HOTPATCH_REF(name, HOTPATCH__CAT(hotpatch_ref_, name))
-#define HOTPATCH_VAR(name) (*HOTPATCH__CAT(hotpatch_ref_, name))
+    __attribute__((visibility("default"))) type *hotpatch_ref_##name;                    \
+    HOTPATCH__RECORD("ref " #name " " HOTPATCH__STR(hotpatch_ref_##name))
+#define HOTPATCH_VAR(name) (*hotpatch_ref_##name)
 
 /* Declare `orig_name`, a pointer to the original function `name`. */
 #define HOTPATCH_ORIGINAL(ret, name, params)                                              \
-    __attribute__((visibility("default"))) ret(*HOTPATCH__CAT(orig_, name)) params;       \
-    HOTPATCH_ORIG(name, HOTPATCH__CAT(orig_, name))
+    __attribute__((visibility("default"))) ret(*orig_##name) params;                     \
+    HOTPATCH__RECORD("orig " #name " " HOTPATCH__STR(orig_##name))
 
 /* Declare `call_name`, a pointer to the target function `name` (which, once
  * patched, runs the newest replacement). */
 #define HOTPATCH_FUNCTION(ret, name, params)                                              \
-    __attribute__((visibility("default"))) ret(*HOTPATCH__CAT(call_, name)) params;       \
-    HOTPATCH_REF(name, HOTPATCH__CAT(call_, name))
+    __attribute__((visibility("default"))) ret(*call_##name) params;                     \
+    HOTPATCH__RECORD("ref " #name " " HOTPATCH__STR(call_##name))
 
 #endif

@@ -91,6 +91,10 @@ fn print_applied(applied: &Applied, json: bool) -> Result<()> {
     if json {
         writeln!(text, "{}", serde_json::to_string_pretty(applied)?)?;
     } else {
+        // Said, not refused: the patch is applied (`warnings` in --json).
+        for w in &applied.warnings {
+            output::warn(&format!("hotpatch: warning: {}: {w}", name(&applied.patch.path)));
+        }
         writeln!(
             text,
             "process {}: patch {} applied ({}{} in {:.2} ms)",

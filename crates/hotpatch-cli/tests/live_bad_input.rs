@@ -393,3 +393,130 @@ fn a_patch_dlopen_refuses_leaves_the_target_as_it_was() {
     target.expect(0);
     assert!(target.proc.alive());
 }
+
+/// A target for the suggestions of a name not found: `everywhere` is
+/// inlined into both its callers (gcc -O2 -g), `scaled` exists only as
+/// `scaled.constprop.0` (every call passes 7), `ns::f` is C++.
+const NAMES_C: &str = r#"
+#include <stdio.h>
+static int everywhere(int x) { return x * 3 + 1; }
+int __attribute__((noinline)) compute_fee(int x) { return everywhere(x) + 1; }
+int __attribute__((noinline)) report(int x) { return everywhere(x + 1) * 2; }
+static int __attribute__((noinline)) scaled(int x, int factor) { return x * factor + 1; }
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready\n");
+    char line[64];
+    while (fgets(line, sizeof line, stdin))
+        printf("%d\n", compute_fee(line[0]) + report(line[1]) + scaled(line[2], 7) + scaled(line[3], 7));
+    return 0;
+}
+"#;
+
+const NAMES_CC: &str = r#"
+#include <cstdio>
+namespace ns {
+int __attribute__((noinline)) f(int x) { return x * 7; }
+}
+int main()
+{
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
+    std::printf("ready\n");
+    char line[64];
+    while (std::fgets(line, sizeof line, stdin))
+        std::printf("%d\n", ns::f(line[0]));
+    return 0;
+}
+"#;
+
+/// `apply` naming a target function that does not exist is refused (the
+/// target untouched), and the message says what may have been meant:
+/// near names, the function's callers when the debug info says it was
+/// inlined everywhere, its compiler clones, and a C++ function's mangled
+/// name.
+#[test]
+fn missing_names_get_suggestions() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let exe = build_sources(
+        d,
+        "gcc",
+        "names",
+        &[("names.c", NAMES_C)],
+        &["-O2", "-g", "-fpatchable-function-entry=8,6"],
+    );
+    let mut target = Proc::spawn(&mut std::process::Command::new(&exe));
+    target.line("ready", |l| l == "ready");
+    let pid = target.pid();
+    let compute_fee = symbol_in_process(pid, &exe, None, "compute_fee");
+    let before = code_bytes(pid, compute_fee);
+    let refused = |name: &str, record: &str| {
+        let patch = build_patch(
+            d,
+            name,
+            &format!("#include \"hotpatch.h\"\nint fixed(int x) {{ return x; }}\n{record};\n"),
+        );
+        let msg = apply_run(pid, &patch, &[]).failure().to_string();
+        assert_eq!(code_bytes(pid, compute_fee), before, "{msg}");
+        assert!(!maps_file(pid, &patch), "{msg}");
+        msg
+    };
+
+    let msg = refused("near", "HOTPATCH_REPLACE(compute_fe, fixed)");
+    assert!(
+        msg.contains("no function or variable named `compute_fe`; near names: `compute_fee`"),
+        "{msg}"
+    );
+    let msg = refused("inlined", "HOTPATCH_REPLACE(everywhere, fixed)");
+    assert!(
+        msg.contains("named `everywhere`; debug info says it was inlined everywhere: patch its callers (`compute_fee`, `report`)"),
+        "{msg}"
+    );
+    let msg = refused("cloned", "HOTPATCH_REPLACE(scaled, fixed)");
+    assert!(
+        msg.contains(
+            "named `scaled`; only compiler clones of it (each a function of its own): `scaled.constprop.0`"
+        ),
+        "{msg}"
+    );
+    // A pointer to it is refused the same way.
+    let msg = refused(
+        "inlined_ref",
+        "HOTPATCH_FUNCTION(int, everywhere, (int));\nHOTPATCH_REPLACE(compute_fee, fixed)",
+    );
+    assert!(msg.contains("inlined everywhere"), "{msg}");
+    assert!(!maps(pid).contains(STATE_MAP));
+    assert!(target.alive());
+    drop(target);
+
+    if std::process::Command::new("g++")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("no g++: the C++ case is not run");
+        return;
+    }
+    let cpp = build_sources(
+        d,
+        "g++",
+        "names_cc",
+        &[("names.cc", NAMES_CC)],
+        &["-O2", "-fpatchable-function-entry=8,6"],
+    );
+    let mut target = Proc::spawn(&mut std::process::Command::new(&cpp));
+    target.line("ready", |l| l == "ready");
+    let patch = build_patch(
+        d,
+        "demangled",
+        "#include \"hotpatch.h\"\nint fixed(int x) { return x; }\nHOTPATCH_REPLACE_NAMED(\"ns::f\", fixed);\n",
+    );
+    let msg = apply_run(target.pid(), &patch, &[]).failure().to_string();
+    assert!(
+        msg.contains("named `ns::f`; the same name in another form: `_ZN2ns1fEi` (ns::f(int))"),
+        "{msg}"
+    );
+    assert!(target.alive());
+}

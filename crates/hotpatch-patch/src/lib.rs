@@ -19,6 +19,11 @@
 //! Replacements and pointers must be exported (`#[unsafe(no_mangle)]`,
 //! `pub`); pointer variables must be 8 bytes (`Option<fn>` or `*mut T`)
 //! and are filled in before any replacement goes live.
+//!
+//! Names are recorded as written: `stringify!` never expands anything, and
+//! no Rust macro can rename an identifier the way a C `#define` does, so
+//! the rule `include/hotpatch.h` has to spell out (target names are never
+//! macro-expanded) holds here by construction.
 
 #![no_std]
 

@@ -8,6 +8,7 @@
 
 use crate::arch::x86_64::entry::MAX_PADDING;
 use crate::arch::x86_64::{FlipPlan, LongJump, jump, relocate};
+use crate::image::suggestion::hint;
 use crate::image::{Function, Image, ImageFile, LookupError, SymbolIndex, SymbolKind, SymbolMatch};
 use crate::patchability::{
     Class, Entry, branch_targets, branch_targets_into, classify_detour, classify_entry, padding_only, survey,
@@ -280,6 +281,24 @@ impl<'a> Planner<'a> {
         self.path().display().to_string()
     }
 
+    /// A name not found, with what it may have meant: near names, other
+    /// forms, clones, inlining (reads all the image's symbol names and its
+    /// debug info: the error path only).
+    fn hinted(&self, e: LookupError) -> LookupError {
+        e.with_hint(|query| match &self.source {
+            Source::Whole { image, .. } => {
+                let names: Vec<SymbolMatch> = crate::image::lookup::symbols(image);
+                hint(query, names.iter().map(|s| s.name.as_str()), |s| {
+                    image.section_data(s)
+                })
+            }
+            Source::Lean { file, .. } => {
+                let names = file.symbol_names().unwrap_or_default();
+                hint(query, names.iter().map(String::as_str), |s| file.section_bytes(s))
+            }
+        })
+    }
+
     fn read_error(&self, e: crate::image::ImageError) -> PlanError {
         PlanError::Read {
             image: self.image_name(),
@@ -312,12 +331,12 @@ impl<'a> Planner<'a> {
     /// The symbol `name` (see [`SymbolIndex::find`]).
     pub fn symbol(&self, name: &str) -> Result<SymbolMatch, PlanError> {
         match &self.source {
-            Source::Whole { symbols, .. } => Ok(symbols.find(name)?),
+            Source::Whole { symbols, .. } => Ok(symbols.find(name).map_err(|e| self.hinted(e))?),
             Source::Lean { found, .. } => {
                 self.find_all(&[name])?;
                 let result = found.borrow().get(name).cloned();
                 match result {
-                    Some(r) => Ok(r?),
+                    Some(r) => Ok(r.map_err(|e| self.hinted(e))?),
                     None => Err(PlanError::Read {
                         image: self.image_name(),
                         detail: format!("`{}` was not looked up", short(name)),
@@ -961,7 +980,14 @@ mod lean_tests {
             let file = ImageFile::open(LIBC, LIBC).unwrap();
             let lean = Planner::lean(&file, &[&query]).unwrap();
             let index = SymbolIndex::new(&image);
-            prop_assert_eq!(lean.symbol(&query), index.find(&query).map_err(PlanError::from));
+            // The same answer; the planner's not-found says more (a hint).
+            let unhinted = |r: Result<SymbolMatch, PlanError>| match r {
+                Err(PlanError::Lookup(LookupError::NotFound { image, query, .. })) => {
+                    Err(PlanError::Lookup(LookupError::NotFound { image, query, hint: Box::default() }))
+                }
+                other => other,
+            };
+            prop_assert_eq!(unhinted(lean.symbol(&query)), index.find(&query).map_err(PlanError::from));
         }
     }
 }

@@ -2,7 +2,8 @@
 //! `include/hotpatch.h`, and target symbols found by name.
 
 use hotpatch::Image;
-use hotpatch::image::{LookupError, SymbolKind, find_symbol};
+use hotpatch::image::{ImageFile, LookupError, SymbolKind, find_symbol};
+use hotpatch::patchfile::copies;
 use hotpatch::patchfile::{CommandLineRecords, PatchError, PatchSpec, RefKind};
 use hotpatch_testkit::build::{build_sources, compile, include_arg};
 use std::path::{Path, PathBuf};
@@ -231,6 +232,59 @@ replace!(compute_fee, compute_fee_fixed);
         vec![
             (RefKind::Symbol, "server.c:requests_served", "SERVED"),
             (RefKind::Original, "compute_fee", "ORIG"),
+        ]
+    );
+    // Its own copy of std's statics is no copy of a Rust target's (this
+    // test, built with the same std): nothing to warn about.
+    let patch = Image::open(dir.path().join("libfix.so")).unwrap();
+    let variables = copies::variables(&patch, &spec);
+    let me = std::fs::read_link("/proc/self/exe").unwrap();
+    let target = ImageFile::open(&me, &me).unwrap();
+    let names: Vec<&str> = variables.iter().map(|v| v.name.as_str()).collect();
+    let hits = target.symbols_named(&names).unwrap();
+    assert_eq!(copies::copies(&patch, &variables, &hits), Vec::new());
+}
+
+/// Target names are written into the records as spelled, never
+/// macro-expanded: a `#define counter something_else` in the patch (from
+/// a header the fixed source shares, or gcc's own `linux` = 1) must not
+/// rename the target symbol. Patch-side names are what the compiler
+/// emits, so `#define fixed fixed_v2` records `fixed_v2`.
+const MACRO_NAMES_PATCH: &str = r#"
+#define counter something_else
+#define compute_fee no_such_function
+#define helper not_the_helper
+#define fixed fixed_v2
+#include "hotpatch.h"
+HOTPATCH_POINTER(long, counter);
+HOTPATCH_ORIGINAL(long, compute_fee, (long));
+HOTPATCH_FUNCTION(long, helper, (long));
+void *p_linux;
+HOTPATCH_REF(linux, p_linux);
+long fixed(long amount) { return HOTPATCH_VAR(counter) + orig_compute_fee(amount) + call_helper(amount); }
+HOTPATCH_REPLACE(compute_fee, fixed);
+"#;
+
+#[test]
+fn target_names_are_not_macro_expanded() {
+    let dir = tempfile::tempdir().unwrap();
+    let so = cc(
+        dir.path(),
+        "macros.so",
+        &[("macros.c", MACRO_NAMES_PATCH)],
+        &["-shared", "-fPIC", "-std=gnu11"],
+    );
+    let spec = PatchSpec::read(&so, &CommandLineRecords::default()).unwrap();
+    assert_eq!(spec.replacements.len(), 1);
+    assert_eq!(spec.replacements[0].target, "compute_fee");
+    assert_eq!(spec.replacements[0].replacement, "fixed_v2");
+    assert_eq!(
+        sorted_refs(&spec),
+        vec![
+            (RefKind::Symbol, "counter", "hotpatch_ref_counter"),
+            (RefKind::Symbol, "helper", "call_helper"),
+            (RefKind::Symbol, "linux", "p_linux"),
+            (RefKind::Original, "compute_fee", "orig_compute_fee"),
         ]
     );
 }

@@ -6,6 +6,8 @@ use super::stopped;
 use super::target::{self, Lock, StateRegion};
 use super::trip;
 use crate::arch::x86_64::{LongJump, relocate::TRAMPOLINE_SIZE};
+use crate::image::{Image, ImageFile};
+use crate::patchfile::copies::{self, DataCopy};
 use crate::patchfile::{CommandLineRecords, PatchFile, PatchSpec, RefKind, Rel64};
 use crate::plan::{self, DetourScratch, EntryFlip, FunctionFlip, Method, Planner, Scratch, Subject, Write};
 use crate::policy::{Approved, Policy};
@@ -59,6 +61,61 @@ pub struct Applied {
     /// region if this apply made it (each waits for a target thread to be
     /// scheduled; see issue 10, "one trip").
     pub remote_calls: u64,
+    /// What looked wrong with the patch but did not stop it.
+    pub warnings: Vec<ApplyWarning>,
+}
+
+/// Something about a patch that is probably a mistake, but not for
+/// certain: said, and the patch applied.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ApplyWarning {
+    /// The patch defines a variable with a target variable's name.
+    DataCopy {
+        message: String,
+        #[serde(flatten)]
+        copy: DataCopy,
+    },
+}
+
+impl std::fmt::Display for ApplyWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyWarning::DataCopy { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+/// The patch's variables that copy target variables ([`copies`]), as
+/// warnings. Reads the target's symbol tables only when the patch
+/// defines a variable worth asking about.
+fn data_copy_warnings(pid: i32, file: &PatchFile, spec: &PatchSpec, target: &ImageFile) -> Vec<ApplyWarning> {
+    let patch = match Image::parse(file.path(), file.bytes().to_vec()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(pid, "no check for copied variables: {e}");
+            return Vec::new();
+        }
+    };
+    let variables = copies::variables(&patch, spec);
+    if variables.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<&str> = variables.iter().map(|v| v.name.as_str()).collect();
+    let hits = match target.symbols_named(&names) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(pid, "no check for copied variables: {e}");
+            return Vec::new();
+        }
+    };
+    copies::copies(&patch, &variables, &hits)
+        .into_iter()
+        .map(|copy| ApplyWarning::DataCopy {
+            message: copy.to_string(),
+            copy,
+        })
+        .collect()
 }
 
 /// A planned function: everything but the process-dependent addresses.
@@ -259,6 +316,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
             rel64: Some((r.symbol.clone(), r.base.clone())),
         });
     }
+    let warnings = data_copy_warnings(pid, file, &spec, &target.image);
     tracing::debug!(pid, us = started.elapsed().as_micros() as u64, "apply: planned");
 
     // 2. Into the process.
@@ -306,6 +364,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
         functions,
         elapsed_us: started.elapsed().as_micros() as u64,
         remote_calls,
+        warnings,
     })
 }
 

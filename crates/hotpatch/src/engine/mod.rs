@@ -61,7 +61,7 @@ pub mod stopped;
 mod target;
 mod trip;
 
-pub use apply::{Applied, AppliedFunction, ApplyOptions, FlipMode, apply, apply_file};
+pub use apply::{Applied, AppliedFunction, ApplyOptions, ApplyWarning, FlipMode, apply, apply_file};
 pub use error::EngineError;
 pub use revert::{Reverted, Reverts, Which, revert};
 

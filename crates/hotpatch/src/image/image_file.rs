@@ -303,6 +303,48 @@ impl ImageFile {
         Ok(entries)
     }
 
+    /// The names of every defined function and variable symbol of
+    /// `.symtab` and `.dynsym` (repeats and all), each table and its
+    /// strings read whole: for the error path of a lookup.
+    pub fn symbol_names(&self) -> Result<Vec<String>, ImageError> {
+        let (endian, sections) = self.sections()?;
+        let mut names = Vec::new();
+        for sh_type in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
+            let Ok(table) = sections.symbols(endian, &self.cache, sh_type) else {
+                continue;
+            };
+            let strings: &[u8] = sections
+                .section(table.string_section())
+                .ok()
+                .and_then(|s| s.data(endian, &self.cache).ok())
+                .unwrap_or(&[]);
+            for sym in table.symbols() {
+                let wanted = matches!(
+                    sym.st_type(),
+                    elf::STT_FUNC | elf::STT_GNU_IFUNC | elf::STT_OBJECT | elf::STT_TLS
+                ) && sym.st_shndx(endian) != elf::SHN_UNDEF;
+                if let Some(n) = wanted
+                    .then(|| name_at(strings, sym.st_name(endian) as usize))
+                    .flatten()
+                {
+                    names.push(n);
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// The bytes of the section named `name`, read whole; `None` if the
+    /// image has none, it cannot be read, or it is compressed.
+    pub fn section_bytes(&self, name: &str) -> Option<&[u8]> {
+        let (endian, sections) = self.sections().ok()?;
+        let (_, section) = sections.section_by_name(endian, name.as_bytes())?;
+        if section.sh_flags(endian) & u64::from(elf::SHF_COMPRESSED) != 0 {
+            return None;
+        }
+        section.data(endian, &self.cache).ok()
+    }
+
     /// The bytes of the `.gnu.hash` section, if the image has one.
     fn gnu_hash<'s>(
         &'s self,
@@ -320,6 +362,20 @@ impl ImageFile {
         &self,
         queries: &[&str],
     ) -> Result<Vec<Result<SymbolMatch, LookupError>>, ImageError> {
+        let hits = self.symbols_named(queries)?;
+        let image = self.path.display().to_string();
+        Ok(queries
+            .iter()
+            .zip(hits)
+            .map(|(q, h)| pick(&image, q, h.iter().collect()))
+            .collect())
+    }
+
+    /// Every defined function and variable symbol each of `queries`
+    /// names (as [`Self::find_symbols`] finds them, before one is picked),
+    /// in table order, `.symtab` first: a symbol in both tables is there
+    /// twice.
+    pub fn symbols_named(&self, queries: &[&str]) -> Result<Vec<Vec<SymbolMatch>>, ImageError> {
         let (endian, sections) = self.sections()?;
         let parsed: Vec<Query<'_>> = queries.iter().map(|q| Query::parse(q)).collect();
         let mut hits: Vec<Vec<SymbolMatch>> = vec![Vec::new(); queries.len()];
@@ -359,12 +415,7 @@ impl ImageFile {
                 .collect();
             scan_table(endian, table.symbols(), strings, &parsed, &equal, &mut hits);
         }
-        let image = self.path.display().to_string();
-        Ok(queries
-            .iter()
-            .zip(hits)
-            .map(|(q, h)| pick(&image, q, h.iter().collect()))
-            .collect())
+        Ok(hits)
     }
 }
 

@@ -41,8 +41,14 @@ impl SymbolMatch {
 /// A name that names nothing, or more than one thing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
-    #[error("{}: no function or variable named `{}`", name(image), name(query))]
-    NotFound { image: String, query: String },
+    /// `hint` is empty as found; the error path of a caller that can
+    /// afford a scan of the image fills it ([`LookupError::with_hint`]).
+    #[error("{}: no function or variable named `{}`{hint}", name(image), name(query))]
+    NotFound {
+        image: String,
+        query: String,
+        hint: Box<Hint>,
+    },
     #[error(
         "{}: `{}` is ambiguous; say which: {}",
         name(image),
@@ -56,7 +62,26 @@ pub enum LookupError {
     },
 }
 
+use super::suggestion::Hint;
 use crate::shorten::name;
+
+impl LookupError {
+    /// A [`LookupError::NotFound`] for a name (not an address) with what
+    /// it may have meant, from `hint(query)`; other errors as they are.
+    pub fn with_hint(self, hint: impl FnOnce(&str) -> Hint) -> LookupError {
+        match self {
+            LookupError::NotFound {
+                image,
+                query,
+                hint: old,
+            } if old.is_empty() && !query.starts_with("0x") => {
+                let hint = Box::new(hint(&query));
+                LookupError::NotFound { image, query, hint }
+            }
+            other => other,
+        }
+    }
+}
 
 /// At most 10 candidates, each cut to a readable length.
 fn list(candidates: &[String]) -> String {
@@ -228,6 +253,7 @@ pub(crate) fn pick(image: &str, query: &str, hits: Vec<&SymbolMatch>) -> Result<
         [] => Err(LookupError::NotFound {
             image: image.to_string(),
             query: query.to_string(),
+            hint: Box::default(),
         }),
         [one] => Ok((*one).clone()),
         many => Err(LookupError::Ambiguous {

@@ -10,8 +10,10 @@ mod error;
 pub mod file;
 pub mod gnu_hash;
 mod image_file;
+pub mod inlined;
 pub mod lookup;
 mod padding;
+pub mod suggestion;
 pub(crate) mod symbol;
 
 pub use dynsym::{DynSym, DynSymbols};

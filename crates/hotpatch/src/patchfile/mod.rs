@@ -60,6 +60,7 @@
 //! line. [`PatchSpec`] holds the records checked against the patch's own
 //! exported symbols; resolving the target names is the planner's job.
 
+pub mod copies;
 mod file;
 mod record;
 
