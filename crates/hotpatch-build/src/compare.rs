@@ -26,6 +26,30 @@ pub struct Changes {
     /// A fixed-build name → the original build's name of the same static
     /// local, where the numbering moved.
     pub renamed: BTreeMap<String, String>,
+    /// A name without LLVM's `.llvm.N` suffix → the original build's name
+    /// (the suffix hashes the module, so every build has another).
+    pub stable_orig: BTreeMap<String, String>,
+}
+
+impl Changes {
+    /// The original build's (the running binary's) name of a symbol named
+    /// `name` in the fixed build or in the patch compile.
+    pub fn binary_name(&self, name: &str) -> String {
+        self.renamed
+            .get(name)
+            .or_else(|| self.stable_orig.get(stable_name(name)))
+            .cloned()
+            .unwrap_or_else(|| name.to_string())
+    }
+}
+
+/// `name` without LLVM's `.llvm.<digits>` suffix (a function ThinLTO made
+/// global: rustc and clang's ThinLTO builds).
+pub fn stable_name(name: &str) -> &str {
+    match name.rsplit_once(".llvm.") {
+        Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +67,22 @@ pub fn canonical_names(unit: &Unit) -> HashMap<String, String> {
             *bases.entry(base).or_default() += 1;
         }
     }
-    unit.data
+    let mut names: HashMap<String, String> = unit
+        .data
         .iter()
         .filter(|d| !d.global)
         .filter_map(|d| {
             let base = numbered_base(&d.name)?;
             (bases.get(base) == Some(&1)).then(|| (d.name.clone(), format!("{base}.#")))
         })
-        .collect()
+        .collect();
+    for item in unit.functions.iter().chain(&unit.data) {
+        let stable = stable_name(&item.name);
+        if stable != item.name {
+            names.insert(item.name.clone(), stable.to_string());
+        }
+    }
+    names
 }
 
 /// `count` of `count.12`; `None` for other names.
@@ -60,7 +92,10 @@ fn numbered_base(name: &str) -> Option<&str> {
 }
 
 fn canonical<'a>(names: &'a HashMap<String, String>, name: &'a str) -> &'a str {
-    names.get(name).map(String::as_str).unwrap_or(name)
+    names
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_else(|| stable_name(name))
 }
 
 fn same_refs(a: &[Ref], an: &HashMap<String, String>, b: &[Ref], bn: &HashMap<String, String>) -> bool {
@@ -81,13 +116,29 @@ pub fn compare(orig: &Unit, fixed: &Unit) -> Changes {
     let on = canonical_names(orig);
     let fname = canonical_names(fixed);
     let mut changes = Changes::default();
-    let orig_functions: HashMap<&str, &Item> = orig.functions.iter().map(|f| (f.name.as_str(), f)).collect();
-    let fixed_functions: HashMap<&str, &Item> =
-        fixed.functions.iter().map(|f| (f.name.as_str(), f)).collect();
+    let orig_functions: HashMap<&str, &Item> = orig
+        .functions
+        .iter()
+        .map(|f| (canonical(&on, &f.name), f))
+        .collect();
+    let fixed_functions: HashMap<&str, &Item> = fixed
+        .functions
+        .iter()
+        .map(|f| (canonical(&fname, &f.name), f))
+        .collect();
+    for item in orig.functions.iter().chain(&orig.data) {
+        let stable = stable_name(&item.name);
+        if stable != item.name {
+            changes.stable_orig.insert(stable.to_string(), item.name.clone());
+        }
+    }
     for f in &fixed.functions {
-        match orig_functions.get(f.name.as_str()) {
+        match orig_functions.get(canonical(&fname, &f.name)) {
             None => changes.new_functions.push(f.name.clone()),
             Some(o) => {
+                if o.name != f.name {
+                    changes.renamed.insert(f.name.clone(), o.name.clone());
+                }
                 if o.bytes != f.bytes || !same_refs(&o.refs, &on, &f.refs, &fname) {
                     changes.changed.push(f.name.clone());
                 }
@@ -95,7 +146,7 @@ pub fn compare(orig: &Unit, fixed: &Unit) -> Changes {
         }
     }
     for o in &orig.functions {
-        if !fixed_functions.contains_key(o.name.as_str()) {
+        if !fixed_functions.contains_key(canonical(&on, &o.name)) {
             changes.removed_functions.push(o.name.clone());
         }
     }
@@ -266,6 +317,33 @@ mod tests {
                 ("table", "initial value changed")
             ]
         );
+    }
+
+    #[test]
+    fn llvm_suffixes_do_not_make_a_function_new() {
+        let orig = Unit {
+            functions: vec![
+                item("w.llvm.111", &[1], vec![call("g.llvm.5")]),
+                item("g.llvm.5", &[2], vec![]),
+            ],
+            ..Unit::default()
+        };
+        let fixed = Unit {
+            functions: vec![
+                item("w.llvm.222", &[1], vec![call("g.llvm.6")]),
+                item("g.llvm.6", &[3], vec![]),
+            ],
+            ..Unit::default()
+        };
+        let c = compare(&orig, &fixed);
+        assert_eq!(c.changed, vec!["g.llvm.6"]);
+        assert!(
+            c.new_functions.is_empty() && c.removed_functions.is_empty(),
+            "{c:?}"
+        );
+        assert_eq!(c.binary_name("g.llvm.999"), "g.llvm.5");
+        assert_eq!(stable_name("f.llvm.12"), "f");
+        assert_eq!(stable_name("f.llvm.x"), "f.llvm.x");
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! Pure: object bytes in, object bytes and records out.
 
 use crate::binary::Binary;
-use crate::compare::Changes;
+use crate::compare::{Changes, stable_name};
 use crate::select::{Refusal, Selection};
 use crate::unit::{Class, pc_relative};
 use object::build::Id;
@@ -222,7 +222,8 @@ pub fn emit(
         }
         let chosen: Vec<&crate::select::Chosen> =
             selection.chosen.iter().filter(|c| c.unit == unit.index).collect();
-        let chosen_names: HashSet<&str> = chosen.iter().map(|c| c.name.as_str()).collect();
+        // By name without LLVM's per-build `.llvm.N` suffix.
+        let chosen_names: HashSet<&str> = chosen.iter().map(|c| stable_name(&c.name)).collect();
         let new_data: HashSet<&str> = selection
             .new_data
             .iter()
@@ -298,14 +299,9 @@ pub fn emit(
                     } else {
                         section_class(sec)
                     };
-                    let binary_name = unit
-                        .changes
-                        .renamed
-                        .get(&name)
-                        .cloned()
-                        .unwrap_or_else(|| name.clone());
+                    let binary_name = unit.changes.binary_name(&name);
                     let found = binary.resolve(unit.source.as_deref(), &binary_name, global);
-                    if chosen_names.contains(name.as_str()) {
+                    if chosen_names.contains(stable_name(&name)) {
                         Dest::Inside(Some(sec))
                     } else if class == Class::Code {
                         match found {
@@ -347,7 +343,9 @@ pub fn emit(
         let mut roots = Vec::new();
         for c in &chosen {
             let found = b.symbols.iter().find(|s| {
-                s.name.as_slice() == c.name.as_bytes() && s.section.is_some() && s.st_type() == elf::STT_FUNC
+                stable_name(&String::from_utf8_lossy(s.name.as_slice())) == stable_name(&c.name)
+                    && s.section.is_some()
+                    && s.st_type() == elf::STT_FUNC
             });
             match found.and_then(|s| s.section) {
                 Some(sec) => roots.push(sec),
@@ -366,6 +364,14 @@ pub fn emit(
             .filter_map(|s| s.sh_info_section.map(|target| (target.index(), s.id())))
             .collect();
         let mut kept: BTreeSet<usize> = BTreeSet::new();
+        // The personality pointers the unwind tables keep (`DW.ref.*`):
+        // their reference is bound like any other.
+        roots.extend(
+            b.sections
+                .iter()
+                .filter(|s| s.name.as_slice().windows(7).any(|w| w == b"DW.ref."))
+                .map(|s| s.id()),
+        );
         let mut work: Vec<SectionId> = roots.clone();
         // (relocation section, index) → what to do with it.
         let mut actions: Vec<(SectionId, usize, Dest, i64, u32, String)> = Vec::new();
@@ -386,7 +392,7 @@ pub fn emit(
                     Dest::Inside(Some(target)) => {
                         work.push(*target);
                         if let Some(n) = &name
-                            && !chosen_names.contains(n.as_str())
+                            && !chosen_names.contains(stable_name(n))
                             && section_class(*target) == Class::Code
                         {
                             out.carried.insert(format!("{source_name}:{n}"));
@@ -563,7 +569,7 @@ pub fn emit(
         for c in chosen.iter().filter(|c| c.replaced) {
             let new_name = replacement_name(c.unit, &c.name, c.global);
             for s in b.symbols.iter_mut() {
-                if s.name.as_slice() == c.name.as_bytes()
+                if stable_name(&String::from_utf8_lossy(s.name.as_slice())) == stable_name(&c.name)
                     && s.section.is_some()
                     && s.st_type() == elf::STT_FUNC
                 {

@@ -161,10 +161,11 @@ pub fn build(options: &Options) -> Result<Built, BuildError> {
     )];
     for c in selection.chosen.iter().filter(|c| c.replaced) {
         let source = fixed_units[c.unit].source.as_deref();
+        let name = changes[c.unit].binary_name(&c.name);
         let target = running
-            .resolve(source, &c.name, c.global)
+            .resolve(source, &name, c.global)
             .map(|(_, q)| q)
-            .unwrap_or_else(|| binary::query(source, &c.name, c.global));
+            .unwrap_or_else(|| binary::query(source, &name, c.global));
         fixed_records.push(format!(
             "replace {target} {}",
             emit::replacement_name(c.unit, &c.name, c.global)
@@ -175,7 +176,12 @@ pub fn build(options: &Options) -> Result<Built, BuildError> {
         all.extend(emitted.records.iter().map(|r| r.render(base, distance)));
         all
     };
-    let compiler = pairs[patch_units[0].index].fixed.compiler.clone();
+    // The C compiler that built the units links the patch (`cc` for Rust).
+    let compiler = patch_units
+        .iter()
+        .map(|u| &pairs[u.index].fixed)
+        .find(|c| !c.rust)
+        .map_or_else(|| std::path::PathBuf::from("cc"), |c| c.compiler.clone());
     let library = scratch.library_path();
     let (linked, records) = scratch.link(&compiler, &patch_units, &emitted, render, &library)?;
     report.finish(&emitted, &records, linked);

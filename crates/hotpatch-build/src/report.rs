@@ -99,7 +99,11 @@ impl Report {
             .chosen
             .iter()
             .map(|c| FunctionReport {
-                name: query(fixed[c.unit].source.as_deref(), &c.name, c.global),
+                name: query(
+                    fixed[c.unit].source.as_deref(),
+                    &changes[c.unit].binary_name(&c.name),
+                    c.global,
+                ),
                 replaced: c.replaced,
                 reasons: c.reasons.clone(),
                 source_edited: None,

@@ -149,18 +149,30 @@ pub fn select(units: &[UnitPair<'_>], running: &dyn Running) -> Selection {
                 reason: "a constructor: it ran once when the program started and will not run again".into(),
             });
         }
-        let existed = pair.orig.functions.iter().any(|f| f.name == name);
+        // The running binary's (the original build's) name for it.
+        let orig_name = pair.changes.binary_name(&name);
+        let existed = pair.orig.functions.iter().any(|f| f.name == orig_name);
         let replaced = if item.is_compiler_named() || !existed {
             false
         } else {
-            match running.function(source, &name, item.global) {
+            match running.function(source, &orig_name, item.global) {
                 Some(Ok(0)) => true,
-                Some(Ok(_direct_calls)) => {
-                    for caller in direct_callers(pair.orig, &name) {
-                        queue.push_back((u, caller, Reason::CallsDirectly(name.clone())));
+                Some(Ok(_direct_calls)) if pair.orig.gcc => {
+                    for caller in direct_callers(pair.orig, &orig_name) {
+                        // The fixed build's name of that caller.
+                        if let Some(f) = pair
+                            .fixed
+                            .functions
+                            .iter()
+                            .find(|f| pair.changes.binary_name(&f.name) == caller)
+                        {
+                            queue.push_back((u, f.name.clone(), Reason::CallsDirectly(name.clone())));
+                        }
                     }
                     true
                 }
+                // Built by LLVM: no register allocation across calls.
+                Some(Ok(_)) => true,
                 Some(Err(why)) => {
                     selection.refusals.push(Refusal {
                         symbol: pair.fixed.shown(&name),
@@ -383,6 +395,7 @@ mod direct_call_tests {
             refs,
         };
         let orig = Unit {
+            gcc: true,
             functions: vec![
                 f("stored", 1, vec![]),
                 f("deflate", 2, vec![call("stored", object::elf::R_X86_64_PLT32)]),

@@ -100,7 +100,7 @@ impl Scratch {
         let bin = root.join("bin");
         std::fs::create_dir_all(&bin).map_err(io(&bin))?;
         let me = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
-        for name in wrapper::COMPILERS {
+        for name in wrapper::COMPILERS.iter().chain([&wrapper::RUSTC_WRAPPER]) {
             let link = bin.join(name);
             std::os::unix::fs::symlink(&me, &link).map_err(io(&link))?;
         }
@@ -109,6 +109,68 @@ impl Scratch {
             std::fs::create_dir_all(&p).map_err(io(&p))?;
         }
         Ok(Scratch { _temp: temp, root })
+    }
+
+    /// A fixed crate compiled again by rustc for the patch (large code
+    /// model, position-independent), its codegen units merged.
+    fn patch_compile_rust(&self, compile: &Compile, unit: usize) -> Result<PathBuf, TreeError> {
+        let out_dir = self.root.join("patch").join(format!("rust{unit}"));
+        std::fs::create_dir_all(&out_dir).map_err(io(&out_dir))?;
+        let mut args: Vec<String> = Vec::new();
+        let mut skip = false;
+        for a in &compile.common {
+            if skip {
+                skip = false;
+                args.push(out_dir.display().to_string());
+                continue;
+            }
+            if a == "--out-dir" {
+                skip = true;
+                args.push(a.clone());
+            } else if a.starts_with("--out-dir=") {
+                args.push(format!("--out-dir={}", out_dir.display()));
+            } else {
+                args.push(a.clone());
+            }
+        }
+        for flag in ["code-model=large", "relocation-model=pic", "save-temps"] {
+            args.push("-C".into());
+            args.push(flag.into());
+        }
+        let out = Command::new(&compile.compiler)
+            .args(&args)
+            .envs(compile.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&compile.cwd)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io(&compile.compiler))?;
+        if !out.status.success() {
+            return Err(TreeError::Tool {
+                what: format!(
+                    "the patch compile of {} ({})",
+                    compile.source,
+                    compile.compiler.display()
+                ),
+                output: tail(&out.stdout, &out.stderr),
+            });
+        }
+        let crate_name = compile
+            .object
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".rust.o"))
+            .unwrap_or_default()
+            .to_string();
+        let extra = compile
+            .common
+            .iter()
+            .find_map(|a| a.strip_prefix("extra-filename="))
+            .unwrap_or("");
+        let (units, _) =
+            wrapper::save_temps(&out_dir, &format!("{crate_name}{extra}.")).map_err(TreeError::Units)?;
+        let object = self.root.join("patch").join(format!("unit{unit}.o"));
+        wrapper::merge_objects(&units, &object).map_err(TreeError::Units)?;
+        Ok(object)
     }
 
     /// Where the patch library is linked.
@@ -185,6 +247,13 @@ impl Scratch {
             .env(wrapper::PATH_ENV, &path)
             .env(wrapper::LOG_ENV, &log)
             .env(wrapper::KEEP_ENV, self.root.join("keep").join(keep))
+            // cargo: rustc through the wrapper, in a target directory of
+            // this build's own, so that everything is compiled.
+            .env(
+                "RUSTC_WRAPPER",
+                self.root.join("bin").join(wrapper::RUSTC_WRAPPER),
+            )
+            .env("CARGO_TARGET_DIR", self.root.join(format!("cargo-{keep}")))
             .stdin(Stdio::null())
             .output()
             .map_err(io(Path::new("sh")))?;
@@ -207,6 +276,9 @@ impl Scratch {
 
     /// Compile a fixed unit again, for the patch.
     pub fn patch_compile(&self, compile: &Compile, unit: usize) -> Result<PathBuf, TreeError> {
+        if compile.rust {
+            return self.patch_compile_rust(compile, unit);
+        }
         let object = self.root.join("patch").join(format!("unit{unit}.o"));
         let mut args = compile.common.clone();
         args.extend(wrapper::SECTION_FLAGS.iter().map(|s| s.to_string()));

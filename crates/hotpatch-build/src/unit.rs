@@ -19,6 +19,10 @@ pub struct Unit {
     pub data: Vec<Item>,
     /// Functions an init array or `.ctors` refers to: they run once, at start.
     pub constructors: BTreeSet<String>,
+    /// Built by gcc (its `.comment`): gcc's interprocedural register
+    /// allocation lets a caller rely on what a callee of its unit does not
+    /// clobber; clang and rustc (LLVM) do not do that by default.
+    pub gcc: bool,
 }
 
 impl Unit {
@@ -234,10 +238,16 @@ pub fn read(data: &[u8]) -> Result<Unit, UnitError> {
         );
     }
     let mut unit = Unit::default();
+    let mut files = 0usize;
+    unit.gcc = file
+        .section_by_name(".comment")
+        .and_then(|c| c.data().ok())
+        .is_some_and(|d| d.windows(4).any(|w| w == b"GCC:"));
     // Items by section, to attach relocations.
     let mut defined: Vec<(usize, u64, u64, bool, String, bool)> = Vec::new();
     for sym in file.symbols() {
         if sym.kind() == object::SymbolKind::File {
+            files += 1;
             if unit.source.is_none() {
                 unit.source = sym.name().ok().map(str::to_string);
             }
@@ -265,6 +275,11 @@ pub fn read(data: &[u8]) -> Result<Unit, UnitError> {
                 is_function,
             ));
         }
+    }
+    // Objects merged from several (a Rust crate's codegen units) have no
+    // one file: their local names are unique by their hashes.
+    if files > 1 {
+        unit.source = None;
     }
     for info in sections.values_mut() {
         info.symbols.sort();

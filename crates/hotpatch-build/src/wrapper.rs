@@ -19,6 +19,8 @@ pub const KEEP_ENV: &str = "HOTPATCH_BUILD_KEEP";
 pub const PATH_ENV: &str = "HOTPATCH_BUILD_PATH";
 /// The names the wrapper answers to.
 pub const COMPILERS: &[&str] = &["cc", "gcc", "c++", "g++", "clang", "clang++"];
+/// The name cargo's `RUSTC_WRAPPER` runs it as (`hotpatch-rustc RUSTC ARGS…`).
+pub const RUSTC_WRAPPER: &str = "hotpatch-rustc";
 
 /// Flags every logged compile gets.
 pub const SECTION_FLAGS: &[&str] = &["-ffunction-sections", "-fdata-sections"];
@@ -38,6 +40,14 @@ pub struct Compile {
     /// A copy of it taken right after the compile (a build may move,
     /// rename or delete its objects: zlib's Makefile renames them to `.lo`).
     pub kept: PathBuf,
+    /// A Rust crate compiled by rustc: `common` is rustc's whole command
+    /// line, and `kept` its codegen units merged into one object.
+    #[serde(default)]
+    pub rust: bool,
+    /// The environment cargo gave rustc (`CARGO_*`, `OUT_DIR`: `env!` in the
+    /// crate reads it), for compiling it again.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// Options that take the next argument as their value.
@@ -138,12 +148,17 @@ pub fn main_if_wrapping() -> Option<i32> {
     let mut argv = std::env::args_os();
     let argv0 = argv.next()?;
     let name = Path::new(&argv0).file_name()?.to_str()?.to_string();
-    if !COMPILERS.contains(&name.as_str()) {
+    if !COMPILERS.contains(&name.as_str()) && name != RUSTC_WRAPPER {
         return None;
     }
     let log = std::env::var_os(LOG_ENV)?;
     let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
-    Some(match wrap(&name, &args, Path::new(&log)) {
+    let result = if name == RUSTC_WRAPPER {
+        wrap_rustc(&args, Path::new(&log))
+    } else {
+        wrap(&name, &args, Path::new(&log))
+    };
+    Some(match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hotpatch build: compiler wrapper ({name}): {e}");
@@ -221,6 +236,8 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
                 source: source.clone(),
                 object,
                 kept,
+                rust: false,
+                env: Vec::new(),
             });
         }
     } else {
@@ -252,6 +269,8 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
                 source: source.clone(),
                 object,
                 kept,
+                rust: false,
+                env: Vec::new(),
             });
         }
         let code = run(&compiler, &with_sections)?;
@@ -272,6 +291,141 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
             .map_err(|e| format!("{}: {e}", log.display()))?;
     }
     Ok(0)
+}
+
+/// The value of rustc's option `name` (`--out-dir X`, `--crate-name X`,
+/// `-C extra-filename=X`).
+fn rustc_option<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == name {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(name).and_then(|rest| rest.strip_prefix('='))
+        }
+    })
+}
+
+/// `-C extra-filename=X` (as one argument or two).
+fn extra_filename(args: &[String]) -> &str {
+    args.iter()
+        .enumerate()
+        .find_map(|(i, a)| {
+            let value = if a == "-C" {
+                args.get(i + 1).map(String::as_str)
+            } else {
+                a.strip_prefix("-C")
+            };
+            value.and_then(|v| v.strip_prefix("extra-filename="))
+        })
+        .unwrap_or("")
+}
+
+/// Run rustc for cargo. A crate of the workspace (`CARGO_PRIMARY_PACKAGE`)
+/// that is compiled to code keeps its codegen units (`-C save-temps`),
+/// merged with `ld -r` into one object per crate; dependencies and
+/// cargo's queries (`-vV`, `--print`) run as they are.
+fn wrap_rustc(args: &[String], log: &Path) -> Result<i32, String> {
+    let (rustc, rest) = args.split_first().ok_or("no rustc to run")?;
+    let primary = std::env::var_os("CARGO_PRIMARY_PACKAGE").is_some();
+    let crate_name = rustc_option(rest, "--crate-name").map(str::to_string);
+    let out_dir = rustc_option(rest, "--out-dir").map(PathBuf::from);
+    let emits_code = rustc_option(rest, "--emit").is_some_and(|e| e.contains("link") || e.contains("obj"));
+    let (Some(crate_name), Some(out_dir), true, true) = (crate_name, out_dir, primary, emits_code) else {
+        return run(Path::new(rustc), rest);
+    };
+    let mut with_temps = rest.to_vec();
+    with_temps.extend(["-C".to_string(), "save-temps".to_string()]);
+    let code = run(Path::new(rustc), &with_temps)?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let keep = std::env::var_os(KEEP_ENV)
+        .map(PathBuf::from)
+        .ok_or("no directory for kept objects")?;
+    let prefix = format!("{crate_name}{}.", extra_filename(rest));
+    let (units, temps) = save_temps(&out_dir, &prefix)?;
+    let cwd = std::env::current_dir().map_err(|e| format!("no current directory: {e}"))?;
+    let source = rest
+        .iter()
+        .find(|a| a.ends_with(".rs") && !a.starts_with('-'))
+        .cloned()
+        .unwrap_or_default();
+    let kept = keep.join(format!("{crate_name}.rust.o"));
+    merge_objects(&units, &kept)?;
+    for t in temps {
+        let _ = std::fs::remove_file(t);
+    }
+    let compile = Compile {
+        compiler: PathBuf::from(rustc),
+        cwd,
+        common: rest.to_vec(),
+        source,
+        object: out_dir.join(format!("{crate_name}.rust.o")),
+        kept,
+        rust: true,
+        env: std::env::vars()
+            .filter(|(k, _)| k.starts_with("CARGO_") || k == "OUT_DIR")
+            .collect(),
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut text = serde_json::to_string(&compile).map_err(|e| e.to_string())?;
+    text.push('\n');
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    Ok(0)
+}
+
+/// The codegen-unit objects rustc's `-C save-temps` left in `dir` for the
+/// crate whose files start with `prefix`, and every temporary file of it.
+pub fn save_temps(dir: &Path, prefix: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
+    let mut objects = Vec::new();
+    let mut temps = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.starts_with(prefix) || !name.contains(".rcgu.") {
+            continue;
+        }
+        if name.ends_with(".rcgu.o") {
+            objects.push(path.clone());
+        }
+        temps.push(path);
+    }
+    objects.sort();
+    if objects.is_empty() {
+        return Err(format!(
+            "rustc left no codegen units ({prefix}*.rcgu.o) in {}",
+            dir.display()
+        ));
+    }
+    Ok((objects, temps))
+}
+
+/// One relocatable object of several (`ld -r`): a crate's codegen units,
+/// so that a function moved between units by the fix is still found.
+pub fn merge_objects(objects: &[PathBuf], out: &Path) -> Result<(), String> {
+    let status = Command::new("ld")
+        .arg("-r")
+        .arg("-o")
+        .arg(out)
+        .args(objects)
+        .status()
+        .map_err(|e| format!("cannot run ld: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ld -r of {} objects into {} failed",
+            objects.len(),
+            out.display()
+        ))
+    }
 }
 
 /// A file name for the kept object of `source` (or of an object) that is

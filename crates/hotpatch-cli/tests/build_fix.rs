@@ -425,3 +425,93 @@ fn a_cpp_fix_to_a_member_function_with_an_inlined_helper() {
     revert(p.pid(), None);
     assert_eq!(step(&mut p), 2);
 }
+
+#[test]
+fn a_rust_fix_built_with_cargo() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("src")).expect("mkdir src");
+    std::fs::write(src.join("Cargo.toml"), include_str!("build/rust/Cargo.toml.in")).expect("Cargo.toml");
+    let main = include_str!("build/rust/src/main.rs");
+    std::fs::write(src.join("src/main.rs"), main).expect("main.rs");
+    let cargo = || {
+        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        // The outer `cargo test`'s settings are not this build's.
+        c.env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        c
+    };
+    let out = cargo()
+        .args(["build", "--release", "--offline", "-q"])
+        .current_dir(&src)
+        .output()
+        .expect("cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.path().join("old"), main).expect("old");
+    std::fs::write(
+        dir.path().join("new"),
+        main.replacen("    x * 2\n", "    x * 3\n", 1),
+    )
+    .expect("new");
+    let out = Command::new("diff")
+        .args([
+            "-u",
+            "--label",
+            "a/src/main.rs",
+            "--label",
+            "b/src/main.rs",
+            "old",
+            "new",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("diff");
+    let diff = dir.path().join("fix.diff");
+    std::fs::write(&diff, out.stdout).expect("diff");
+    let patch = dir.path().join("fix.so");
+    let binary = src.join("target/release/counter");
+    let run = hotpatch_within(
+        std::time::Duration::from_secs(300),
+        &[
+            "build".to_string(),
+            "--source".into(),
+            src.display().to_string(),
+            "--diff".into(),
+            diff.display().to_string(),
+            "--build".into(),
+            "cargo build --release --offline -q".into(),
+            "--binary".into(),
+            binary.display().to_string(),
+            "-o".into(),
+            patch.display().to_string(),
+            "--json".into(),
+        ],
+    );
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let report = run.json();
+    let replaced = names(&report, "functions", "name");
+    assert_eq!(replaced.len(), 1, "{report:#}");
+    assert!(replaced[0].starts_with("_ZN7counter5scale17h"), "{report:#}");
+
+    let mut p = Proc::spawn(&mut Command::new(&binary));
+    p.line("ready", |l| l == "ready");
+    assert_eq!(step(&mut p), 2);
+    // Not prepared, and called directly: LLVM allocates no registers
+    // across calls, so the direct call is safe to acknowledge.
+    apply(p.pid(), &patch, &["--allow-direct-calls"]);
+    assert_eq!(step(&mut p), 3);
+    let before = total(&mut p);
+    let later = wait_for(|| {
+        let t = total(&mut p);
+        (t > before + 30).then_some(t)
+    });
+    assert!(later > before, "the program's own TOTAL moves on");
+    revert(p.pid(), None);
+    assert_eq!(step(&mut p), 2);
+}
