@@ -515,3 +515,33 @@ fn a_rust_fix_built_with_cargo() {
     revert(p.pid(), None);
     assert_eq!(step(&mut p), 2);
 }
+
+#[test]
+fn a_fix_adding_a_static_carries_it_at_its_initial_value() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = project(dir.path(), &[]);
+    let diff = fix(
+        dir.path(),
+        "counter.c",
+        "long total_now(void)\n{\n",
+        "static long added = 40;\n\nlong total_now(void)\n{\n    return added++;\n",
+    );
+    let patch = dir.path().join("fix.so");
+    let run = build(&src, &diff, &patch);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let report = run.json();
+    let carried = report["carried"].to_string();
+    assert!(
+        carried.contains("counter.c:added (new writable data"),
+        "{report:#}"
+    );
+
+    let mut p = start(&src);
+    apply(p.pid(), &patch, &[]);
+    // The new static starts at its initial value and keeps its state.
+    assert_eq!(total(&mut p), 40);
+    assert_eq!(total(&mut p), 41);
+    revert(p.pid(), None);
+    assert!(total(&mut p) > 41);
+}
