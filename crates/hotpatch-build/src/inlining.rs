@@ -15,6 +15,9 @@ pub struct Inlining {
     pub declared: BTreeMap<String, u64>,
     /// The unit's file as DWARF names it.
     pub file: Option<String>,
+    /// Named structure, union and class types: their size and each
+    /// member's name, offset and type name (`size|m@0:int|…`).
+    pub layouts: BTreeMap<String, String>,
 }
 
 /// The new-side lines a unified diff adds or removes at, per file (the
@@ -178,6 +181,22 @@ pub fn read(data: &[u8]) -> Option<Inlining> {
                         around.push((depth, name));
                     }
                 }
+                gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type | gimli::DW_TAG_class_type => {
+                    let size = match entry.attr_value(gimli::DW_AT_byte_size) {
+                        Some(gimli::AttributeValue::Udata(n)) => n,
+                        _ => continue,
+                    };
+                    let Some(name) = entry
+                        .attr_value(gimli::DW_AT_name)
+                        .and_then(|v| dwarf.attr_string(&unit, v).ok())
+                        .map(|s| s.to_string_lossy().into_owned())
+                    else {
+                        continue;
+                    };
+                    if let Some(layout) = layout_of(&dwarf, &unit, entry.offset(), size) {
+                        out.layouts.entry(name).or_insert(layout);
+                    }
+                }
                 gimli::DW_TAG_inlined_subroutine => {
                     if let (Some((_, outer)), Some(gimli::AttributeValue::UnitRef(origin))) =
                         (around.last(), entry.attr_value(gimli::DW_AT_abstract_origin))
@@ -191,6 +210,66 @@ pub fn read(data: &[u8]) -> Option<Inlining> {
         }
     }
     Some(out)
+}
+
+type Slice<'a> = gimli::EndianSlice<'a, gimli::LittleEndian>;
+
+/// `size|member@offset:type|…` of the aggregate type at `offset`.
+fn layout_of(
+    dwarf: &gimli::Dwarf<Slice<'_>>,
+    unit: &gimli::Unit<Slice<'_>>,
+    offset: gimli::UnitOffset,
+    size: u64,
+) -> Option<String> {
+    let name_at = |at: gimli::UnitOffset| -> String {
+        let Ok(e) = unit.entry(at) else { return "?".into() };
+        match e
+            .attr_value(gimli::DW_AT_name)
+            .and_then(|v| dwarf.attr_string(unit, v).ok())
+        {
+            Some(n) => n.to_string_lossy().into_owned(),
+            None => format!("<{}>", e.tag()),
+        }
+    };
+    let mut tree = unit.entries_tree(Some(offset)).ok()?;
+    let root = tree.root().ok()?;
+    let mut children = root.children();
+    let mut layout = size.to_string();
+    while let Ok(Some(child)) = children.next() {
+        let e = child.entry();
+        if e.tag() != gimli::DW_TAG_member {
+            continue;
+        }
+        let member = e
+            .attr_value(gimli::DW_AT_name)
+            .and_then(|v| dwarf.attr_string(unit, v).ok())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let at = match e.attr_value(gimli::DW_AT_data_member_location) {
+            Some(gimli::AttributeValue::Udata(n)) => n.to_string(),
+            Some(gimli::AttributeValue::Sdata(n)) => n.to_string(),
+            _ => "?".into(),
+        };
+        let ty = match e.attr_value(gimli::DW_AT_type) {
+            Some(gimli::AttributeValue::UnitRef(t)) => name_at(t),
+            _ => "?".into(),
+        };
+        layout.push_str(&format!("|{member}@{at}:{ty}"));
+    }
+    Some(layout)
+}
+
+/// The named types whose layout differs between two builds of a unit
+/// (types only one build has are not compared).
+pub fn changed_layouts(orig: &Inlining, fixed: &Inlining) -> Vec<(String, String, String)> {
+    fixed
+        .layouts
+        .iter()
+        .filter_map(|(name, new)| {
+            let old = orig.layouts.get(name)?;
+            (old != new).then(|| (name.clone(), old.clone(), new.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -119,8 +119,12 @@ pub fn build(options: &Options) -> Result<Built, BuildError> {
     let selection = select::select(&unit_pairs, &running);
     let mut report = Report::new(options, &image, &pairs, &fixed_units, &changes, &selection, proof);
     explain(&mut report, options, &pairs, &fixed_units, &selection);
-    if !selection.refusals.is_empty() {
-        return Err(refused(&selection.refusals, report));
+    let (layouts, unchecked) = layout_refusals(&pairs, &selection);
+    report.refusals.extend(layouts.iter().cloned());
+    report.unchecked_layouts = unchecked;
+    let all_refusals: Vec<select::Refusal> = selection.refusals.iter().chain(&layouts).cloned().collect();
+    if !all_refusals.is_empty() {
+        return Err(refused(&all_refusals, report));
     }
     if !selection.chosen.iter().any(|c| c.replaced) {
         let unplaced: Vec<String> = selection.chosen.iter().map(|c| c.name.clone()).collect();
@@ -315,6 +319,41 @@ fn explain(
                 .unwrap_or_default();
         }
     }
+}
+
+/// A type whose layout the fix changes, in a unit the patch replaces code
+/// of: the program's objects of that type keep the old layout, and old and
+/// new code would disagree on it. From the DWARF of both builds; the units
+/// without it are returned as not checked.
+fn layout_refusals(
+    pairs: &[tree::Pair],
+    selection: &select::Selection,
+) -> (Vec<select::Refusal>, Vec<String>) {
+    let wanted: std::collections::BTreeSet<usize> = selection.chosen.iter().map(|c| c.unit).collect();
+    let mut refusals = Vec::new();
+    let mut unchecked = Vec::new();
+    for u in wanted {
+        let read = |path: &Path| std::fs::read(path).ok().and_then(|d| inlining::read(&d));
+        let (Some(orig), Some(fixed)) = (read(&pairs[u].orig.kept), read(&pairs[u].fixed.kept)) else {
+            unchecked.push(pairs[u].key.clone());
+            continue;
+        };
+        for (name, old, new) in inlining::changed_layouts(&orig, &fixed) {
+            let size = |l: &str| l.split('|').next().unwrap_or("?").to_string();
+            let what = if size(&old) != size(&new) {
+                format!("{} → {} bytes", size(&old), size(&new))
+            } else {
+                "its members moved or changed type".to_string()
+            };
+            refusals.push(select::Refusal {
+                symbol: format!("type `{name}` ({})", pairs[u].key),
+                reason: format!(
+                    "changed layout ({what}): objects the program already holds keep the old one, and old and new code would disagree on it"
+                ),
+            });
+        }
+    }
+    (refusals, unchecked)
 }
 
 /// Whether a diff's path and a unit's source name the same file.

@@ -56,6 +56,8 @@ pub struct Report {
     pub carried: Vec<String>,
     pub bindings: Vec<Binding>,
     pub refusals: Vec<Refusal>,
+    /// Units whose type layouts could not be compared (no debug info).
+    pub unchecked_layouts: Vec<String>,
     pub records: Vec<String>,
     pub output: Option<String>,
     pub linked: Option<Linked>,
@@ -143,6 +145,7 @@ impl Report {
             carried,
             bindings: Vec::new(),
             refusals: selection.refusals.clone(),
+            unchecked_layouts: Vec::new(),
             records: Vec::new(),
             output: None,
             linked: None,
@@ -234,6 +237,13 @@ impl Report {
                 .into_iter()
                 .collect();
             let _ = writeln!(s, "bound to the running binary: {}", names.join(", "));
+        }
+        if !self.unchecked_layouts.is_empty() {
+            let _ = writeln!(
+                s,
+                "not checked for changed type layouts (no debug info; build with -g to check): {}",
+                self.unchecked_layouts.join(", ")
+            );
         }
         for r in &self.refusals {
             let _ = writeln!(s, "refused {}: {}", r.symbol, r.reason);

@@ -1,6 +1,7 @@
 /* The bundled project of the `hotpatch build` tests: a counter with static
  * state, a static function inlined into its caller and one that is not. */
 #include <pthread.h>
+#include <stdlib.h>
 #include "counter.h"
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static long total;
@@ -24,10 +25,10 @@ long add(int x)
 {
     pthread_mutex_lock(&lock);
     calls++;
-    total += weigh(scale(x));
-    long t = total;
+    long v = weigh(scale(x));
+    total += v;
     pthread_mutex_unlock(&lock);
-    return t;
+    return v;
 }
 
 long total_now(void)
@@ -55,4 +56,22 @@ long per_thread_add(void)
 long zero(void)
 {
     return 0;
+}
+
+/* A type the refusal tests change: objects of it live on the heap. */
+struct stats {
+    long adds;
+    long last;
+};
+static struct stats *stats;
+
+long note(long x)
+{
+    if (!stats)
+        stats = calloc(1, sizeof *stats);
+    if (!stats)
+        return -1;
+    stats->adds++;
+    stats->last = x;
+    return stats->adds;
 }

@@ -8,10 +8,11 @@ Counter counter;
 long Counter::add(int x)
 {
     std::lock_guard<std::mutex> g(m_);
-    total_ += scale(x);
+    long v = scale(x);
+    total_ += v;
     history_.push_back(x);
     if (history_.size() > 100) history_.erase(history_.begin());
-    return total_;
+    return v;
 }
 std::string Counter::label() const { return "counter:" + std::to_string(total()); }
 Counter &the_counter() { return counter; }

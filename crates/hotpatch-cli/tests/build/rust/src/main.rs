@@ -20,23 +20,25 @@ fn add(x: u64) -> u64 {
     if h.len() > 100 {
         h.remove(0);
     }
-    TOTAL.fetch_add(v, Ordering::SeqCst) + v
+    TOTAL.fetch_add(v, Ordering::SeqCst);
+    v
 }
 
 fn main() {
     for _ in 0..4 {
-        std::thread::spawn(|| loop {
-            add(1);
-            std::thread::sleep(std::time::Duration::from_micros(100));
+        std::thread::spawn(|| {
+            for i in 0u64.. {
+                // Arguments the compiler cannot fold into `scale`.
+                add(1 + i % 2);
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
         });
     }
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line.starts_with("step") {
-            let a = add(0);
-            let b = add(1);
-            println!("step {}", b - a);
+            println!("step {}", add(1));
         } else if line.starts_with("total") {
             println!("total {}", TOTAL.load(Ordering::SeqCst));
         }
