@@ -322,6 +322,27 @@ mod tests {
     }
 
     #[test]
+    fn layouts_that_differ_are_found_and_new_types_are_not_compared() {
+        let orig = Inlining {
+            layouts: BTreeMap::from([
+                ("stats".into(), "16|adds@0:long|last@8:long".into()),
+                ("same".into(), "4|x@0:int".into()),
+            ]),
+            ..Inlining::default()
+        };
+        let fixed = Inlining {
+            layouts: BTreeMap::from([
+                ("stats".into(), "24|first@0:long|adds@8:long|last@16:long".into()),
+                ("same".into(), "4|x@0:int".into()),
+                ("fresh".into(), "8|y@0:long".into()),
+            ]),
+            ..Inlining::default()
+        };
+        let changed: Vec<String> = changed_layouts(&orig, &fixed).into_iter().map(|c| c.0).collect();
+        assert_eq!(changed, vec!["stats"]);
+    }
+
+    #[test]
     fn no_dwarf_is_none() {
         assert_eq!(read(b"junk"), None);
     }
