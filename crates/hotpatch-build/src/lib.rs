@@ -101,7 +101,13 @@ pub fn build(options: &Options) -> Result<Built, BuildError> {
     let image =
         hotpatch::Image::open(&options.binary).map_err(|e| BuildError::Input(format!("--binary: {e}")))?;
     let scratch = tree::Scratch::new(options.work.as_deref())?;
-    let builds = scratch.build_both(&options.source, &options.diff, options.strip, &options.build)?;
+    let builds = scratch.build_both(
+        &options.source,
+        &options.diff,
+        options.strip,
+        &options.build,
+        &options.binary,
+    )?;
     let all_pairs = builds.pairs()?;
     let running = binary::Binary::new(&image);
     let (pairs, orig_units, fixed_units, proof) = units_of_the_binary(&all_pairs, &running, &options.binary)?;

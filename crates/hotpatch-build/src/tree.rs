@@ -178,13 +178,17 @@ impl Scratch {
         self.root.join("patch").join("patch.so")
     }
 
-    /// Copy, fix and build both trees.
+    /// Copy, fix and build both trees. The copies of `binary`, when it lies
+    /// in `source`, are removed with the objects: a rule that links it
+    /// straight from the sources would otherwise find it up to date and
+    /// compile nothing.
     pub fn build_both(
         &self,
         source: &Path,
         diff: &Path,
         strip: u32,
         command: &str,
+        binary: &Path,
     ) -> Result<Builds, TreeError> {
         let source = source.canonicalize().map_err(io(source))?;
         let diff = diff.canonicalize().map_err(io(diff))?;
@@ -196,8 +200,16 @@ impl Scratch {
         }
         let orig_root = self.root.join("orig");
         let fixed_root = self.root.join("fixed");
+        // A binary that cannot be resolved is not in the tree; opening it
+        // reports that.
+        let binary = binary.canonicalize().unwrap_or_else(|_| binary.to_path_buf());
         for dest in [&orig_root, &fixed_root] {
             copy_tree(&source, dest)?;
+            if let Some(copy) = copy_of(&source, &binary, dest)
+                && copy.is_file()
+            {
+                std::fs::remove_file(&copy).map_err(io(&copy))?;
+            }
         }
         let out = Command::new("patch")
             .arg(format!("-p{strip}"))
@@ -514,6 +526,13 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), TreeError> {
     remove_objects(to)
 }
 
+/// Where the copy of `file` is in `dest`, a copy of the tree `source`
+/// (both paths canonical); `None` when `file` is not below `source`.
+fn copy_of(source: &Path, file: &Path, dest: &Path) -> Option<PathBuf> {
+    let below = file.strip_prefix(source).ok()?;
+    (!below.as_os_str().is_empty()).then(|| dest.join(below))
+}
+
 fn remove_objects(dir: &Path) -> Result<(), TreeError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
@@ -558,4 +577,41 @@ fn with_records(object: &[u8], records: &[String]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     b.write(&mut out).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_of_a_binary_in_the_tree_is_at_the_same_place_below_the_copy() {
+        assert_eq!(
+            copy_of(
+                Path::new("/src/lz4"),
+                Path::new("/src/lz4/lib/liblz4.so.1.9.2"),
+                Path::new("/w/orig")
+            ),
+            Some(PathBuf::from("/w/orig/lib/liblz4.so.1.9.2"))
+        );
+        assert_eq!(
+            copy_of(
+                Path::new("/src/lz4"),
+                Path::new("/usr/lib/liblz4.so"),
+                Path::new("/w/orig")
+            ),
+            None
+        );
+        assert_eq!(
+            copy_of(
+                Path::new("/src/lz4"),
+                Path::new("/src/lz4-2/lib.so"),
+                Path::new("/w/orig")
+            ),
+            None
+        );
+        assert_eq!(
+            copy_of(Path::new("/src/lz4"), Path::new("/src/lz4"), Path::new("/w/orig")),
+            None
+        );
+    }
 }

@@ -39,36 +39,7 @@ const BUILD: &str = "./configure >/dev/null && make -s libz.so.1.2.11";
 
 /// zlib 1.2.11 from the libz-sys crate in cargo's registry.
 fn zlib_source() -> PathBuf {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .expect("CARGO_HOME or HOME");
-    let registry = home.join("registry/src");
-    let found = std::fs::read_dir(&registry)
-        .unwrap_or_else(|e| panic!("{}: {e}", registry.display()))
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("libz-sys-1.1.12/src/zlib"))
-        .find(|p| p.join("zlib.h").is_file());
-    found.unwrap_or_else(|| {
-        panic!(
-            "no libz-sys-1.1.12/src/zlib under {} (it is a dev-dependency of hotpatch-cli: cargo fetches it)",
-            registry.display()
-        )
-    })
-}
-
-fn sh(dir: &Path, command: &str) {
-    let out = Command::new("sh")
-        .args(["-c", command])
-        .current_dir(dir)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{command}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    registry_source("libz-sys-1.1.12/src/zlib", "zlib.h")
 }
 
 fn build_fix(src: &Path, dir: &Path, name: &str, diff_text: &str) -> (PathBuf, Value) {

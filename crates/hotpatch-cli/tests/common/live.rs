@@ -418,3 +418,40 @@ pub fn symbol_in_loaded_patch(pid: i32, patch: &Path, symbol: &str) -> u64 {
     );
     bias + symbol_value(patch, None, symbol)
 }
+
+/// C sources a `*-sys` dev-dependency bundles, in cargo's registry:
+/// `below` is the path from the registry's source directories, e.g.
+/// `libz-sys-1.1.12/src/zlib`; `marker` a file that must be there.
+pub fn registry_source(below: &str, marker: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .expect("CARGO_HOME or HOME");
+    let registry = home.join("registry/src");
+    let found = std::fs::read_dir(&registry)
+        .unwrap_or_else(|e| panic!("{}: {e}", registry.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(below))
+        .find(|p| p.join(marker).is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {below} under {} (it is a dev-dependency of hotpatch-cli: cargo fetches it)",
+            registry.display()
+        )
+    })
+}
+
+/// Run `command` with `sh -c` in `dir`; it must succeed.
+pub fn sh(dir: &Path, command: &str) {
+    let out = Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{command}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
