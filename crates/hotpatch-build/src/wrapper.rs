@@ -37,9 +37,15 @@ pub struct Compile {
     pub source: String,
     /// The object file the build wrote, absolute.
     pub object: PathBuf,
-    /// A copy of it taken right after the compile (a build may move,
-    /// rename or delete its objects: zlib's Makefile renames them to `.lo`).
+    /// The unit compiled again with function and data sections, for the
+    /// comparison (kept: a build may move, rename or delete its objects;
+    /// zlib's Makefile renames them to `.lo`).
     pub kept: PathBuf,
+    /// A copy of the build's own object, as the build compiled it: what the
+    /// binary is made of, for the proof (the assembler may encode a jump
+    /// differently when every function has a section of its own).
+    #[serde(default)]
+    pub plain: Option<PathBuf>,
     /// A Rust crate compiled by rustc: `common` is rustc's whole command
     /// line, and `kept` its codegen units merged into one object.
     #[serde(default)]
@@ -206,18 +212,20 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
         return Ok(status.code().unwrap_or(1));
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no current directory: {e}"))?;
-    let mut with_sections: Vec<String> = args.to_vec();
-    with_sections.extend(SECTION_FLAGS.iter().map(|s| s.to_string()));
+    let keep = std::env::var_os(KEEP_ENV)
+        .map(PathBuf::from)
+        .ok_or("no directory for kept objects")?;
+    // The build's own command runs as given: its objects, and the binary
+    // linked from them, are the user's build's byte for byte (the proof
+    // compares those). Each source is also compiled with function and data
+    // sections into the keep directory, for the comparison.
+    let code = run(&compiler, args)?;
+    if code != 0 {
+        return Ok(code);
+    }
     let mut compiles = Vec::new();
-    if line.compile_only {
-        let code = run(&compiler, &with_sections)?;
-        if code != 0 {
-            return Ok(code);
-        }
-        let keep = std::env::var_os(KEEP_ENV)
-            .map(PathBuf::from)
-            .ok_or("no directory for kept objects")?;
-        for source in &line.sources {
+    for source in &line.sources {
+        let (kept, plain) = if line.compile_only {
             let object = match (&line.output, line.sources.len()) {
                 (Some(o), 1) => cwd.join(o),
                 _ => cwd.join(
@@ -227,56 +235,37 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
                         .unwrap_or_default(),
                 ),
             };
-            let kept = keep.join(kept_name(&object));
-            std::fs::copy(&object, &kept).map_err(|e| format!("keeping {}: {e}", object.display()))?;
-            compiles.push(Compile {
-                compiler: compiler.clone(),
-                cwd: cwd.clone(),
-                common: line.common.clone(),
-                source: source.clone(),
-                object,
-                kept,
-                rust: false,
-                env: Vec::new(),
-            });
-        }
-    } else {
-        // Compile and link: each source also to a kept object, then the
-        // command as given.
-        let keep = std::env::var_os(KEEP_ENV)
-            .map(PathBuf::from)
-            .ok_or("no directory for kept objects")?;
-        for source in &line.sources {
-            let absolute = cwd.join(source);
-            let object = keep.join(format!("{}.o", kept_name(&absolute)));
-            let kept = object.clone();
-            let mut compile = line.common.clone();
-            compile.extend(SECTION_FLAGS.iter().map(|s| s.to_string()));
-            compile.extend([
-                "-c".to_string(),
-                source.clone(),
-                "-o".to_string(),
-                object.display().to_string(),
-            ]);
-            let code = run(&compiler, &compile)?;
+            let plain = keep.join(format!("{}.plain", kept_name(&object)));
+            std::fs::copy(&object, &plain).map_err(|e| format!("keeping {}: {e}", object.display()))?;
+            (keep.join(kept_name(&object)), plain)
+        } else {
+            // Compile and link: the objects were temporary; make both.
+            let base = kept_name(&cwd.join(source));
+            let plain = keep.join(format!("{base}.o.plain"));
+            let code = run(&compiler, &compile_to(&line.common, &[], source, &plain))?;
             if code != 0 {
                 return Ok(code);
             }
-            compiles.push(Compile {
-                compiler: compiler.clone(),
-                cwd: cwd.clone(),
-                common: line.common.clone(),
-                source: source.clone(),
-                object,
-                kept,
-                rust: false,
-                env: Vec::new(),
-            });
-        }
-        let code = run(&compiler, &with_sections)?;
+            (keep.join(format!("{base}.o")), plain)
+        };
+        let code = run(&compiler, &compile_to(&line.common, SECTION_FLAGS, source, &kept))?;
         if code != 0 {
             return Ok(code);
         }
+        compiles.push(Compile {
+            compiler: compiler.clone(),
+            cwd: cwd.clone(),
+            common: line.common.clone(),
+            source: source.clone(),
+            object: match (&line.output, line.compile_only, line.sources.len()) {
+                (Some(o), true, 1) => cwd.join(o),
+                _ => kept.clone(),
+            },
+            kept,
+            plain: Some(plain),
+            rust: false,
+            env: Vec::new(),
+        });
     }
     let mut file = std::fs::OpenOptions::new()
         .append(true)
@@ -291,6 +280,19 @@ fn wrap(name: &str, args: &[String], log: &Path) -> Result<i32, String> {
             .map_err(|e| format!("{}: {e}", log.display()))?;
     }
     Ok(0)
+}
+
+/// `COMMON FLAGS… -c SOURCE -o OBJECT`.
+fn compile_to(common: &[String], flags: &[&str], source: &str, object: &Path) -> Vec<String> {
+    let mut args = common.to_vec();
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.extend([
+        "-c".to_string(),
+        source.to_string(),
+        "-o".to_string(),
+        object.display().to_string(),
+    ]);
+    args
 }
 
 /// The value of rustc's option `name` (`--out-dir X`, `--crate-name X`,
@@ -362,6 +364,7 @@ fn wrap_rustc(args: &[String], log: &Path) -> Result<i32, String> {
         source,
         object: out_dir.join(format!("{crate_name}.rust.o")),
         kept,
+        plain: None,
         rust: true,
         env: std::env::vars()
             .filter(|(k, _)| k.starts_with("CARGO_") || k == "OUT_DIR")
