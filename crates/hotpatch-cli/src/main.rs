@@ -10,6 +10,7 @@ mod output;
 mod patching;
 mod prepare;
 mod signing;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -52,6 +53,9 @@ enum Command {
     /// List the patches applied to a process (as recorded inside it).
     #[command(after_help = EXIT_CODES)]
     List(patching::ListArgs),
+    /// Every patched process on the host, with its patches.
+    #[command(after_help = EXIT_CODES)]
+    Status(status::Args),
     /// Revert a patch (or --all): functions go back to the previous version.
     #[command(after_help = EXIT_CODES)]
     Revert(patching::RevertArgs),
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Apply(args) => patching::apply(args, &cli.trust),
         Command::List(args) => patching::list(args),
+        Command::Status(args) => status::run(args),
         Command::Revert(args) => patching::revert(args, &cli.trust),
         Command::Keygen(args) => signing::keygen(args),
         Command::Sign(args) => signing::sign(args),

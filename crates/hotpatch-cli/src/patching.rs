@@ -256,13 +256,13 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
 }
 
 /// The first 16 hex digits of a SHA-256.
-fn short(sha: &str) -> &str {
+pub(crate) fn short(sha: &str) -> &str {
     sha.get(..16).unwrap_or(sha)
 }
 
 /// How a function's entry compares with its record, for people: its
 /// state, and the bytes when they are not what the record says.
-fn entry_note(check: &EntryCheck) -> String {
+pub(crate) fn entry_note(check: &EntryCheck) -> String {
     let state = match check.state {
         EntryState::Patched => "patched",
         EntryState::Original => "original",

@@ -57,6 +57,7 @@ mod apply;
 mod batch;
 mod error;
 mod revert;
+mod status;
 pub mod stopped;
 mod target;
 mod trip;
@@ -64,6 +65,7 @@ mod trip;
 pub use apply::{Applied, AppliedFunction, ApplyOptions, ApplyWarning, FlipMode, apply, apply_file};
 pub use error::EngineError;
 pub use revert::{Reverted, Reverts, Which, revert};
+pub use status::{ProcessStatus, patched_processes};
 
 use crate::entry_state::{EntryCheck, check_entry};
 use crate::process::{Mem, Process};
