@@ -105,7 +105,7 @@ impl<'a> Binary<'a> {
                 for r in &f.refs {
                     let (before, after) = relaxed_span(r.r_type);
                     let start = r.offset.saturating_sub(before) as usize;
-                    let end = ((r.offset + after) as usize).min(masked.len());
+                    let end = (r.offset.saturating_add(after) as usize).min(masked.len());
                     for m in masked.iter_mut().take(end).skip(start) {
                         *m = true;
                     }

@@ -279,7 +279,7 @@ pub fn emit(
                             .find(|(v, size, _)| {
                                 effective >= 0
                                     && *v <= effective as u64
-                                    && (effective as u64) < v + (*size).max(1)
+                                    && (effective as u64) < v.saturating_add((*size).max(1))
                             })
                             .map(|&(v, _, id)| (b.symbols.get(id), addend - v as i64))
                     });

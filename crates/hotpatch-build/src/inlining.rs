@@ -102,12 +102,12 @@ pub fn read(data: &[u8]) -> Option<Inlining> {
             let at = offset as usize;
             match r_type {
                 object::elf::R_X86_64_32 => {
-                    if let Some(b) = bytes.get_mut(at..at + 4) {
+                    if let Some(b) = bytes.get_mut(at..at.saturating_add(4)) {
                         b.copy_from_slice(&(value as u32).to_le_bytes());
                     }
                 }
                 object::elf::R_X86_64_64 => {
-                    if let Some(b) = bytes.get_mut(at..at + 8) {
+                    if let Some(b) = bytes.get_mut(at..at.saturating_add(8)) {
                         b.copy_from_slice(&value.to_le_bytes());
                     }
                 }

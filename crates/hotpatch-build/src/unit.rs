@@ -63,7 +63,8 @@ pub struct Item {
     pub section: String,
     pub class: Class,
     pub size: u64,
-    /// The bytes, with every relocated field zeroed (zeros for `.bss`).
+    /// The bytes, with every relocated field zeroed (none for `.bss`: its
+    /// size says it all).
     pub bytes: Vec<u8>,
     pub refs: Vec<Ref>,
 }
@@ -318,7 +319,7 @@ pub fn read(data: &[u8]) -> Result<Unit, UnitError> {
                 .symbols
                 .iter()
                 .rev()
-                .find(|(value, size, _)| *value <= at && at < value + (*size).max(1))
+                .find(|(value, size, _)| *value <= at && at < value.saturating_add((*size).max(1)))
             {
                 return (Target::Symbol(name.clone()), addend - *value as i64);
             }
@@ -342,10 +343,11 @@ pub fn read(data: &[u8]) -> Result<Unit, UnitError> {
         };
         let class = class_of(&info.name, info.flags);
         let mut bytes = if info.data.is_empty() {
-            vec![0; size as usize]
+            // .bss: all zeros, compared by size (it may be huge).
+            Vec::new()
         } else {
             info.data
-                .get(value as usize..(value + size) as usize)
+                .get(value as usize..value.saturating_add(size) as usize)
                 .ok_or_else(|| UnitError::Section {
                     section: info.name.clone(),
                     what: format!("`{name}` ({size} bytes at {value:#x}) is past the section's end"),
@@ -359,7 +361,7 @@ pub fn read(data: &[u8]) -> Result<Unit, UnitError> {
         };
         let mut refs = Vec::new();
         for &(offset, r_type, addend, symbol) in relocations.get(&index).map(Vec::as_slice).unwrap_or(&[]) {
-            if offset < value || offset >= value + size {
+            if offset < value || offset >= value.saturating_add(size) {
                 continue;
             }
             let at = offset - value;
