@@ -48,6 +48,12 @@ fn project(dir: &Path, make_args: &[&str]) -> PathBuf {
 /// A unified diff that turns `from` into `to` in `file` of the project.
 fn fix(dir: &Path, file: &str, from: &str, to: &str) -> PathBuf {
     let old = PROJECT.iter().find(|(n, _)| *n == file).expect("project file").1;
+    diff_of(dir, file, old, from, to)
+}
+
+/// `dir/fix.diff`: a unified diff that turns the first `from` of `old` (the
+/// text of `file`, its path in the tree) into `to`.
+fn diff_of(dir: &Path, file: &str, old: &str, from: &str, to: &str) -> PathBuf {
     assert!(old.contains(from), "{from:?} not in {file}");
     let new = old.replacen(from, to, 1);
     let (a, b) = (dir.join("old"), dir.join("new"));
@@ -379,28 +385,13 @@ fn a_cpp_fix_to_a_member_function_with_an_inlined_helper() {
         "make: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let old = include_str!("build/cpp/counter.cc");
-    std::fs::write(dir.path().join("old"), old).expect("old");
-    std::fs::write(
-        dir.path().join("new"),
-        old.replacen("return x * 2;", "return x * 3;", 1),
-    )
-    .expect("new");
-    let out = Command::new("diff")
-        .args([
-            "-u",
-            "--label",
-            "a/counter.cc",
-            "--label",
-            "b/counter.cc",
-            "old",
-            "new",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("diff");
-    let diff = dir.path().join("fix.diff");
-    std::fs::write(&diff, out.stdout).expect("diff");
+    let diff = diff_of(
+        dir.path(),
+        "counter.cc",
+        include_str!("build/cpp/counter.cc"),
+        "return x * 2;",
+        "return x * 3;",
+    );
     let patch = dir.path().join("fix.so");
     let run = build(&src, &diff, &patch);
     assert_eq!(run.code(), 0, "{}", run.stderr);
@@ -453,27 +444,7 @@ fn a_rust_fix_built_with_cargo() {
         "cargo build: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::write(dir.path().join("old"), main).expect("old");
-    std::fs::write(
-        dir.path().join("new"),
-        main.replacen("    x * 2\n", "    x * 3\n", 1),
-    )
-    .expect("new");
-    let out = Command::new("diff")
-        .args([
-            "-u",
-            "--label",
-            "a/src/main.rs",
-            "--label",
-            "b/src/main.rs",
-            "old",
-            "new",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("diff");
-    let diff = dir.path().join("fix.diff");
-    std::fs::write(&diff, out.stdout).expect("diff");
+    let diff = diff_of(dir.path(), "src/main.rs", main, "    x * 2\n", "    x * 3\n");
     let patch = dir.path().join("fix.so");
     let binary = src.join("target/release/counter");
     let run = hotpatch_within(
