@@ -137,23 +137,7 @@ impl Scratch {
             args.push("-C".into());
             args.push(flag.into());
         }
-        let out = Command::new(&compile.compiler)
-            .args(&args)
-            .envs(compile.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(&compile.cwd)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io(&compile.compiler))?;
-        if !out.status.success() {
-            return Err(TreeError::Tool {
-                what: format!(
-                    "the patch compile of {} ({})",
-                    compile.source,
-                    compile.compiler.display()
-                ),
-                output: tail(&out.stdout, &out.stderr),
-            });
-        }
+        patch_compiler(compile, &args)?;
         let crate_name = compile
             .object
             .file_name()
@@ -311,22 +295,7 @@ impl Scratch {
         args.push(compile.source.clone());
         args.push("-o".into());
         args.push(object.display().to_string());
-        let out = Command::new(&compile.compiler)
-            .args(&args)
-            .current_dir(&compile.cwd)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io(&compile.compiler))?;
-        if !out.status.success() {
-            return Err(TreeError::Tool {
-                what: format!(
-                    "the patch compile of {} ({})",
-                    compile.source,
-                    compile.compiler.display()
-                ),
-                output: tail(&out.stdout, &out.stderr),
-            });
-        }
+        patch_compiler(compile, &args)?;
         Ok(object)
     }
 
@@ -464,6 +433,29 @@ fn got_distance(path: &Path) -> Result<(String, i64), TreeError> {
         (None, Some((name, _))) => Ok((name, 0)),
         _ => Err(bad("no exported replacement function")),
     }
+}
+
+/// Run the compiler of `compile` (in its directory, with the environment
+/// the build gave it) with `args`, for the patch.
+fn patch_compiler(compile: &Compile, args: &[String]) -> Result<(), TreeError> {
+    let out = Command::new(&compile.compiler)
+        .args(args)
+        .envs(compile.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(&compile.cwd)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io(&compile.compiler))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(TreeError::Tool {
+        what: format!(
+            "the patch compile of {} ({})",
+            compile.source,
+            compile.compiler.display()
+        ),
+        output: tail(&out.stdout, &out.stderr),
+    })
 }
 
 impl Builds {

@@ -86,22 +86,13 @@ fn build_with(src: &Path, diff: &Path, out: &Path, make_args: &[&str]) -> Run {
         .chain(make_args.iter().map(|a| format!("'{a}'")))
         .collect::<Vec<_>>()
         .join(" ");
-    hotpatch_within(
+    hotpatch_build(
+        src,
+        diff,
+        &command,
+        &src.join("prog"),
+        out,
         std::time::Duration::from_secs(120),
-        &[
-            "build".to_string(),
-            "--source".into(),
-            src.display().to_string(),
-            "--diff".into(),
-            diff.display().to_string(),
-            "--build".into(),
-            command,
-            "--binary".into(),
-            src.join("prog").display().to_string(),
-            "-o".into(),
-            out.display().to_string(),
-            "--json".into(),
-        ],
     )
 }
 
@@ -447,22 +438,13 @@ fn a_rust_fix_built_with_cargo() {
     let diff = diff_of(dir.path(), "src/main.rs", main, "    x * 2\n", "    x * 3\n");
     let patch = dir.path().join("fix.so");
     let binary = src.join("target/release/counter");
-    let run = hotpatch_within(
+    let run = hotpatch_build(
+        &src,
+        &diff,
+        "cargo build --release --offline -q",
+        &binary,
+        &patch,
         std::time::Duration::from_secs(300),
-        &[
-            "build".to_string(),
-            "--source".into(),
-            src.display().to_string(),
-            "--diff".into(),
-            diff.display().to_string(),
-            "--build".into(),
-            "cargo build --release --offline -q".into(),
-            "--binary".into(),
-            binary.display().to_string(),
-            "-o".into(),
-            patch.display().to_string(),
-            "--json".into(),
-        ],
     );
     assert_eq!(run.code(), 0, "{}", run.stderr);
     let report = run.json();

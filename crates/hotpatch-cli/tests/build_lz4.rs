@@ -44,22 +44,13 @@ fn build_fix(src: &Path, dir: &Path) -> (PathBuf, Value) {
     let diff = dir.join("8301a21.diff");
     std::fs::write(&diff, FIX_NEGATIVE_CAPACITY).expect("write diff");
     let patch = dir.join("8301a21.so");
-    let run = hotpatch_within(
+    let run = hotpatch_build(
+        src,
+        &diff,
+        BUILD,
+        &src.join(LIBRARY),
+        &patch,
         Duration::from_secs(300),
-        &[
-            "build".to_string(),
-            "--source".into(),
-            src.display().to_string(),
-            "--diff".into(),
-            diff.display().to_string(),
-            "--build".into(),
-            BUILD.into(),
-            "--binary".into(),
-            src.join(LIBRARY).display().to_string(),
-            "-o".into(),
-            patch.display().to_string(),
-            "--json".into(),
-        ],
     );
     assert_eq!(run.code(), 0, "hotpatch build 8301a21: {}", run.stderr);
     (patch, run.json())

@@ -46,22 +46,13 @@ fn build_fix(src: &Path, dir: &Path, name: &str, diff_text: &str) -> (PathBuf, V
     let diff = dir.join(format!("{name}.diff"));
     std::fs::write(&diff, diff_text).expect("write diff");
     let patch = dir.join(format!("{name}.so"));
-    let run = hotpatch_within(
+    let run = hotpatch_build(
+        src,
+        &diff,
+        BUILD,
+        &src.join("libz.so.1.2.11"),
+        &patch,
         Duration::from_secs(300),
-        &[
-            "build".to_string(),
-            "--source".into(),
-            src.display().to_string(),
-            "--diff".into(),
-            diff.display().to_string(),
-            "--build".into(),
-            BUILD.into(),
-            "--binary".into(),
-            src.join("libz.so.1.2.11").display().to_string(),
-            "-o".into(),
-            patch.display().to_string(),
-            "--json".into(),
-        ],
     );
     assert_eq!(run.code(), 0, "hotpatch build {name}: {}", run.stderr);
     (patch, run.json())

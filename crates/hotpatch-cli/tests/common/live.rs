@@ -419,6 +419,35 @@ pub fn symbol_in_loaded_patch(pid: i32, patch: &Path, symbol: &str) -> u64 {
     bias + symbol_value(patch, None, symbol)
 }
 
+/// `hotpatch build --source SRC --diff DIFF --build COMMAND --binary BINARY
+/// -o OUT --json`, killed (and failing) after `limit`.
+pub fn hotpatch_build(
+    src: &Path,
+    diff: &Path,
+    command: &str,
+    binary: &Path,
+    out: &Path,
+    limit: Duration,
+) -> Run {
+    hotpatch_within(
+        limit,
+        &[
+            "build".to_string(),
+            "--source".into(),
+            src.display().to_string(),
+            "--diff".into(),
+            diff.display().to_string(),
+            "--build".into(),
+            command.into(),
+            "--binary".into(),
+            binary.display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+            "--json".into(),
+        ],
+    )
+}
+
 /// C sources a `*-sys` dev-dependency bundles, in cargo's registry:
 /// `below` is the path from the registry's source directories, e.g.
 /// `libz-sys-1.1.12/src/zlib`; `marker` a file that must be there.
