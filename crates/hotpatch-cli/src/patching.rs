@@ -10,6 +10,7 @@ use hotpatch::entry_state::{EntryCheck, EntryState};
 use hotpatch::patchfile::CommandLineRecords;
 use hotpatch::policy::{Policy, PolicyError, rules::DEFAULT_AUDIT_SOCKET, trusted_file};
 use hotpatch::shorten::name;
+use hotpatch::state::PatchRecord;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -211,24 +212,7 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
                 "  (INCOMPLETE: the tool stopped during apply; revert it)"
             }
         )?;
-        for entry in &p.functions {
-            if let Some(f) = state.function(*entry) {
-                let live = f.versions.last().is_some_and(|v| v.patch == p.id);
-                writeln!(
-                    text,
-                    "    {} at {:#x} ({}{}){}",
-                    name(&f.name),
-                    f.entry,
-                    f.route.name(),
-                    listing.entry(f.entry).map(entry_note).unwrap_or_default(),
-                    if live {
-                        ""
-                    } else {
-                        "  (superseded by a newer patch)"
-                    },
-                )?;
-            }
-        }
+        function_lines(&mut text, listing, p)?;
     }
     // Functions no patch record lists (a patch recorded only in their
     // versions), or recorded as reverted, whose code is not original.
@@ -255,6 +239,34 @@ fn list_text(pid: i32, listing: &engine::Listing, json: bool) -> Result<String> 
     Ok(text)
 }
 
+/// A line per function of `patch`: where, how, its entry checked, and
+/// whether a newer patch superseded it.
+pub(crate) fn function_lines(
+    text: &mut String,
+    listing: &engine::Listing,
+    patch: &PatchRecord,
+) -> Result<()> {
+    for entry in &patch.functions {
+        if let Some(f) = listing.state.function(*entry) {
+            let live = f.versions.last().is_some_and(|v| v.patch == patch.id);
+            writeln!(
+                text,
+                "    {} at {:#x} ({}{}){}",
+                name(&f.name),
+                f.entry,
+                f.route.name(),
+                listing.entry(f.entry).map(entry_note).unwrap_or_default(),
+                if live {
+                    ""
+                } else {
+                    "  (superseded by a newer patch)"
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// The first 16 hex digits of a SHA-256.
 pub(crate) fn short(sha: &str) -> &str {
     sha.get(..16).unwrap_or(sha)
@@ -262,7 +274,7 @@ pub(crate) fn short(sha: &str) -> &str {
 
 /// How a function's entry compares with its record, for people: its
 /// state, and the bytes when they are not what the record says.
-pub(crate) fn entry_note(check: &EntryCheck) -> String {
+fn entry_note(check: &EntryCheck) -> String {
     let state = match check.state {
         EntryState::Patched => "patched",
         EntryState::Original => "original",

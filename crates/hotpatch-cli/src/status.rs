@@ -1,7 +1,7 @@
 //! `hotpatch status`: every patched process on the host.
 
 use crate::output;
-use crate::patching::{entry_note, short};
+use crate::patching::{function_lines, short};
 use anyhow::Result;
 use hotpatch::engine::{self, ProcessStatus};
 use hotpatch::shorten::name;
@@ -74,18 +74,7 @@ fn status_text(found: &[ProcessStatus]) -> Result<String> {
                     "  (INCOMPLETE: revert it)"
                 }
             )?;
-            for entry in &patch.functions {
-                if let Some(f) = state.function(*entry) {
-                    writeln!(
-                        text,
-                        "    {} at {:#x} ({}{})",
-                        name(&f.name),
-                        f.entry,
-                        f.route.name(),
-                        listing.entry(f.entry).map(entry_note).unwrap_or_default()
-                    )?;
-                }
-            }
+            function_lines(&mut text, listing, patch)?;
         }
     }
     writeln!(text, "{} patched process(es)", found.len())?;
