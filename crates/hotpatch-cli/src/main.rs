@@ -6,6 +6,7 @@ mod check;
 mod demo;
 mod doctor;
 mod files;
+mod host;
 mod output;
 mod patching;
 mod prepare;
@@ -47,8 +48,9 @@ enum Command {
     /// Rewrite gcc's `90 90` entry nops into one 2-byte nop in a copy of a file.
     #[command(after_help = EXIT_CODES)]
     Prepare(prepare::Args),
-    /// Load a patch library into a running process and redirect its functions.
-    #[command(after_help = EXIT_CODES)]
+    /// Load a patch library into a running process (or every process
+    /// mapping its image, --all) and redirect its functions.
+    #[command(after_help = EXIT_CODES, allow_missing_positional = true)]
     Apply(patching::ApplyArgs),
     /// List the patches applied to a process (as recorded inside it).
     #[command(after_help = EXIT_CODES)]

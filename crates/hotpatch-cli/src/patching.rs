@@ -16,10 +16,20 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
-    /// The process to patch.
-    pid: i32,
+    /// The process to patch (none with --all).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pid: Option<i32>,
     /// The patch: a shared library (see include/hotpatch.h).
     patch: PathBuf,
+    /// Every process of the host that maps the patch's target image, found
+    /// by its build-id (processes in containers too), in parallel; the
+    /// policy's [exclude] rules are honoured. Running it again skips the
+    /// processes already patched.
+    #[arg(long)]
+    all: bool,
+    /// Processes worked on at once with --all (default: one per CPU).
+    #[arg(long, value_name = "N", requires = "all")]
+    jobs: Option<usize>,
     /// For a library without a .hotpatch section: TARGET=REPLACEMENT (repeatable).
     #[arg(long = "replace", value_name = "TARGET=REPLACEMENT")]
     replace: Vec<String>,
@@ -51,13 +61,21 @@ pub struct ListArgs {
 
 #[derive(clap::Args)]
 pub struct RevertArgs {
-    pid: i32,
+    #[arg(required_unless_present = "everywhere")]
+    pid: Option<i32>,
     /// The patch id (from `hotpatch list`).
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(required_unless_present_any = ["all", "everywhere"], conflicts_with = "all")]
     patch_id: Option<u32>,
-    /// Revert every patch, newest first.
+    /// Revert every patch of the process, newest first.
     #[arg(long)]
     all: bool,
+    /// Revert this patch (its file, or its SHA-256) in every process of the
+    /// host that holds it.
+    #[arg(long, value_name = "PATCH|SHA256", conflicts_with_all = ["pid", "patch_id", "all"])]
+    everywhere: Option<String>,
+    /// Processes worked on at once with --everywhere (default: one per CPU).
+    #[arg(long, value_name = "N", requires = "everywhere")]
+    jobs: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -65,14 +83,23 @@ pub struct RevertArgs {
 /// `apply`: read the patch once, let the policy approve it, apply exactly
 /// those bytes, and log the outcome (refused, failed or ok) for the audit.
 pub fn apply(args: ApplyArgs, trust: &TrustArgs) -> Result<()> {
-    let mut record = Record::now("apply", args.pid);
+    let Some(pid) = args.pid else {
+        return crate::host::apply_all(
+            &args.patch,
+            &options_of(&args),
+            trust.load(),
+            args.jobs.unwrap_or_else(crate::host::default_jobs),
+            args.json,
+        );
+    };
+    let mut record = Record::now("apply", pid);
     record.patch = Some(args.patch.display().to_string());
     let policy = trust.load();
     let socket = policy.as_ref().map_or_else(
         |_| PathBuf::from(DEFAULT_AUDIT_SOCKET),
         |p| p.audit_socket().to_path_buf(),
     );
-    let result = approve_and_apply(&args, policy, &mut record);
+    let result = approve_and_apply(pid, &args, policy, &mut record);
     record.outcome = match &result {
         Ok(_) => Outcome::Ok,
         Err(Failure::Refused(e)) => Outcome::Refused(e.clone()),
@@ -141,11 +168,11 @@ enum Failure {
 }
 
 fn approve_and_apply(
+    pid: i32,
     args: &ApplyArgs,
     policy: Result<Policy, PolicyError>,
     record: &mut Record,
 ) -> Result<Applied, Failure> {
-    let pid = args.pid;
     let refused = |e: PolicyError| {
         if e.is_refusal() {
             Failure::Refused(format!("{e}; nothing in process {pid} was changed"))
@@ -158,7 +185,16 @@ fn approve_and_apply(
     record.sha256 = Some(file.sha256_hex());
     let approved = policy.approve(file).map_err(refused)?;
     record.signer = approved.signer().map(str::to_string);
-    let options = ApplyOptions {
+    let applied =
+        engine::apply_file(pid, &approved, &options_of(args)).map_err(|e| Failure::Failed(e.into()))?;
+    record.image = Some(applied.patch.image.clone());
+    record.image_build_id = applied.patch.image_build_id.clone();
+    record.patch_id = Some(applied.patch.id.to_string());
+    Ok(applied)
+}
+
+fn options_of(args: &ApplyArgs) -> ApplyOptions {
+    ApplyOptions {
         force: args.force,
         allow_direct_calls: args.allow_direct_calls,
         records: CommandLineRecords {
@@ -166,12 +202,8 @@ fn approve_and_apply(
             refs: args.refs.clone(),
             origs: args.origs.clone(),
         },
-    };
-    let applied = engine::apply_file(pid, &approved, &options).map_err(|e| Failure::Failed(e.into()))?;
-    record.image = Some(applied.patch.image.clone());
-    record.image_build_id = applied.patch.image_build_id.clone();
-    record.patch_id = Some(applied.patch.id.to_string());
-    Ok(applied)
+        mapped_image: None,
+    }
 }
 
 pub fn list(args: ListArgs) -> Result<()> {
@@ -293,6 +325,18 @@ fn entry_note(check: &EntryCheck) -> String {
 /// `revert`, with one audit record per reverted patch (or one for the
 /// failure).
 pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
+    if let Some(which) = &args.everywhere {
+        let policy = trust.load().ok();
+        return crate::host::revert_everywhere(
+            which,
+            policy.as_ref(),
+            args.jobs.unwrap_or_else(crate::host::default_jobs),
+            args.json,
+        );
+    }
+    let Some(pid) = args.pid else {
+        bail!("give a PID, or --everywhere PATCH");
+    };
     let which = match (args.patch_id, args.all) {
         (_, true) => Which::All,
         (Some(id), false) => Which::Patch(id),
@@ -309,9 +353,9 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
         }
     };
     // What the records say before, for the audit.
-    let before = engine::list(args.pid).ok();
+    let before = engine::list(pid).ok();
     let recorded = |id: u32| {
-        let base = Record::now("revert", args.pid);
+        let base = Record::now("revert", pid);
         match before
             .as_ref()
             .and_then(|s| s.patches.iter().find(|p| p.id == id))
@@ -323,7 +367,7 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
             },
         }
     };
-    let result = engine::revert(args.pid, which);
+    let result = engine::revert(pid, which);
     match &result {
         Ok(reverts) if !reverts.reverted.is_empty() => {
             for r in &reverts.reverted {
@@ -335,7 +379,7 @@ pub fn revert(args: RevertArgs, trust: &TrustArgs) -> Result<()> {
                 Some(id) if !args.all => recorded(id),
                 _ => Record {
                     patch_id: Some("all".into()),
-                    ..Record::now("revert", args.pid)
+                    ..Record::now("revert", pid)
                 },
             };
             if let Err(e) = outcome {

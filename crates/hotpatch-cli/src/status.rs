@@ -36,23 +36,22 @@ pub fn run(args: Args) -> Result<()> {
 fn status_text(found: &[ProcessStatus]) -> Result<String> {
     let mut text = String::new();
     for p in found {
-        let exe = p.exe.as_deref().map(name).unwrap_or_else(|| "?".into());
+        let who = format!(
+            "process {} ({}){}",
+            p.process.pid,
+            p.process.exe.as_deref().map(name).unwrap_or_else(|| "?".into()),
+            p.process.container_note()
+        );
         let Some(listing) = &p.listing else {
             writeln!(
                 text,
-                "process {} ({exe}): its record cannot be read: {}",
-                p.pid,
+                "{who}: its record cannot be read: {}",
                 p.error.as_deref().unwrap_or("?")
             )?;
             continue;
         };
         let state = &listing.state;
-        writeln!(
-            text,
-            "process {} ({exe}): {} patch(es)",
-            p.pid,
-            state.patches.len()
-        )?;
+        writeln!(text, "{who}: {} patch(es)", state.patches.len())?;
         for patch in &state.patches {
             writeln!(
                 text,

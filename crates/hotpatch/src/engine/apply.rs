@@ -24,6 +24,10 @@ pub struct ApplyOptions {
     pub allow_direct_calls: bool,
     /// Records for a patch without a `.hotpatch` section.
     pub records: CommandLineRecords,
+    /// Patch the image mapped at this path (as the process names it)
+    /// instead of the one the patch names: `--all` finds images by
+    /// build-id, whatever their name (a renamed copy, a container's path).
+    pub mapped_image: Option<String>,
 }
 
 /// How a function went live.
@@ -218,7 +222,7 @@ fn apply_to(pid: i32, patch: &Approved, options: &ApplyOptions) -> Result<Applie
     // 1. Everything that needs no change to the process.
     let spec = PatchSpec::from_file(file, &options.records)?;
     let process = Process::open(pid)?;
-    let target = target::target_image(&process, spec.target.as_ref())?;
+    let target = target::target_image(&process, spec.target.as_ref(), options.mapped_image.as_deref())?;
     tracing::debug!(
         pid,
         us = started.elapsed().as_micros() as u64,

@@ -48,6 +48,8 @@ pub enum EngineError {
     Busy { pid: i32, lock: String },
     #[error("process {pid}: {what}")]
     Failed { pid: i32, what: String },
+    #[error("{patch}: cannot be applied to every process: {why}; nothing was changed")]
+    NotForEveryProcess { patch: String, why: String },
     #[error("process {pid} exited during {during}: {error}")]
     Exited {
         pid: i32,

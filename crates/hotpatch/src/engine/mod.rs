@@ -56,6 +56,7 @@
 mod apply;
 mod batch;
 mod error;
+pub mod host;
 mod revert;
 mod status;
 pub mod stopped;

@@ -2,13 +2,14 @@
 //! tool's state record, each listed as `list` lists one.
 
 use super::{EngineError, Listing, list_checked, process_gone};
+use crate::process::identity::ProcessIdentity;
 
 /// One process that holds a state record.
 #[derive(Debug, serde::Serialize)]
 pub struct ProcessStatus {
-    pub pid: i32,
-    /// `/proc/PID/exe`, if readable.
-    pub exe: Option<String>,
+    /// Its pid, executable, users, cgroup, and pid in its own namespace.
+    #[serde(flatten)]
+    pub process: ProcessIdentity,
     #[serde(flatten)]
     pub listing: Option<Listing>,
     /// Why its record could not be read (it is not listed then).
@@ -19,17 +20,7 @@ pub struct ProcessStatus {
 /// tool's state record, with their records and entries checked. A process
 /// that exits during the scan is left out.
 pub fn patched_processes() -> Result<Vec<ProcessStatus>, EngineError> {
-    let own = std::process::id() as i32;
-    let entries = std::fs::read_dir("/proc").map_err(|e| EngineError::Failed {
-        pid: 0,
-        what: format!("/proc: {e}"),
-    })?;
-    let mut pids: Vec<i32> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|&pid| pid != own)
-        .collect();
-    pids.sort_unstable();
+    let pids = super::host::host_pids()?;
     let marker = format!("/memfd:{}", crate::state::MEMFD_NAME);
     let mut out = Vec::new();
     for pid in pids {
@@ -40,20 +31,18 @@ pub fn patched_processes() -> Result<Vec<ProcessStatus>, EngineError> {
         if !maps.contains(&marker) {
             continue;
         }
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|p| p.display().to_string());
+        let Some(process) = ProcessIdentity::read(pid) else {
+            continue;
+        };
         match list_checked(pid) {
             Ok(listing) => out.push(ProcessStatus {
-                pid,
-                exe,
+                process,
                 listing: Some(listing),
                 error: None,
             }),
             Err(_) if process_gone(pid) => {}
             Err(e) => out.push(ProcessStatus {
-                pid,
-                exe,
+                process,
                 listing: None,
                 error: Some(e.to_string()),
             }),

@@ -67,10 +67,12 @@ pub struct TargetImageInProcess {
 }
 
 /// Find the patch's target image among the process's mappings: by path,
-/// file name or soname; the main executable when the patch does not say.
+/// file name or soname; the main executable when the patch does not say;
+/// the image mapped at `mapped_path` exactly when that is given.
 pub fn target_image(
     process: &Process,
     target: Option<&TargetImage>,
+    mapped_path: Option<&str>,
 ) -> Result<TargetImageInProcess, EngineError> {
     let pid = process.pid();
     let images = process.mapped_images()?;
@@ -81,12 +83,13 @@ pub fn target_image(
     // Headers only: the planner reads the rest as it needs it.
     let open =
         |m: &MappedImage| -> Result<ImageFile, EngineError> { Ok(ImageFile::open(&m.path, &m.open_path)?) };
-    let wanted = target.map(|t| t.image.as_str());
+    let wanted = mapped_path.or(target.map(|t| t.image.as_str()));
     let mut found = None;
     for m in &images {
-        let hit = match wanted {
-            None => exe.as_deref() == Some(m.path.as_str()),
-            Some(w) => m.path == w || file_name(&m.path) == w,
+        let hit = match (mapped_path, wanted) {
+            (Some(p), _) => m.path == p,
+            (None, None) => exe.as_deref() == Some(m.path.as_str()),
+            (None, Some(w)) => m.path == w || file_name(&m.path) == w,
         };
         if hit {
             found = Some((m.clone(), open(m)?));
@@ -94,6 +97,7 @@ pub fn target_image(
         }
     }
     if found.is_none()
+        && mapped_path.is_none()
         && let Some(w) = wanted
     {
         for m in images.iter().filter(|m| m.executable) {

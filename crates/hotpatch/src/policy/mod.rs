@@ -20,6 +20,7 @@
 //! [`signature`], [`key`] and [`rules`] are pure; [`trusted_file`] is the
 //! edge that opens files.
 
+pub mod exclude;
 pub mod key;
 pub mod rules;
 pub mod signature;
@@ -286,6 +287,33 @@ impl Policy {
             Some(p) => format!("the policy {}", p.display()),
             None => "no policy file".to_string(),
         }
+    }
+
+    /// The policy's exclusions, user and group names resolved on this host
+    /// (a name that does not resolve is an error naming the policy file).
+    pub fn exclusions(&self) -> Result<exclude::Exclusions, PolicyError> {
+        let user = |n: &str| {
+            nix::unistd::User::from_name(n)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        };
+        let group = |n: &str| {
+            nix::unistd::Group::from_name(n)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        };
+        self.rules
+            .exclude
+            .resolve(user, group)
+            .map_err(|error| PolicyError::Rules {
+                path: self
+                    .source
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY)),
+                error,
+            })
     }
 
     /// The trusted keys. A missing directory is an empty keyring.

@@ -5,6 +5,10 @@
 //! require_signature = true          # default false
 //! keys_dir = "/etc/hotpatch/keys"   # trusted public keys (the default)
 //! audit_socket = "/dev/log"         # where audit records go (the default)
+//!
+//! [exclude]                         # kept out of `apply --all` and `install`
+//! executables = ["/usr/sbin/sshd"]  # see [`super::exclude`]
+//! users = ["postgres"]
 //! ```
 //!
 //! Unknown keys are an error: a misspelt `require_signature` must not
@@ -30,6 +34,9 @@ pub struct Rules {
     pub keys_dir: Option<PathBuf>,
     /// The datagram socket audit records are sent to.
     pub audit_socket: Option<PathBuf>,
+    /// Processes kept out of every automatic selection.
+    #[serde(default)]
+    pub exclude: super::exclude::Exclude,
 }
 
 impl Rules {
@@ -43,6 +50,7 @@ impl Rules {
                 return Err(format!("{what} must be an absolute path"));
             }
         }
+        rules.exclude.check()?;
         Ok(rules)
     }
 }
@@ -77,6 +85,8 @@ mod tests {
             "keys_dir = \"keys\"",
             "audit_socket = \"dev/log\"",
             "require_signature = true\nrequire_signature = false",
+            "[exclude]\nexecutables = [\"sshd\"]",
+            "[exclude]\nuser = [\"postgres\"]",
         ] {
             assert!(Rules::parse(bad).is_err(), "{bad}");
         }

@@ -3,6 +3,7 @@
 //! one of its threads while the others keep running ([`remote`]).
 
 mod error;
+pub mod identity;
 pub mod lock;
 pub mod maps;
 pub mod mem;
