@@ -49,6 +49,8 @@ struct Built {
     user_a: PathBuf,
     user_b: PathBuf,
     user_other: PathBuf,
+    /// Without threads: for many processes at once.
+    user_idle: PathBuf,
     /// In a directory of its own, hidden from the namespaced process.
     patch: PathBuf,
 }
@@ -84,11 +86,12 @@ fn build(dir: &Path) -> Built {
     let lib1 = lib("lib1", "1");
     let lib2 = lib("lib2", "2");
     std::fs::write(dir.join("fee_user.c"), USER_C).expect("write fee_user.c");
-    let user = |name: &str, lib: &Path| -> PathBuf {
+    let user = |name: &str, lib: &Path, extra: &str| -> PathBuf {
         let libdir = lib.parent().expect("lib dir").display().to_string();
         compile(
             "gcc",
             &[
+                extra,
                 "-O2",
                 "-pthread",
                 &format!("-DWHO=\"{name}\""),
@@ -119,9 +122,10 @@ fn build(dir: &Path) -> Built {
         ],
     );
     Built {
-        user_a: user("user_a", &lib1),
-        user_b: user("user_b", &lib1),
-        user_other: user("user_other", &lib2),
+        user_a: user("user_a", &lib1, "-DBUSY"),
+        user_b: user("user_b", &lib1, "-DBUSY"),
+        user_other: user("user_other", &lib2, "-DBUSY"),
+        user_idle: user("user_idle", &lib1, "-DIDLE"),
         lib1,
         patch,
     }
@@ -321,4 +325,87 @@ fn apply_all_refuses_a_patch_without_a_build_id() {
         "{}",
         run.stderr
     );
+}
+
+/// Processes of the crowd test: `HOTPATCH_TEST_PROCESSES`, 40 unless set
+/// (the full size: `HOTPATCH_TEST_PROCESSES=200 cargo test -p
+/// hotpatch-cli --test live_all crowd`).
+fn crowd_size() -> usize {
+    std::env::var("HOTPATCH_TEST_PROCESSES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40)
+}
+
+#[test]
+fn apply_all_to_a_crowd_with_processes_exiting_meanwhile() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = build(dir.path());
+    let n = crowd_size();
+    let mut crowd: Vec<FeeUser> = (0..n)
+        .map(|_| FeeUser::start(&mut Command::new(&b.user_idle)))
+        .collect();
+    // Every fourth one exits while the apply runs.
+    let leaving = |i: usize| i % 4 == 1;
+    let (mut child, output) = spawn_piped(&mut hotpatch_command(&[
+        "apply",
+        "--all",
+        b.patch.to_str().expect("path"),
+        "--json",
+    ]));
+    // Spread over the run: some leave before the scan, some after.
+    for (i, u) in crowd.iter_mut().enumerate() {
+        if leaving(i) {
+            u.proc.send("exit");
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+    }
+    let deadline = std::time::Instant::now() + WAIT * 4;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "apply --all did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (stdout, stderr) = output();
+    assert!(status.success(), "{stderr}");
+    let run: Value = serde_json::from_str(&stdout).expect("json");
+    eprintln!(
+        "apply --all: {n} processes in {:.1} ms: {}",
+        run["elapsed_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        run["summary"]
+    );
+    assert_eq!(run["summary"]["failed"], 0, "{run:#}");
+    for (i, u) in crowd.iter_mut().enumerate() {
+        let pid = u.proc.pid();
+        let o = outcome_of(&run, pid);
+        if leaving(i) {
+            // Applied before it left, skipped because it left, or gone
+            // before the scan: never failed, never half-patched.
+            if let Some(o) = o {
+                let fine = o["outcome"] == "applied"
+                    || (o["outcome"] == "skipped"
+                        && o["reason"].as_str().is_some_and(|r| r.contains("exited")));
+                assert!(fine, "{o:#}");
+            }
+        } else {
+            let o = o.unwrap_or_else(|| panic!("{pid} not in the run"));
+            assert_eq!(o["outcome"], "applied", "{o:#}");
+            assert_eq!(u.fee(10), (52, 0), "process {pid}");
+        }
+    }
+    let run = hotpatch(&[
+        "revert",
+        "--everywhere",
+        b.patch.to_str().expect("path"),
+        "--json",
+    ]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    for (i, u) in crowd.iter_mut().enumerate() {
+        if !leaving(i) {
+            assert_eq!(u.fee(10), (31, 0));
+        }
+    }
 }
